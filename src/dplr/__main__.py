@@ -1,0 +1,5 @@
+"""``python -m dplr``: see :mod:`dplr.cli`."""
+
+from .cli import main
+
+raise SystemExit(main())

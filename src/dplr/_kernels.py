@@ -1,0 +1,279 @@
+"""Chunked kernels for ``T = diag(lam) + tril(Q K^T ⊙ D, -1)``.
+
+The derivations are in ``docs/algorithms.md`` (section 1).  All functions here
+are pure, backend-neutral (NumPy or torch through ``ops``) and assume clean
+input: same dtype, finite, batch dimensions already broadcast, so that
+
+    q, k : (..., n, d)      lam : (..., n)      log_decay : (..., n) or None
+    v    : (..., n, m)      state h : (..., d, m)
+
+The decay mask is ``D[i, j] = exp(G[i] - G[j])`` with ``G = cumsum(log_decay)``.
+It is only ever formed relative to the start of a chunk, so no exponent is
+positive and nothing overflows however long the sequence.
+
+Chunking happens here and nowhere else in the library: the delta rule and the
+Cholesky update call these functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._backend import Array, NumpyOps, TorchOps
+
+Ops = type[NumpyOps] | type[TorchOps]
+
+#: Default rows per chunk; see ``benchmarks/core.py`` (the chunk sweep).
+DEFAULT_CHUNK = 64
+
+
+@dataclass(frozen=True)
+class Chunked:
+    """Operands of T cut into ``nc`` chunks of ``c`` rows (zero-padded at the end).
+
+    ``q_in`` and ``k_out`` carry the decay to and from the chunk boundaries:
+    ``q_in[i] = q[i] exp(g[i])`` reads the state left by earlier chunks,
+    ``k_out[j] = k[j] exp(g[c-1] - g[j])`` writes row j into the state passed on,
+    and ``chunk_decay = exp(g[c-1])`` decays the state across a whole chunk.
+    ``g`` is the cumulative log decay *within* each chunk.
+    """
+
+    q: Array  # (..., nc, c, d)
+    k: Array  # (..., nc, c, d)
+    lam: Array  # (..., nc, c)
+    strict_blocks: Array  # (..., nc, c, c): tril(q k^T ⊙ D, -1) inside each chunk
+    q_in: Array  # (..., nc, c, d)
+    k_out: Array  # (..., nc, c, d)
+    chunk_decay: Array | None  # (..., nc), None without decay
+    n: int
+    c: int
+
+    @property
+    def nc(self) -> int:
+        return self.q.shape[-3]
+
+
+def chunk_rows(ops: Ops, x: Array, c: int, fill: float = 0.0) -> Array:
+    """(..., n, r) -> (..., nc, c, r), padding the last chunk with ``fill``."""
+    n = x.shape[-2]
+    nc = -(-n // c)
+    x = ops.pad_axis(x, -2, nc * c - n, fill)
+    return x.reshape(*x.shape[:-2], nc, c, x.shape[-1])
+
+
+def unchunk_rows(y: Array, n: int) -> Array:
+    """(..., nc, c, r) -> (..., n, r), dropping the padding."""
+    return y.reshape(*y.shape[:-3], y.shape[-3] * y.shape[-2], y.shape[-1])[..., :n, :]
+
+
+def effective_chunk(n: int, chunk_size: int | None) -> int:
+    """The chunk size actually used: never more rows than the matrix has."""
+    return max(1, min(chunk_size or DEFAULT_CHUNK, n))
+
+
+def make_chunked(
+    ops: Ops,
+    q: Array,
+    k: Array,
+    lam: Array,
+    log_decay: Array | None,
+    chunk_size: int | None,
+) -> Chunked:
+    """Cut the operands of T into chunks and form the per-chunk quantities."""
+    n = q.shape[-2]
+    c = effective_chunk(n, chunk_size)
+    qc, kc = chunk_rows(ops, q, c), chunk_rows(ops, k, c)
+    lamc = chunk_rows(ops, lam[..., None], c, 1.0)[..., 0]
+    strict = ops.strict_lower_mask(c, q)
+    blocks = qc @ kc.mT
+    if log_decay is None:
+        return Chunked(
+            qc, kc, lamc, ops.where(strict, blocks, 0.0), qc, kc, None, n, c
+        )
+    g = chunk_rows(ops, log_decay[..., None], c)[..., 0].cumsum(-1)
+    # D inside a chunk: exp(g_i - g_j) for i > j, the exponent masked *before* exp.
+    rel = g[..., :, None] - g[..., None, :]
+    mask = ops.exp(ops.where(strict, rel, -float("inf")))
+    g_last = g[..., -1:]
+    return Chunked(
+        q=qc,
+        k=kc,
+        lam=lamc,
+        strict_blocks=blocks * mask,
+        q_in=qc * ops.exp(g)[..., None],
+        k_out=kc * ops.exp(g_last - g)[..., None],
+        chunk_decay=ops.exp(g_last[..., 0]),
+        n=n,
+        c=c,
+    )
+
+
+def reversed_operands(
+    ops: Ops, q: Array, k: Array, lam: Array, log_decay: Array | None
+) -> tuple[Array, Array, Array, Array | None]:
+    """Operands of ``P T^T P`` (P the reversal permutation), again lower triangular.
+
+    ``(P T^T P)[i, j] = T[n-1-j, n-1-i]``: the roles of q and k swap, rows are
+    reversed, and the decay between rows i-1 and i becomes ``log_decay[n-i]``.
+    """
+    rq, rk, rlam = ops.flip(k, -2), ops.flip(q, -2), ops.flip(lam, -1)
+    if log_decay is None:
+        return rq, rk, rlam, None
+    flipped = ops.flip(log_decay, -1)
+    rdecay = ops.concat([ops.zeros((*flipped.shape[:-1], 1), flipped), flipped[..., :-1]], -1)
+    return rq, rk, rlam, rdecay
+
+
+def _state_sequence(ops: Ops, ch: Chunked, contrib: Array, h0: Array | None) -> Array:
+    """States entering each chunk: ``H[0] = h0``, ``H[J+1] = a_J H[J] + contrib[J]``.
+
+    contrib: (..., nc, d, m).  Returns (..., nc + 1, d, m); the last entry is
+    the state after the whole sequence.
+    """
+    start = ops.zeros(contrib[..., :1, :, :].shape, contrib) if h0 is None else h0[..., None, :, :]
+    if ch.chunk_decay is None:
+        return ops.concat([start, start + contrib.cumsum(-3)], -3)
+    states = [start[..., 0, :, :]]
+    for j in range(ch.nc):
+        states.append(ch.chunk_decay[..., j, None, None] * states[-1] + contrib[..., j, :, :])
+    return _stack(ops, states, -3)
+
+
+def _stack(ops: Ops, xs: list[Array], axis: int) -> Array:
+    return ops.concat([x[..., None, :, :] for x in xs], axis)
+
+
+def matmul(
+    ops: Ops,
+    q: Array,
+    k: Array,
+    lam: Array,
+    log_decay: Array | None,
+    v: Array,
+    *,
+    transpose: bool = False,
+    h0: Array | None = None,
+    chunk_size: int | None = None,
+) -> tuple[Array, Array]:
+    """``Y = T V + exp(G) ⊙ (Q h0)`` (or ``T^T V``), and the final state.
+
+    The final state is ``exp(G[n-1]) h0 + sum_j exp(G[n-1] - G[j]) k_j v_j^T``.
+    Cost O(n c (d + m) + n d m); every step is a batched matrix product over
+    all chunks at once, except the O(nc d m) scan of the states.
+    """
+    if transpose:
+        if h0 is not None:
+            raise NotImplementedError("an initial state is only defined for T, not T^T")
+        rq, rk, rlam, rdecay = reversed_operands(ops, q, k, lam, log_decay)
+        y, hn = matmul(ops, rq, rk, rlam, rdecay, ops.flip(v, -2), chunk_size=chunk_size)
+        return ops.flip(y, -2), hn
+    ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
+    vc = chunk_rows(ops, v, ch.c)
+    yc = ch.lam[..., None] * vc + ch.strict_blocks @ vc
+    states = _state_sequence(ops, ch, ch.k_out.mT @ vc, h0)
+    yc = yc + ch.q_in @ states[..., :-1, :, :]
+    return unchunk_rows(yc, ch.n), states[..., -1, :, :]
+
+
+def solve(
+    ops: Ops,
+    q: Array,
+    k: Array,
+    lam: Array,
+    log_decay: Array | None,
+    v: Array,
+    *,
+    transpose: bool = False,
+    h0: Array | None = None,
+    chunk_size: int | None = None,
+    return_states: bool = False,
+) -> tuple[Array, Array]:
+    """``Y = T^-1 (V - exp(G) ⊙ (Q h0))`` (or ``T^-T V``), and the final state.
+
+    The state after row i is ``exp(G[i]) h0 + sum_{j<=i} exp(G[i] - G[j]) k_j y_j^T``;
+    the second return value is the state after the last row or, with
+    ``return_states``, the states entering every chunk and after the last one,
+    shape (..., nc + 1, d, m).
+
+    Algorithm (UT / WY form): for all chunks at once, one batched triangular
+    solve ``[W_J, U_J] = T_JJ^-1 [q_in_J, V_J]``; then the only sequential part,
+    ``Y_J = U_J - W_J Z`` and ``Z <- a_J Z + k_out_J^T Y_J``.
+    Cost O(n c (d + m) + n d m).
+    """
+    if transpose:
+        if h0 is not None or return_states:
+            raise NotImplementedError("states are only defined for T, not T^T")
+        rq, rk, rlam, rdecay = reversed_operands(ops, q, k, lam, log_decay)
+        y, hn = solve(ops, rq, rk, rlam, rdecay, ops.flip(v, -2), chunk_size=chunk_size)
+        return ops.flip(y, -2), hn
+    ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
+    vc = chunk_rows(ops, v, ch.c)
+    d = q.shape[-1]
+    diag_blocks = ch.strict_blocks + ch.lam[..., :, None] * ops.eye(ch.c, q)
+    wu = ops.solve_lower_blocks(diag_blocks, ops.concat([ch.q_in, vc], -1))
+    w, u = wu[..., :d], wu[..., d:]
+    z = ops.zeros((*vc.shape[:-3], d, vc.shape[-1]), vc) if h0 is None else h0
+    yc = ops.zeros(vc.shape, vc)
+    states = [z]
+    for j in range(ch.nc):
+        y_j = u[..., j, :, :] - w[..., j, :, :] @ z
+        yc[..., j, :, :] = y_j
+        z = ch.k_out[..., j, :, :].mT @ y_j
+        if ch.chunk_decay is not None:
+            z = z + ch.chunk_decay[..., j, None, None] * states[-1]
+        else:
+            z = z + states[-1]
+        states.append(z)
+    y = unchunk_rows(yc, ch.n)
+    return (y, _stack(ops, states, -3)) if return_states else (y, z)
+
+
+def inverse(
+    ops: Ops,
+    q: Array,
+    k: Array,
+    lam: Array,
+    log_decay: Array | None,
+    *,
+    chunk_size: int | None = None,
+) -> Array:
+    """Dense ``T^-1``, (..., n, n), by block rows (docs/algorithms.md, section 1.3).
+
+    Block row J of the inverse is ``[-W_J Z[:, :s], T_JJ^-1, 0]`` where
+    ``Z = sum_{j < s} D k_j (T^-1)[j, :]`` is the d x n state.  Only the lower
+    block triangle is computed: O(n^2 d + n c^2) flops.
+    """
+    ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
+    c, nc, d = ch.c, ch.nc, q.shape[-1]
+    batch = q.shape[:-2]
+    eye = ops.eye(c, q)
+    diag_blocks = ch.strict_blocks + ch.lam[..., :, None] * eye
+    rhs = ops.concat([ch.q_in, ops.broadcast_to(eye, (*ch.q_in.shape[:-1], c))], -1)
+    wx = ops.solve_lower_blocks(diag_blocks, rhs)
+    w, x = wx[..., :d], wx[..., d:]
+    out = ops.zeros((*batch, nc * c, nc * c), q)
+    z = ops.zeros((*batch, d, nc * c), q)
+    for j in range(nc):
+        s, e = j * c, (j + 1) * c
+        if j:
+            out[..., s:e, :s] = -(w[..., j, :, :] @ z[..., :, :s])
+        out[..., s:e, s:e] = x[..., j, :, :]
+        update = ch.k_out[..., j, :, :].mT @ out[..., s:e, :e]
+        if ch.chunk_decay is not None:
+            z[..., :, :e] = ch.chunk_decay[..., j, None, None] * z[..., :, :e] + update
+        else:
+            z[..., :, :e] = z[..., :, :e] + update
+    return out[..., : ch.n, : ch.n]
+
+
+def dense(ops: Ops, q: Array, k: Array, lam: Array, log_decay: Array | None) -> Array:
+    """The dense (..., n, n) matrix T, straight from the definition."""
+    n = q.shape[-2]
+    strict = ops.strict_lower_mask(n, q)
+    low = q @ k.mT
+    if log_decay is not None:
+        big_g = log_decay.cumsum(-1)
+        rel = big_g[..., :, None] - big_g[..., None, :]
+        low = low * ops.exp(ops.where(strict, rel, -float("inf")))
+    out = ops.where(strict, low, 0.0)
+    return out + lam[..., :, None] * ops.eye(n, q)

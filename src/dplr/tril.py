@@ -1,0 +1,423 @@
+"""``LowRankTril``: lower-triangular diagonal-plus-low-rank matrices.
+
+    T = diag(diag) + tril(Q K^T ⊙ D, -1),   D[i, j] = exp(sum_{s=j+1..i} log_decay[s])
+
+The class is a small immutable description of T; the arithmetic lives in the
+pure functions of :mod:`dplr._kernels` (forward) and :mod:`dplr._tril_grad`
+(backward).  Derivations: ``docs/algorithms.md``, section 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import _kernels
+from ._backend import Array, backend_of, single_threaded_blas
+from ._errors import SingularMatrixError
+from ._tril_grad import torch_functions
+from ._validate import (
+    Prepared,
+    broadcast_batch,
+    positive_int,
+    prepare,
+    require_ndim,
+    to_output,
+)
+
+__all__ = ["LowRankTril", "tril_inv", "tril_matmul", "tril_solve"]
+
+
+def _first_index(mask: Array) -> tuple[int, ...]:
+    """Index of the first True entry of a NumPy or torch boolean array."""
+    if hasattr(mask, "nonzero") and not isinstance(mask, np.ndarray):
+        return tuple(int(i) for i in mask.nonzero()[0])
+    return tuple(int(i) for i in np.argwhere(mask)[0])
+
+
+class LowRankTril:
+    """Lower-triangular ``T = diag(diag) + tril(q k^T ⊙ D, -1)`` with optional decay.
+
+    Nothing of size n x n is stored or formed, except by :meth:`inv` and
+    :meth:`to_dense`.  Leading dimensions are batch dimensions and broadcast
+    like :func:`numpy.matmul`.
+
+    Parameters
+    ----------
+    q, k : (..., n, d) array_like
+        Low-rank factors: ``T[i, j] = q[i] . k[j] * D[i, j]`` for ``i > j``.
+    diag : (..., n) array_like, optional
+        Diagonal of T.  Default: ones (a unit triangular matrix).
+    log_decay : (..., n) array_like, optional
+        Log decay per row, ``<= 0``: ``D[i, j] = exp(log_decay[j+1] + ... +
+        log_decay[i])``.  ``log_decay[0]`` does not enter T.  Default: no
+        decay (``D = 1``).
+    check_finite : bool, default True
+        Raise if an input holds NaN or Inf (like :func:`scipy.linalg.solve`).
+
+    Raises
+    ------
+    ValueError
+        Shapes that do not match or broadcast, positive ``log_decay``, NaN/Inf.
+    TypeError
+        Complex or non-numeric input, or NumPy and torch inputs mixed.
+
+    Notes
+    -----
+    Inputs may be NumPy arrays (or anything :func:`numpy.asarray` takes) or
+    torch tensors on any device; results have the type, device and promoted
+    dtype of the inputs (integers promote to float64; float16 and bfloat16
+    are computed in float32 and returned in their own dtype).  With torch,
+    :meth:`matmul`, :meth:`solve` and :meth:`inv` are differentiable with
+    respect to q, k, diag, log_decay and the right-hand side, with a
+    hand-written O(n) backward.
+
+    Examples
+    --------
+    >>> import numpy as np, dplr
+    >>> rng = np.random.default_rng(0)
+    >>> q, k = rng.standard_normal((2, 500, 8)) / 8
+    >>> T = dplr.LowRankTril(q, k, diag=np.full(500, 2.0))
+    >>> v = rng.standard_normal((500, 3))
+    >>> x = T.solve(v)
+    >>> np.allclose(T @ x, v), np.allclose(T.to_dense() @ x, v)
+    (True, True)
+    """
+
+    __slots__ = ("_batch", "_diag", "_k", "_log_decay", "_prep", "_q")
+
+    def __init__(
+        self,
+        q: Any,
+        k: Any,
+        diag: Any = None,
+        log_decay: Any = None,
+        *,
+        check_finite: bool = True,
+    ) -> None:
+        prep = prepare(
+            {"q": q, "k": k, "diag": diag, "log_decay": log_decay}, check_finite=check_finite
+        )
+        q, k, diag, log_decay = prep["q"], prep["k"], prep["diag"], prep["log_decay"]
+        require_ndim("q", q, 2, "(..., n, d)")
+        require_ndim("k", k, 2, "(..., n, d)")
+        if q.shape[-2:] != k.shape[-2:]:
+            raise ValueError(
+                f"q and k must both be (..., n, d) with the same n and d; "
+                f"got q {tuple(q.shape)} and k {tuple(k.shape)}"
+            )
+        n = q.shape[-2]
+        if n == 0:
+            raise ValueError("T must have at least one row (n = 0)")
+        shapes = {"q": tuple(q.shape[:-2]), "k": tuple(k.shape[:-2])}
+        for name, arr in (("diag", diag), ("log_decay", log_decay)):
+            if arr is None:
+                continue
+            require_ndim(name, arr, 1, "(..., n)")
+            if arr.shape[-1] != n:
+                raise ValueError(
+                    f"{name!r} must have shape (..., {n}) to match q {tuple(q.shape)}; "
+                    f"got {tuple(arr.shape)}"
+                )
+            shapes[name] = tuple(arr.shape[:-1])
+        if log_decay is not None and bool((log_decay > 0).any()):
+            where = _first_index(log_decay > 0)
+            raise ValueError(
+                f"'log_decay' must be <= 0 (a decay factor in (0, 1]); "
+                f"log_decay{list(where)} = {float(log_decay[where])}"
+            )
+        self._q, self._k, self._diag, self._log_decay = q, k, diag, log_decay
+        self._batch = broadcast_batch(shapes)
+        self._prep = prep
+
+    # ------------------------------------------------------------------ info
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(..., n, n)``: the broadcast batch shape and the matrix size."""
+        n = self._q.shape[-2]
+        return (*self._batch, n, n)
+
+    @property
+    def rank(self) -> int:
+        """d, the number of columns of q and k."""
+        return int(self._q.shape[-1])
+
+    @property
+    def dtype(self) -> Any:
+        """The dtype of results (the promoted dtype of the inputs)."""
+        return self._prep.out_dtype
+
+    @property
+    def q(self) -> Array:
+        return self._q
+
+    @property
+    def k(self) -> Array:
+        return self._k
+
+    @property
+    def diag(self) -> Array:
+        """The diagonal, (..., n); ones when none was given."""
+        return self._lam(self._prep)
+
+    @property
+    def log_decay(self) -> Array | None:
+        return self._log_decay
+
+    def __repr__(self) -> str:
+        lib = "torch" if self._prep.torch else "numpy"
+        decay = ", decay" if self._log_decay is not None else ""
+        return f"LowRankTril(shape={self.shape}, rank={self.rank}, dtype={self.dtype}, {lib}{decay})"
+
+    # --------------------------------------------------------------- helpers
+    def _lam(self, prep: Prepared) -> Array:
+        ops = backend_of(self._q)
+        if self._diag is not None:
+            return self._diag
+        return ops.zeros(self._q.shape[:-1], self._q) + 1.0
+
+    def _operands(self, v: Any, check_finite: bool) -> tuple[Prepared, tuple, bool, Prepared]:
+        """Validate a right-hand side and broadcast everything to one batch shape."""
+        pv = prepare({"v": v}, check_finite=check_finite, like=self._prep)
+        v = pv["v"]
+        require_ndim("v", v, 1, "(..., n, m) or (n,)")
+        vector = v.ndim == 1
+        if vector:
+            v = v[:, None]
+        n = self._q.shape[-2]
+        if v.shape[-2] != n:
+            raise ValueError(
+                f"'v' has {v.shape[-2]} rows but T is {n} x {n}; v must be (..., {n}, m)"
+                + (" or (n,)" if vector else "")
+            )
+        batch = broadcast_batch({"T": self._batch, "v": tuple(v.shape[:-2])})
+        ops = backend_of(v)
+        dtype = pv.compute_dtype
+
+        def full(x: Array | None, tail: tuple[int, ...]) -> Array | None:
+            if x is None:
+                return None
+            return ops.broadcast_to(x.to(dtype) if pv.torch else x.astype(dtype, copy=False),
+                                    (*batch, *tail))
+
+        d = self._q.shape[-1]
+        m = v.shape[-1]
+        q = full(self._q, (n, d))
+        k = full(self._k, (n, d))
+        lam = full(self._lam(self._prep), (n,))
+        log_decay = full(self._log_decay, (n,))
+        v = full(v, (n, m))
+        return (q, k, lam, log_decay, v), batch, vector, pv
+
+    def _check_nonsingular(self) -> None:
+        if self._diag is None:
+            return
+        zero = self._diag == 0
+        if bool(zero.any()):
+            where = list(_first_index(zero))
+            raise SingularMatrixError(
+                f"T is singular: diag{where} == 0 (a triangular matrix is invertible "
+                "iff its diagonal has no zero)"
+            )
+
+    def _finish(self, y: Array, vector: bool, pv: Prepared) -> Array:
+        return to_output(y[..., 0] if vector else y, pv)
+
+    # ------------------------------------------------------------ operations
+    def matmul(
+        self, v: Any, *, transpose: bool = False, chunk_size: int | None = None,
+        check_finite: bool = True,
+    ) -> Array:  # fmt: skip
+        """``T @ v`` (or ``T^T @ v`` with ``transpose=True``).
+
+        Parameters
+        ----------
+        v : (..., n, m) or (n,) array_like
+            Right-hand side; its batch dimensions broadcast with T's.
+        transpose : bool, default False
+            Multiply by ``T^T`` instead.
+        chunk_size : int, optional
+            Rows per chunk (default 64).  Only speed depends on it.
+        check_finite : bool, default True
+            Raise if ``v`` holds NaN or Inf.
+
+        Returns
+        -------
+        y : (..., n, m) or (n,) array
+            Same library, device and promoted dtype as the inputs.
+
+        Notes
+        -----
+        O(n c (d + m) + n d m) flops for chunk size c; no n x n intermediate.
+        """
+        chunk_size = positive_int("chunk_size", chunk_size)
+        (q, k, lam, ld, v), _, vector, pv = self._operands(v, check_finite)
+        if pv.torch:
+            _, tril_matmul_fn = torch_functions()
+            y = tril_matmul_fn.apply(q, k, lam, ld, v, None, transpose, chunk_size)
+        else:
+            with single_threaded_blas():
+                y, _ = _kernels.matmul(
+                    backend_of(v), q, k, lam, ld, v, transpose=transpose, chunk_size=chunk_size
+                )
+        return self._finish(y, vector, pv)
+
+    def __matmul__(self, v: Any) -> Array:
+        return self.matmul(v)
+
+    def solve(
+        self, v: Any, transpose: bool = False, chunk_size: int | None = None, *,
+        check_finite: bool = True,
+    ) -> Array:  # fmt: skip
+        """Solve ``T x = v`` (or ``T^T x = v`` with ``transpose=True``).
+
+        Parameters
+        ----------
+        v : (..., n, m) or (n,) array_like
+            Right-hand side; its batch dimensions broadcast with T's.
+        transpose : bool, default False
+            Solve with ``T^T`` (an upper-triangular system) instead.
+        chunk_size : int, optional
+            Rows per chunk c (default 64).  Only speed depends on it.
+        check_finite : bool, default True
+            Raise if ``v`` holds NaN or Inf.
+
+        Returns
+        -------
+        x : (..., n, m) or (n,) array
+
+        Raises
+        ------
+        SingularMatrixError
+            If ``diag`` has an exact zero.
+        ValueError
+            If ``v`` has the wrong number of rows or does not broadcast.
+
+        Notes
+        -----
+        Chunked block forward substitution in UT/WY form: one batched
+        triangular solve with all c x c diagonal blocks, then a pass over the
+        chunks that carries a d x m state, ``Z <- a_J Z + K_J^T X_J``.
+        O(n c (d + m) + n d m) flops, O(n (d + m + c)) memory.
+
+        Examples
+        --------
+        >>> import numpy as np, dplr
+        >>> rng = np.random.default_rng(1)
+        >>> k = rng.standard_normal((300, 4)); k /= np.linalg.norm(k, axis=1, keepdims=True)
+        >>> T = dplr.LowRankTril(0.5 * k, k, log_decay=np.full(300, -0.05))
+        >>> b = rng.standard_normal(300)
+        >>> x = T.solve(b, transpose=True)
+        >>> np.allclose(T.to_dense().T @ x, b)
+        True
+        """
+        chunk_size = positive_int("chunk_size", chunk_size)
+        self._check_nonsingular()
+        (q, k, lam, ld, v), _, vector, pv = self._operands(v, check_finite)
+        if pv.torch:
+            tril_solve_fn, _ = torch_functions()
+            y, _ = tril_solve_fn.apply(q, k, lam, ld, v, None, transpose, chunk_size)
+        else:
+            with single_threaded_blas():
+                y, _ = _kernels.solve(
+                    backend_of(v), q, k, lam, ld, v, transpose=transpose, chunk_size=chunk_size
+                )
+        return self._finish(y, vector, pv)
+
+    def inv(self, chunk_size: int | None = None) -> Array:
+        """The dense inverse ``T^-1``, (..., n, n).
+
+        Block row J of the inverse is ``[-W_J Z, T_JJ^-1, 0]`` with a d x n
+        state Z (docs/algorithms.md, 1.3): O(n^2 d) flops, only the lower
+        block triangle is computed.  Prefer :meth:`solve` when you need
+        ``T^-1 v``: it is O(n).
+
+        Raises
+        ------
+        SingularMatrixError
+            If ``diag`` has an exact zero.
+        """
+        chunk_size = positive_int("chunk_size", chunk_size)
+        self._check_nonsingular()
+        n = self._q.shape[-2]
+        if self._prep.torch:
+            # Differentiable through the solve: T^-1 = solve(I).
+            eye = backend_of(self._q).eye(n, self._q)
+            return self.solve(eye, chunk_size=chunk_size, check_finite=False)
+        (q, k, lam, ld, _), _, _, pv = self._operands(np.zeros((n, 1)), False)
+        with single_threaded_blas():
+            out = _kernels.inverse(backend_of(q), q, k, lam, ld, chunk_size=chunk_size)
+        return to_output(out, self._prep)
+
+    def to_dense(self) -> Array:
+        """The dense matrix T, (..., n, n), formed from the definition."""
+        n = self._q.shape[-2]
+        ops = backend_of(self._q)
+        (q, k, lam, ld, _), _, _, _ = self._operands(ops.zeros((n, 1), self._q), False)
+        return to_output(_kernels.dense(ops, q, k, lam, ld), self._prep)
+
+    def slogdet(self) -> tuple[Array, Array]:
+        """Sign and log of the absolute value of ``det T``, like :func:`numpy.linalg.slogdet`.
+
+        ``det T = prod(diag)``: O(n).  Returns ``(sign, logabsdet)``, each of
+        the batch shape; a zero on the diagonal gives ``(0, -inf)``.
+        """
+        ops = backend_of(self._q)
+        lam = ops.broadcast_to(self._lam(self._prep), (*self._batch, self._q.shape[-2]))
+        if self._prep.torch:
+            import torch
+
+            sign = torch.sign(lam).prod(-1)
+            logabs = lam.abs().log().sum(-1)
+        else:
+            sign = np.sign(lam).prod(-1)
+            with np.errstate(divide="ignore"):
+                logabs = np.log(np.abs(lam)).sum(-1)
+        return to_output(sign, self._prep), to_output(logabs, self._prep)
+
+
+def tril_matmul(
+    q: Any, k: Any, v: Any, diag: Any = None, log_decay: Any = None, *,
+    transpose: bool = False, chunk_size: int | None = None, check_finite: bool = True,
+) -> Array:  # fmt: skip
+    """``T @ v`` for ``T = LowRankTril(q, k, diag, log_decay)``; see :meth:`LowRankTril.matmul`.
+
+    Examples
+    --------
+    >>> import numpy as np, dplr
+    >>> q, k, v = np.ones((3, 1)), np.arange(3.0)[:, None], np.eye(3)
+    >>> dplr.tril_matmul(q, k, v)
+    array([[1., 0., 0.],
+           [0., 1., 0.],
+           [0., 1., 1.]])
+    """
+    T = LowRankTril(q, k, diag, log_decay, check_finite=check_finite)
+    return T.matmul(v, transpose=transpose, chunk_size=chunk_size, check_finite=check_finite)
+
+
+def tril_solve(
+    q: Any, k: Any, v: Any, diag: Any = None, log_decay: Any = None, transpose: bool = False,
+    chunk_size: int | None = None, *, check_finite: bool = True,
+) -> Array:  # fmt: skip
+    """``T^-1 v`` (or ``T^-T v``) for ``T = LowRankTril(q, k, diag, log_decay)``.
+
+    See :meth:`LowRankTril.solve` for shapes, cost and errors.
+
+    Examples
+    --------
+    >>> import numpy as np, dplr
+    >>> q, k = np.ones((3, 1)), np.ones((3, 1))
+    >>> dplr.tril_solve(q, k, np.array([1.0, 1.0, 2.0]))
+    array([1., 0., 1.])
+    """
+    T = LowRankTril(q, k, diag, log_decay, check_finite=check_finite)
+    return T.solve(v, transpose=transpose, chunk_size=chunk_size, check_finite=check_finite)
+
+
+def tril_inv(
+    q: Any, k: Any, diag: Any = None, log_decay: Any = None, chunk_size: int | None = None,
+    *, check_finite: bool = True,
+) -> Array:  # fmt: skip
+    """Dense ``T^-1`` for ``T = LowRankTril(q, k, diag, log_decay)``; see :meth:`LowRankTril.inv`."""
+    return LowRankTril(q, k, diag, log_decay, check_finite=check_finite).inv(chunk_size)
