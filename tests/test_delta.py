@@ -9,6 +9,7 @@ for the hand-written backward.
 from __future__ import annotations
 
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -35,24 +36,29 @@ def eps(dtype) -> float:
 def tolerance(dtype, T: int, K: int, V: int, chunk: int = 64) -> float:
     """Max-norm relative error allowed against the float64 recurrence.
 
-    With unit-norm keys and beta in [0, 2] every step is a contraction, so
-    rounding errors do not grow with T; each output is a sum of about
-    ``chunk + K + V`` rounded products (the chunk's block, the state product),
-    each with relative error ~eps.  A factor 10 covers the triangular solve.
-    ``T`` enters only through the chunk (never more than T rows).
+    Each output is a sum of about ``chunk + K + V`` rounded products (the
+    chunk's block, the state product), each with relative error ~eps; a
+    factor 10 covers the triangular solve.  With unit-norm keys and beta in
+    [0, 2] every step is a contraction, so the rounding errors of successive
+    chunks are carried into the state but not amplified: they add up like a
+    random walk, ``sqrt(number of chunks)``.
     """
-    return 10 * (min(chunk, T) + K + V) * eps(dtype)
+    c = min(chunk, T)
+    return 10 * (c + K + V) * np.sqrt(-(-T // c)) * eps(dtype)
 
 
 def rel_err(actual, expected) -> float:
-    """``max|a - e| / max|e|`` in float64."""
+    """``max|a - e| / max(max|e|, 1)`` in float64.
+
+    The test inputs are O(1), so a result that is small only by cancellation
+    (a final state near zero, say) is judged at the scale of the terms that
+    cancelled, not at its own.
+    """
     a, e = (
         np.asarray(x.detach().cpu().double() if hasattr(x, "detach") else x, np.float64)
         for x in (actual, expected)
     )
-    scale = np.abs(e).max(initial=0.0)
-    diff = np.abs(a - e).max(initial=0.0)
-    return diff / scale if scale > 0 else diff
+    return np.abs(a - e).max(initial=0.0) / max(np.abs(e).max(initial=0.0), 1.0)
 
 
 def recurrence(q, k, v, beta, g=None, *, scale=None, s0=None, l2norm=False):
@@ -122,7 +128,7 @@ def test_matches_recurrence(B, T, H, K, V, chunk, gated, state):
     assert rel_err(sn, s_ref) < tol
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=int(os.environ.get("DPLR_EXAMPLES", 40)), deadline=None)
 @given(
     B=st.integers(1, 2), T=st.integers(1, 90), H=st.integers(1, 2),
     K=st.integers(1, 9), V=st.integers(1, 9), chunk=st.sampled_from([None, 1, 3, 16]),
