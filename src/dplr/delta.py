@@ -257,7 +257,7 @@ def _run(p: Prepared, q, k, v, beta, g, s0, chunk_size) -> tuple[Array, Array]:
     if p.torch:
         return delta_function().apply(q, k, v, beta, g, s0, chunk_size)
     with single_threaded_blas():
-        o, sn, _ = delta_forward(ops, q, k, v, beta, g, s0, chunk_size)
+        o, sn, _, _ = delta_forward(ops, q, k, v, beta, g, s0, chunk_size)
     return o, sn
 
 
