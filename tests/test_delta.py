@@ -263,6 +263,15 @@ def test_bad_cu_seqlens(cu, match):
         dplr.delta_rule(args["q"], args["k"], args["v"], args["beta"], cu_seqlens=np.array(cu))
 
 
+def test_large_finite_values_are_not_mistaken_for_inf():
+    """The finiteness check must not trip on a sum that overflows."""
+    args, _ = _good()
+    big = {n: x.astype(np.float32) for n, x in args.items()}
+    big["v"] = np.full_like(big["v"], 3e38)
+    o, _ = dplr.gated_delta_rule(big["q"] * 0, big["k"], big["v"], big["g"], big["beta"])
+    assert np.isfinite(o).all()
+
+
 def test_cu_seqlens_needs_one_batch_and_matching_states():
     args, s0 = _good()
     two = {n: np.concatenate([x, x]) for n, x in args.items()}

@@ -179,6 +179,24 @@ def _check_shapes(p: Prepared, gated: bool) -> tuple[int, int, int, int, int]:
     return B, T, H, K, int(v.shape[-1])
 
 
+def _require_finite(p: Prepared) -> None:
+    """``ValueError`` naming the first argument with NaN or Inf.
+
+    One reduction per argument decides almost always: a sum is finite unless
+    an entry is NaN or Inf or the sum overflows, and only then is the
+    elementwise test (several passes over the array) run to tell which.
+    """
+    for name, x in p.arrays.items():
+        if x is None:
+            continue
+        total = x.sum()
+        if bool(total.isfinite()) if p.torch else bool(np.isfinite(total)):
+            continue
+        ok = bool(x.isfinite().all()) if p.torch else bool(np.isfinite(x).all())
+        if not ok:
+            raise ValueError(f"{name!r} contains NaN or Inf")
+
+
 def _check_cu_seqlens(cu_seqlens: Any, B: int, T: int) -> np.ndarray | None:
     if cu_seqlens is None:
         return None
@@ -213,7 +231,11 @@ def _delta(q, k, v, beta, g, *, scale, initial_state, output_final_state, cu_seq
            chunk_size, use_qk_l2norm):  # fmt: skip
     gated = g is not None
     chunk_size = positive_int("chunk_size", chunk_size)
-    p = prepare({"q": q, "k": k, "v": v, "beta": beta, "g": g, "initial_state": initial_state})
+    p = prepare(
+        {"q": q, "k": k, "v": v, "beta": beta, "g": g, "initial_state": initial_state},
+        check_finite=False,
+    )
+    _require_finite(p)
     B, T, H, K, V = _check_shapes(p, gated)
     cu = _check_cu_seqlens(cu_seqlens, B, T)
     N = B if cu is None else len(cu) - 1
@@ -228,8 +250,8 @@ def _delta(q, k, v, beta, g, *, scale, initial_state, output_final_state, cu_seq
     q = q * scale
     if cu is not None:
         q, k, v, beta, g, valid = _pack(p.torch, cu, q, k, v, beta, g)
-    o, sn = _run(p, _batch_first(q), _batch_first(k), _batch_first(v), _heads_first(beta),
-                 None if g is None else _heads_first(g), s0, chunk_size)  # fmt: skip
+    q, k, v, beta = (_heads_first(x) for x in (q, k, v, beta))
+    o, sn = _run(p, q, k, v, beta, None if g is None else _heads_first(g), s0, chunk_size)
     o = o.transpose(1, 2) if p.torch else np.swapaxes(o, 1, 2)  # back to (B, T, H, V)
     if cu is not None:
         o = o[valid][None]
@@ -237,14 +259,12 @@ def _delta(q, k, v, beta, g, *, scale, initial_state, output_final_state, cu_seq
     return o, (to_output(sn, p) if output_final_state else None)
 
 
-def _batch_first(x: Array) -> Array:
-    """(B, T, H, d) -> (B, H, T, d)."""
-    return x.transpose(1, 2) if is_torch(x) else np.swapaxes(x, 1, 2)
-
-
 def _heads_first(x: Array) -> Array:
-    """(B, T, H) -> (B, H, T)."""
-    return x.transpose(1, 2) if is_torch(x) else np.swapaxes(x, 1, 2)
+    """(B, T, H, ...) -> (B, H, T, ...), contiguous: the kernels' batched products
+    would otherwise copy every chunk of a strided operand."""
+    if is_torch(x):
+        return x.transpose(1, 2).contiguous()
+    return np.ascontiguousarray(np.swapaxes(x, 1, 2))
 
 
 def _run(p: Prepared, q, k, v, beta, g, s0, chunk_size) -> tuple[Array, Array]:
