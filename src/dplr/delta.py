@@ -189,9 +189,13 @@ def _require_finite(p: Prepared) -> None:
     for name, x in p.arrays.items():
         if x is None:
             continue
-        total = x.sum()
-        if bool(total.isfinite()) if p.torch else bool(np.isfinite(total)):
-            continue
+        if p.torch:
+            if bool(x.sum().isfinite()):
+                continue
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):
+                if np.isfinite(x.sum()):
+                    continue
         ok = bool(x.isfinite().all()) if p.torch else bool(np.isfinite(x).all())
         if not ok:
             raise ValueError(f"{name!r} contains NaN or Inf")
