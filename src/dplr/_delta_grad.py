@@ -71,13 +71,16 @@ def _decay_masks(ops: Ops, gc: Array | None, c: int, like: Array) -> tuple[Array
     return low + eye, low
 
 
-def _pull_back(dm: Array, mask: Array, m: Array, x: Array, y: Array):
+def _pull_back(dm: Array, mask: Array, m: Array, x: Array, y: Array, decay: bool):
     """Gradients of a masked block ``M = (x y^T) ⊙ mask`` given ``dM`` (dense per chunk).
 
-    Returns ``dx = E y``, ``dy = E^T x`` (``E = dM ⊙ mask``) and the gradient
-    of the cumulative log decay, ``rowsum(dM ⊙ M) - colsum(dM ⊙ M)``.
+    Returns ``dx = E y``, ``dy = E^T x`` (``E = dM ⊙ mask``) and, with decay,
+    the gradient of the cumulative log decay, ``rowsum(dM ⊙ M) - colsum(dM ⊙ M)``
+    (None without).
     """
     e = dm * mask
+    if not decay:
+        return e @ y, e.mT @ x, None
     f = dm * m
     return e @ y, e.mT @ x, f.sum(-1) - f.sum(-2)
 
@@ -139,7 +142,8 @@ def delta_backward(
     ds0 = dh
 
     # The output product O = P U + (q ⊙ e^g) H.
-    dq, dk, dgam = _pull_back(doc @ uc.mT, mask_full, p_full, out.q, out.k)
+    decay = gc is not None
+    dq, dk, dgam = _pull_back(doc @ uc.mT, mask_full, p_full, out.q, out.k, decay)
     do_h = doc @ h.mT  # (..., nc, c, d)
     if gc is None:
         dq = dq + do_h
@@ -162,15 +166,14 @@ def delta_backward(
     dr = _solve_upper_blocks(ops, l_blocks, ops.concat([dw, du], -1))
     dr_w, dr_v = dr[..., :d], dr[..., d:]
     dkb, dk_a, dgam_a = _pull_back(
-        -(dr @ ops.concat([w, ut], -1).mT), mask_strict, sol.strict_blocks, sol.q, sol.k
+        -(dr @ ops.concat([w, ut], -1).mT), mask_strict, sol.strict_blocks, sol.q, sol.k, decay
     )
     dk = dk + dk_a
-    dgam = dgam + dgam_a
     if gc is None:
         dkb = dkb + dr_w
     else:
         dkb = dkb + e_g * dr_w
-        dgam = dgam + _rowdot(dr_w, sol.q_in)
+        dgam = dgam + dgam_a + _rowdot(dr_w, sol.q_in)
     # Back from chunks to rows, and from kb = beta k, R_v = beta v.
     dq, dk, dkb, dr_v = (_kernels.unchunk_rows(x, n) for x in (dq, dk, dkb, dr_v))
     dk = dk + beta[..., None] * dkb
