@@ -167,6 +167,22 @@ def test_final_state_only_on_request_and_empty_sequence():
     assert o.shape == (1, 0, 1, 2) and np.array_equal(sn, s0)
 
 
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_l2norm_keeps_zero_rows_zero(lib):
+    if lib == "torch" and torch is None:
+        pytest.skip("torch is not installed")
+    rng = np.random.default_rng(14)
+    q, k, v, beta, _, _ = make_inputs(rng, 1, 20, 1, 3, 2, l2norm=True)
+    q[:, 3] = 0.0
+    k[:, 5] = 0.0
+    args = [x.astype(np.float32) for x in (q, k, v, beta)]
+    if lib == "torch":
+        args = [torch.tensor(x) for x in args]
+    o, _ = dplr.delta_rule(*args, use_qk_l2norm=True)
+    o = np.asarray(o)
+    assert np.isfinite(o).all() and np.all(o[:, 3] == 0)
+
+
 def test_strided_float32_input():
     rng = np.random.default_rng(5)
     q, k, v, beta, g, s0 = make_inputs(rng, 1, 50, 2, 4, 4, gated=True, state=True)

@@ -224,8 +224,10 @@ def _check_cu_seqlens(cu_seqlens: Any, B: int, T: int) -> np.ndarray | None:
 def _l2norm(x: Array, torch: bool) -> Array:
     """Rows of unit L2 norm over the last axis; zero rows stay zero."""
     if torch:
+        import torch as _torch
+
         sq = (x * x).sum(-1, keepdim=True)
-        return x * sq.clamp_min(float(np.finfo(np.float64).tiny)).rsqrt()
+        return x * sq.clamp_min(_torch.finfo(x.dtype).tiny).rsqrt()
     sq = (x * x).sum(-1, keepdims=True)
     return x / np.sqrt(np.maximum(sq, np.finfo(x.dtype).tiny))
 
