@@ -369,6 +369,37 @@ def test_gradients_match_autograd_through_recurrence(gated, l2norm, chunk, T):
 
 
 @needs_torch
+@pytest.mark.parametrize("gated", [False, True])
+def test_several_passes_match_recurrence(gated, monkeypatch):
+    """Long inputs run in passes of whole chunks; force several on a short one."""
+    import dplr._delta_grad as grad_module
+
+    monkeypatch.setattr(grad_module, "PASS_ROWS", 24)  # 2 x 1 heads: 12 tokens, 3 chunks
+    rng = np.random.default_rng(15)
+    B, T, H, K, V = 2, 37, 1, 3, 2
+    arrays = make_inputs(rng, B, T, H, K, V, gated=gated, state=True)
+    assert grad_module.pass_length((B, H, T, K), 4) == 12
+    o_np, s_np = run(*arrays[:5], initial_state=arrays[5], output_final_state=True, chunk_size=4)
+    inputs = dict(zip(GRAD_NAMES, _torch(*arrays, grad=True), strict=True))
+    wo = torch.tensor(rng.standard_normal((B, T, H, V)))
+    ws = torch.tensor(rng.standard_normal((B, H, K, V)))
+
+    def ours(x):
+        return run(x["q"], x["k"], x["v"], x["beta"], x["g"], initial_state=x["initial_state"],
+                   output_final_state=True, chunk_size=4)  # fmt: skip
+
+    def reference(x):
+        return recurrence(x["q"], x["k"], x["v"], x["beta"], x["g"], s0=x["initial_state"])
+
+    o_ref, s_ref = reference(inputs)
+    tol = tolerance(np.float64, T, K, V, 4)
+    assert rel_err(o_np, o_ref) < tol and rel_err(s_np, s_ref) < tol
+    got, want = _grads(ours, inputs, wo, ws), _grads(reference, inputs, wo, ws)
+    for name in got:
+        assert rel_err(got[name], want[name]) < 10 * tol, f"gradient of {name!r}"
+
+
+@needs_torch
 def test_gradients_through_cu_seqlens():
     rng = np.random.default_rng(11)
     cu = [0, 3, 3, 20]

@@ -192,6 +192,78 @@ def _solve_upper_blocks(ops: Ops, l_blocks: Array, x: Array) -> Array:
     return ops.flip(ops.solve_lower_blocks(rev, ops.flip(x, -2)), -2)
 
 
+#: Rows (batch x heads x tokens) per pass over the sequence.  Longer inputs are
+#: run in consecutive passes of whole chunks with the state carried between
+#: them: the same chunks and the same arithmetic, but the per-pass block
+#: tensors stay a few MiB instead of growing with T (on the development
+#: machine a single pass over T = 65536 ran at half the tokens per second).
+PASS_ROWS = 16384
+
+
+def pass_length(shape: tuple[int, ...], chunk_size: int | None) -> int:
+    """Tokens per pass for operands of ``shape`` (..., n, d): whole chunks, >= 1 chunk."""
+    n = shape[-2]
+    c = _kernels.effective_chunk(n, chunk_size)
+    batch = 1
+    for s in shape[:-2]:
+        batch *= s
+    return max(c, PASS_ROWS // max(batch, 1) // c * c)
+
+
+def _cat(ops: Ops, xs: list[Array], axis: int) -> Array:
+    return xs[0] if len(xs) == 1 else ops.concat(xs, axis)
+
+
+def delta_forward_passes(ops, q, k, v, beta, g, s0, chunk_size):
+    """:func:`delta_forward` over consecutive passes of :func:`pass_length` tokens."""
+    n = q.shape[-2]
+    step = pass_length(q.shape, chunk_size)
+    outs, us, states = [], [], []
+    s = s0
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        o, s, u, st = delta_forward(
+            ops, q[..., a:b, :], k[..., a:b, :], v[..., a:b, :], beta[..., a:b],
+            None if g is None else g[..., a:b], s, chunk_size,
+        )  # fmt: skip
+        outs.append(o)
+        us.append(u)
+        states.append(st[..., :-1, :, :])
+    states.append(st[..., -1:, :, :])
+    return _cat(ops, outs, -2), s, _cat(ops, us, -2), _cat(ops, states, -3)
+
+
+def delta_backward_passes(ops, q, k, v, beta, g, u, states, do, dsn, chunk_size):
+    """:func:`delta_backward` over the passes of :func:`delta_forward_passes`, last first."""
+    n = q.shape[-2]
+    step = pass_length(q.shape, chunk_size)
+    c = _kernels.effective_chunk(n, chunk_size)
+    grads = []
+    for a in reversed(range(0, n, step)):
+        b = min(a + step, n)
+        j0, j1 = a // c, -(-b // c)
+        rows = (q, k, v, beta, None if g is None else g, u)
+        q_, k_, v_, beta_, g_, u_ = (
+            None if x is None else (x[..., a:b] if x.ndim == beta.ndim else x[..., a:b, :])
+            for x in rows
+        )
+        # Chunk size as in the forward pass, whose passes are whole chunks.
+        part = delta_backward(
+            ops, q_, k_, v_, beta_, g_, u_, states[..., j0 : j1 + 1, :, :],
+            do[..., a:b, :], dsn, c,
+        )  # fmt: skip
+        dsn = part[-1]
+        grads.append(part[:-1])
+    grads.reverse()
+    dq, dk, dv, dbeta, dg = (
+        None
+        if parts[0] is None
+        else _cat(ops, list(parts), -1 if parts[0].ndim == beta.ndim else -2)
+        for parts in zip(*grads, strict=True)
+    )
+    return dq, dk, dv, dbeta, dg, dsn
+
+
 def _torch_function_class():
     import torch
     from torch.autograd.function import once_differentiable
@@ -201,7 +273,7 @@ def _torch_function_class():
 
         @staticmethod
         def forward(ctx, q, k, v, beta, g, s0, chunk_size):
-            o, sn, u, states = delta_forward(TorchOps, q, k, v, beta, g, s0, chunk_size)
+            o, sn, u, states = delta_forward_passes(TorchOps, q, k, v, beta, g, s0, chunk_size)
             ctx.save_for_backward(q, k, v, beta, g, u, states)
             ctx.has_s0 = s0 is not None
             ctx.chunk_size = chunk_size
@@ -213,7 +285,7 @@ def _torch_function_class():
             q, k, v, beta, g, u, states = ctx.saved_tensors
             if do is None:
                 do = torch.zeros_like(u)
-            dq, dk, dv, dbeta, dg, ds0 = delta_backward(
+            dq, dk, dv, dbeta, dg, ds0 = delta_backward_passes(
                 TorchOps, q, k, v, beta, g, u, states, do, dsn, ctx.chunk_size
             )
             return dq, dk, dv, dbeta, dg, ds0 if ctx.has_s0 else None, None

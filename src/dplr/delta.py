@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ._backend import Array, backend_of, is_torch, single_threaded_blas
-from ._delta_grad import delta_forward, delta_function
+from ._delta_grad import delta_forward_passes, delta_function
 from ._validate import Prepared, positive_int, prepare, to_output
 
 __all__ = ["delta_rule", "gated_delta_rule"]
@@ -283,7 +283,7 @@ def _run(p: Prepared, q, k, v, beta, g, s0, chunk_size) -> tuple[Array, Array]:
     if p.torch:
         return delta_function().apply(q, k, v, beta, g, s0, chunk_size)
     with single_threaded_blas():
-        o, sn, _, _ = delta_forward(ops, q, k, v, beta, g, s0, chunk_size)
+        o, sn, _, _ = delta_forward_passes(ops, q, k, v, beta, g, s0, chunk_size)
     return o, sn
 
 
