@@ -104,12 +104,12 @@ def delta_backward(
     ``A = tril(kb k^T ⊙ D, -1)``, ``W = L^-1 (kb ⊙ e^g)``, ``Ũ = L^-1 (beta v)``,
     ``U = Ũ - W H`` and ``O = P U + (q ⊙ e^g) H``, one reverse pass over the
     chunks carries ``dH`` (two small products per chunk, like the forward);
-    everything else is batched over all chunks: dU -> dW, then one transposed
-    block solve gives ``[dR_w, dR_v] = L^-T [dW, dU]`` and ``dA``.
+    everything else is batched over all chunks: dU -> dW, then
+    ``[dR_w, dR_v] = L^-T [dW, dU]`` and ``dA``, with ``L^-1`` from one block solve.
     O(n c (dk + dv) + n dk dv) flops; the saved states make a forward state
     pass unnecessary.  ``ds0`` is always returned (zeros-initial state).
     """
-    n, d = k.shape[-2:]
+    n = k.shape[-2]
     c = _kernels.effective_chunk(n, chunk_size)
     kb = beta[..., None] * k
     ones = ops.zeros(beta.shape, beta) + 1.0
@@ -122,9 +122,14 @@ def delta_backward(
     eye = ops.eye(c, q)
     p_full = out.strict_blocks + out.lam[..., None] * eye
     l_blocks = sol.strict_blocks + eye
-    h = states[..., :-1, :, :]
+    # A copy, not a view: a view's batch dimensions do not flatten, and every
+    # batched product with it would copy it again.
+    h = ops.copy(states[..., :-1, :, :])
     uc, doc = _kernels.chunk_rows(ops, u, c), _kernels.chunk_rows(ops, do, c)
-    w = ops.solve_lower_blocks(l_blocks, sol.q_in)
+    # L^-1 explicitly (one block solve with c columns): it gives W here and
+    # L^-T below by products, cheaper than a second, transposed block solve.
+    l_inv = ops.solve_lower_blocks(l_blocks, ops.broadcast_to(eye, l_blocks.shape))
+    w = l_inv @ sol.q_in
     ut = uc + w @ h
 
     # Reverse pass over the chunks: dU_J and dH_J (gradient of the state entering J).
@@ -163,10 +168,9 @@ def delta_backward(
         dgam[..., -1] = dgam[..., -1] + last
     # U = Ũ - W H with [W, Ũ] = L^-1 [R_w, R_v]: one transposed block solve.
     dw = -(du @ h.mT)
-    dr = _solve_upper_blocks(ops, l_blocks, ops.concat([dw, du], -1))
-    dr_w, dr_v = dr[..., :d], dr[..., d:]
+    dr_w, dr_v = l_inv.mT @ dw, l_inv.mT @ du
     dkb, dk_a, dgam_a = _pull_back(
-        -(dr @ ops.concat([w, ut], -1).mT), mask_strict, sol.strict_blocks, sol.q, sol.k, decay
+        -(dr_w @ w.mT + dr_v @ ut.mT), mask_strict, sol.strict_blocks, sol.q, sol.k, decay
     )
     dk = dk + dk_a
     if gc is None:
@@ -184,12 +188,6 @@ def delta_backward(
         dgam = ops.flip(ops.flip(dgam, -1).cumsum(-1), -1)  # G = cumsum(g) within chunks
         dg = _kernels.unchunk_rows(dgam[..., None], n)[..., 0]
     return dq, dk, dv, dbeta, dg, ds0
-
-
-def _solve_upper_blocks(ops: Ops, l_blocks: Array, x: Array) -> Array:
-    """``L^-T X`` for lower-triangular blocks L, as a lower solve in reversed order."""
-    rev = ops.flip(ops.flip(l_blocks.mT, -1), -2)
-    return ops.flip(ops.solve_lower_blocks(rev, ops.flip(x, -2)), -2)
 
 
 #: Rows (batch x heads x tokens) per pass over the sequence.  Longer inputs are
