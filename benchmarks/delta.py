@@ -263,4 +263,8 @@ def run(quick: bool = False, progress: Progress | None = None) -> list[Row]:
 
 
 if __name__ == "__main__":
-    print(format_table(run(progress=print)))
+    _rows = run(progress=print)
+    print(format_table(_rows))
+    for _row in _rows:
+        if _row.note:
+            print(f"- {_row.case} ({_row.size}, vs {_row.baseline}): {_row.note}")
