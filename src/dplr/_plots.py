@@ -229,3 +229,50 @@ def write_plots(rows: Rows, footnote: str, out: Path) -> tuple[list[Path], list[
             continue
         written.append(draw(chosen, footnote, out / name))
     return written, notes
+
+
+def plot_demo(
+    t: np.ndarray,
+    y: np.ndarray,
+    t_pred: np.ndarray,
+    mean: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    path: Path,
+    zoom: int = 104,
+) -> Path:
+    """Data, one-step-ahead predictions and their 95% band; the last ``zoom`` steps below.
+
+    Parameters
+    ----------
+    t, y : (n,) ndarray
+        The whole series (years, ppm).
+    t_pred, mean, lo, hi : (S,) ndarray
+        Times predicted, predictive mean and band limits (ppm).
+    path : Path
+        PNG file to write.
+    zoom : int
+        Number of final predictions shown in the lower panel.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 1, figsize=(9, 7), layout="constrained")
+    tail = slice(max(0, t_pred.size - zoom), None)
+    for ax, sel in ((axes[0], slice(None)), (axes[1], tail)):
+        lo_t = t_pred[sel][0]
+        shown = t >= (t[0] if ax is axes[0] else lo_t)
+        ax.plot(t[shown], y[shown], ".", ms=2, color="0.3", label="observed (weekly)")
+        ax.fill_between(t_pred[sel], lo[sel], hi[sel], color="C0", alpha=0.25, label="95% band")
+        ax.plot(t_pred[sel], mean[sel], "-", lw=0.8, color="C0", label="one-step-ahead mean")
+        ax.set_xlabel("year")
+        ax.set_ylabel("CO2 (ppm)")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_title("Mauna Loa CO2: sliding-window GP, Cholesky insert/delete")
+    axes[1].set_title(f"last {min(zoom, t_pred.size)} predictions")
+    axes[0].legend(fontsize=8, loc="upper left")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
