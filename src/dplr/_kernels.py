@@ -87,9 +87,7 @@ def make_chunked(
     strict = ops.strict_lower_mask(c, q)
     blocks = qc @ kc.mT
     if log_decay is None:
-        return Chunked(
-            qc, kc, lamc, ops.where(strict, blocks, 0.0), qc, kc, None, n, c
-        )
+        return Chunked(qc, kc, lamc, ops.where(strict, blocks, 0.0), qc, kc, None, n, c)
     g = chunk_rows(ops, log_decay[..., None], c)[..., 0].cumsum(-1)
     # D inside a chunk: exp(g_i - g_j) for i > j, the exponent masked *before* exp.
     rel = g[..., :, None] - g[..., None, :]
