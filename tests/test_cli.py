@@ -276,3 +276,37 @@ def test_missing_dependency_names_the_module():
     assert _bench.missing_dependency(exc, "delta") == "needs torch, which is not installed"
     exc = ModuleNotFoundError("x", name="dplr_bench.core")
     assert "no module dplr_bench.core" in _bench.missing_dependency(exc, "core")
+
+
+def _suite_exists(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(f"dplr_bench.{name}") is not None
+
+
+@pytest.mark.skipif(not _suite_exists("core"), reason="benchmarks/core.py not written yet")
+def test_real_core_suite_end_to_end(tmp_path):
+    """``bench --quick --suite core`` as a user runs it: real suite, new process, no torch.
+
+    Blocking torch covers the no-torch path of the real suite too; its torch
+    rows (if any) are the suite's business and are skipped, not a traceback.
+    """
+    script = (
+        "import sys; sys.modules['torch'] = None; from dplr.cli import main; "
+        f"sys.exit(main(['bench', '--quick', '--suite', 'core', '--out', {str(tmp_path)!r}]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    doc = load_results(tmp_path)
+    assert set(doc) == {"machine", "quick", "suites", "rows"}
+    assert doc["suites"]["core"]["status"] == "ok"
+    assert doc["rows"], "the core suite returned no rows"
+    for row in doc["rows"]:
+        assert {"suite", "case", "size", "baseline", "params", "ratio"} <= set(row)
+        for key in ("baseline_s", "dplr_s", "error", "ratio"):
+            assert isinstance(row[key], float) and math.isfinite(row[key]), (key, row)
+    png = tmp_path / "solve_vs_n.png"
+    assert png.stat().st_size > 1000

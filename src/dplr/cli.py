@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import _bench
+from . import __version__, _bench
 
 __all__ = ["build_parser", "main"]
 
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m dplr",
         description="dplr: benchmarks and a demo of diagonal-plus-low-rank linear algebra.",
     )
+    parser.add_argument("--version", action="version", version=f"dplr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,demo}")
 
     bench = sub.add_parser(
@@ -106,6 +107,11 @@ def _torch_available() -> bool:
 def cmd_bench(suite: str, quick: bool, out: Path) -> int:
     """Run ``python -m dplr bench``; return the exit code (1 if a suite failed)."""
     names = _bench.SUITES if suite == "all" else (suite,)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"cannot create the output folder {out}: {exc.strerror}")
+        return 1
     if not _torch_available():
         print("note: torch is not installed; suites skip their torch rows")
     machine = _bench.machine_info()
@@ -117,11 +123,16 @@ def cmd_bench(suite: str, quick: bool, out: Path) -> int:
         outcomes.append(outcome)
         print()
         print(_bench.format_outcome(outcome), flush=True)
-
-    out.mkdir(parents=True, exist_ok=True)
-    document = _bench.results_document(outcomes, machine, quick)
     print()
-    print(f"results: {_bench.write_results(document, out)}")
+    print(
+        "ratio = baseline time / dplr time (> 1: dplr is faster); error = dplr against the baseline"
+    )
+    document = _bench.results_document(outcomes, machine, quick)
+    try:
+        print(f"results: {_bench.write_results(document, out)}")
+    except OSError as exc:
+        print(f"cannot write {out / _bench.RESULTS_FILE}: {exc.strerror}")
+        return 1
     _report_plots(document["rows"], _bench.machine_line(machine), out)
     print(f"total time: {time.perf_counter() - start:.1f} s")
     if any(o.status == "failed" for o in outcomes):
