@@ -114,6 +114,8 @@ def test_sliding_window_rejects_bad_window(series):
     t, y = series
     with pytest.raises(ValueError, match="window"):
         demo.sliding_window(t[:10], y[:10], demo.KernelParams(), window=10)
+    with pytest.raises(ValueError, match="method"):
+        demo.sliding_window(t[:10], y[:10], demo.KernelParams(), window=5, method="dense")
 
 
 def test_choose_jitter():

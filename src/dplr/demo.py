@@ -263,6 +263,8 @@ def sliding_window(
     """
     if not 1 <= window < t.size:
         raise ValueError(f"window must be in [1, {t.size - 1}] for a series of {t.size}")
+    if method not in ("update", "refactor"):
+        raise ValueError(f"method must be 'update' or 'refactor'; got {method!r}")
     steps = t.size - window if steps is None else min(steps, t.size - window)
     with single_threaded_blas():
         return _slide(t, y, p, window, steps, method)
