@@ -139,6 +139,19 @@ def test_missing_suite_and_missing_torch_are_one_line_skips(monkeypatch, tmp_pat
     assert [s["status"] for s in suites.values()] == ["ok", "skipped", "skipped"]
 
 
+def test_suite_without_rows_is_skipped_with_its_last_message(monkeypatch, tmp_path, capsys):
+    def run(quick=False, progress=None):
+        progress("torch is not installed: skipping")
+        return []
+
+    module = types.ModuleType("dplr_bench.delta")
+    module.run = run
+    monkeypatch.setitem(sys.modules, "dplr_bench.delta", module)
+    assert main(["bench", "--suite", "delta", "--out", str(tmp_path)]) == 1  # nothing ran
+    out = capsys.readouterr().out
+    assert "suite delta: skipped, it returned no rows: torch is not installed: skipping" in out
+
+
 def test_failing_suite_is_reported_and_exit_code_is_1(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "dplr_bench.core", fake_suite("core", core_rows))
     boom = fake_suite("delta", error=RuntimeError("boom"))

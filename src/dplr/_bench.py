@@ -32,8 +32,9 @@ RESULTS_FILE = "results.json"
 class SuiteOutcome:
     """What happened to one suite: its rows, or why it has none.
 
-    ``status`` is ``"ok"``, ``"skipped"`` (module missing, or a dependency
-    such as torch not installed) or ``"failed"`` (the suite raised).
+    ``status`` is ``"ok"``, ``"skipped"`` (module missing, a dependency such
+    as torch not installed, or no rows returned; ``note`` says which) or
+    ``"failed"`` (the suite raised).
     """
 
     name: str
@@ -107,6 +108,9 @@ def run_suite(
     finally:
         display.close()
     seconds = time.perf_counter() - start
+    if not rows:
+        said = f": {display.last}" if display.last else ""
+        return SuiteOutcome(name, "skipped", f"it returned no rows{said}", seconds)
     return SuiteOutcome(name, "ok", "", seconds, [row.as_dict() for row in rows])
 
 
@@ -132,6 +136,7 @@ class ProgressDisplay:
         self.suite = suite
         self.stream = sys.stderr if stream is None else stream
         self.count = 0
+        self.last = ""
         self._bar = self._make_bar() if (bar is None and self._is_tty()) or bar else None
 
     def _is_tty(self) -> bool:
@@ -146,6 +151,7 @@ class ProgressDisplay:
         return tqdm(desc=self.suite, unit="case", file=self.stream, leave=False)
 
     def __call__(self, message: str) -> None:
+        self.last = message
         if self._bar is None:
             print(f"[{self.suite}] {message}", file=self.stream, flush=True)
         else:
