@@ -147,6 +147,19 @@ class NumpyOps:
         return np.flip(x, axis)
 
     @staticmethod
+    def keep_strict_lower(x: Array) -> Array:
+        """Zero the diagonal and upper triangle of every matrix of a fresh stack, in place."""
+        rows, cols = np.triu_indices(x.shape[-1])
+        x[..., rows, cols] = 0.0
+        return x
+
+    @staticmethod
+    def multiply_(x: Array, y: Array) -> Array:
+        """``x *= y`` for a fresh array x (saves allocating another)."""
+        x *= y
+        return x
+
+    @staticmethod
     def concat(xs: list[Array], axis: int) -> Array:
         return np.concatenate(xs, axis=axis)
 
@@ -245,6 +258,14 @@ class TorchOps:
     @staticmethod
     def flip(x: Array, axis: int) -> Array:
         return x.flip(axis)
+
+    @staticmethod
+    def keep_strict_lower(x: Array) -> Array:
+        return x.tril_(-1)
+
+    @staticmethod
+    def multiply_(x: Array, y: Array) -> Array:
+        return x.mul_(y)
 
     @staticmethod
     def concat(xs: list[Array], axis: int) -> Array:

@@ -99,7 +99,7 @@ def make_chunked(
         q=qc,
         k=kc,
         lam=lamc,
-        strict_blocks=blocks * mask,
+        strict_blocks=ops.multiply_(blocks, mask),
         q_in=qc * ops.exp(g)[..., None],
         k_out=kc * ops.exp(g_last - g)[..., None],
         chunk_decay=ops.exp(g_last[..., 0]),
@@ -204,10 +204,10 @@ def solve(
         return ops.flip(y, -2), hn
     ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
     vc = chunk_rows(ops, v, ch.c)
-    d = q.shape[-1]
     diag_blocks = ch.strict_blocks + ch.lam[..., :, None] * ops.eye(ch.c, q)
-    wu = ops.solve_lower_blocks(diag_blocks, ops.concat([ch.q_in, vc], -1))
-    yc, states = _state_pass(ops, wu[..., :d], wu[..., d:], ch.k_out, ch.chunk_decay, h0)
+    w = ops.solve_lower_blocks(diag_blocks, ch.q_in)
+    u = ops.solve_lower_blocks(diag_blocks, vc)
+    yc, states = _state_pass(ops, w, u, ch.k_out, ch.chunk_decay, h0)
     y = unchunk_rows(yc, ch.n)
     return (y, states) if return_states else (y, states[..., -1, :, :])
 
@@ -245,14 +245,20 @@ def _state_pass(
 def _state_pass_lane(
     ops: Ops, w: Array, u: Array, k_out: Array, decay: Array | None, z: Array
 ) -> tuple[Array, Array]:
-    """One lane of :func:`_state_pass`: a plain loop over the chunks."""
-    ys, states = [], [z]
-    for j in range(u.shape[-3]):
-        y_j = u[:, j] - w[:, j] @ z
-        z = k_out[:, j].mT @ y_j + (z if decay is None else decay[:, j, None, None] * z)
-        ys.append(y_j)
-        states.append(z)
-    return ops.stack(ys, 1), ops.stack(states, 1)
+    """One lane of :func:`_state_pass`: a plain loop over the chunks.
+
+    Results go into arrays allocated once: keeping hundreds of fresh small
+    arrays alive costs more in page faults than the products themselves.
+    """
+    nc = u.shape[1]
+    y = ops.zeros(u.shape, u)
+    states = ops.zeros((z.shape[0], nc + 1, *z.shape[1:]), z)
+    states[:, 0] = z
+    for j in range(nc):
+        y[:, j] = u[:, j] - w[:, j] @ z
+        z = k_out[:, j].mT @ y[:, j] + (z if decay is None else decay[:, j, None, None] * z)
+        states[:, j + 1] = z
+    return y, states
 
 
 def inverse(
