@@ -131,4 +131,5 @@ def test_demo_command_on_a_short_run(tmp_path, capsys, cholesky_functions):
     assert main(["demo", "--window", "120", "--steps", "30", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "one-step-ahead RMSE" in out and "agree" in out and "jitter: none" in out
+    assert out.count(" ppm\n") >= 2  # an RMSE for each path
     assert (tmp_path / "co2_sliding_gp.png").stat().st_size > 1000
