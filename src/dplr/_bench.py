@@ -44,35 +44,41 @@ class SuiteOutcome:
     rows: list[dict[str, Any]] = field(default_factory=list)
 
 
-def missing_dependency(exc: ImportError, suite: str) -> str:
-    """A one-line reason for an ImportError met while importing or running ``suite``.
+def classify_import_error(exc: ImportError, suite: str) -> tuple[str, str]:
+    """Status and one-line note for an ImportError met while importing or running ``suite``.
+
+    A missing suite module or a missing third-party module (torch, say) is a
+    skip; anything else (a name that dplr itself fails to provide) is a bug
+    and is reported as a failure.
 
     Parameters
     ----------
     exc : ImportError
-        The error; its ``name`` attribute says which module could not be imported.
+        The error; its ``name`` attribute says which module was being imported.
     suite : str
         The suite's short name (``"core"``, ...).
 
     Returns
     -------
-    str
+    status : {"skipped", "failed"}
+    note : str
         E.g. ``"needs torch, which is not installed"``.
     """
     name = getattr(exc, "name", None) or ""
+    top = name.split(".")[0]
     if name == f"dplr_bench.{suite}":
-        return f"not available in this version (no module dplr_bench.{suite})"
-    if name:
-        return f"needs {name.split('.')[0]}, which is not installed"
-    return f"could not be imported ({exc})"
+        return "skipped", f"not available in this version (no module dplr_bench.{suite})"
+    if isinstance(exc, ModuleNotFoundError) and top and top not in ("dplr", "dplr_bench"):
+        return "skipped", f"needs {top}, which is not installed"
+    return "failed", f"{type(exc).__name__}: {exc}"
 
 
-def load_suite(name: str) -> tuple[ModuleType | None, str]:
-    """Import ``dplr_bench.<name>``; on ImportError return ``(None, reason)``."""
+def load_suite(name: str) -> ModuleType | SuiteOutcome:
+    """Import ``dplr_bench.<name>``; on ImportError return the outcome saying why not."""
     try:
-        return importlib.import_module(f"dplr_bench.{name}"), ""
+        return importlib.import_module(f"dplr_bench.{name}")
     except ImportError as exc:
-        return None, missing_dependency(exc, name)
+        return SuiteOutcome(name, *classify_import_error(exc, name))
 
 
 def run_suite(
@@ -94,15 +100,15 @@ def run_suite(
     SuiteOutcome
         Never raises for a suite's own failure: ``status`` says what happened.
     """
-    module, reason = load_suite(name)
-    if module is None:
-        return SuiteOutcome(name, "skipped", reason)
+    module = load_suite(name)
+    if isinstance(module, SuiteOutcome):
+        return module
     display = progress_factory(name)
     start = time.perf_counter()
     try:
         rows = module.run(quick=quick, progress=display)
     except ImportError as exc:
-        return SuiteOutcome(name, "skipped", missing_dependency(exc, name))
+        return SuiteOutcome(name, *classify_import_error(exc, name))
     except Exception as exc:
         return SuiteOutcome(name, "failed", f"{type(exc).__name__}: {exc}")
     finally:
