@@ -264,7 +264,7 @@ def _cells(row: dict[str, Any]) -> list[str]:
         _ms(row.get("baseline_s")),
         _ms(row.get("dplr_s")),
         "-" if ratio is None else f"{ratio:.2f}x",
-        "report" if target is None else f">= {target:g}x",
+        "report" if target is None else f">= {target:.3g}x",
         "-" if error is None else f"{error:.1e}",
     ]
 
