@@ -4,9 +4,12 @@ The public API, re-exported from the modules that implement it:
 
 - :class:`LowRankTril` and :func:`tril_matmul`, :func:`tril_solve`,
   :func:`tril_inv`: ``T = diag(lam) + tril(Q K^T ⊙ D, -1)`` (module ``dplr.tril``).
+- :func:`delta_rule` and :func:`gated_delta_rule`: the (gated) delta rule of
+  linear attention, exactly, in O(T) (module ``dplr.delta``).
 """
 
 from ._errors import NotPositiveDefiniteError, SingularMatrixError
+from .delta import delta_rule, gated_delta_rule
 from .tril import LowRankTril, tril_inv, tril_matmul, tril_solve
 
 __version__ = "0.1.0"
@@ -16,6 +19,8 @@ __all__ = [
     "NotPositiveDefiniteError",
     "SingularMatrixError",
     "__version__",
+    "delta_rule",
+    "gated_delta_rule",
     "tril_inv",
     "tril_matmul",
     "tril_solve",
