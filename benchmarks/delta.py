@@ -15,8 +15,11 @@ Run ``python -m dplr_bench.delta`` (or ``python benchmarks/delta.py``).
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import resource
+import statistics
+import time
 
 import numpy as np
 
@@ -132,6 +135,25 @@ def peak_memory_mib(which: str, T: int) -> float:
 
 
 # ---------------------------------------------------------------------- suite
+def paired_medians(fns: dict, repeats: int) -> dict:
+    """Median seconds of each function, timed in turns (one run of each per round).
+
+    On a shared machine the load drifts; taking turns exposes every method to
+    the same drift, so the ratios of the medians are fairer than those of
+    medians taken one method after the other.
+    """
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            gc.collect()
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _matmul_gflops(torch, repeats: int) -> tuple[float, float]:
     """GFLOP/s of one 1024^2 float32 product and of 512 batched 64^3 products."""
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
@@ -154,9 +176,12 @@ def _forward_rows(torch, T: int, reps: int, quick: bool) -> list[Row]:
         o, _ = dplr.delta_rule(q, k, v, beta)
         o_rec, _ = recurrent(hq, hk, hv, hb, scale)
         o_naive, _ = naive_chunked(hq, hk, hv, hb, scale)
-        t_ours = median_time(lambda: dplr.delta_rule(q, k, v, beta), reps)
-        t_rec = median_time(lambda: recurrent(hq, hk, hv, hb, scale), 1 if quick else 3)
-        t_naive = median_time(lambda: naive_chunked(hq, hk, hv, hb, scale), reps)
+        t = paired_medians(
+            {"ours": lambda: dplr.delta_rule(q, k, v, beta),
+             "rec": lambda: recurrent(hq, hk, hv, hb, scale),
+             "naive": lambda: naive_chunked(hq, hk, hv, hb, scale)}, reps,
+        )  # fmt: skip
+        t_ours, t_rec, t_naive = t["ours"], t["rec"], t["naive"]
         big, small = _matmul_gflops(torch, reps)
     gflops = chunked_flops(T) / t_ours / 1e9
     note = (
@@ -174,7 +199,7 @@ def _forward_rows(torch, T: int, reps: int, quick: bool) -> list[Row]:
     ]  # fmt: skip
 
 
-def _backward_rows(torch, T: int, reps: int, quick: bool, t_fwd: float) -> list[Row]:
+def _backward_rows(torch, T: int, reps: int, quick: bool) -> list[Row]:
     size = f"B=1 T={T} H={H} K=V={K}"
     ours_in = [x.requires_grad_() for x in make_inputs(T)]
     rec_in = [x.detach().transpose(1, 2).contiguous().requires_grad_() for x in ours_in]
@@ -189,7 +214,13 @@ def _backward_rows(torch, T: int, reps: int, quick: bool, t_fwd: float) -> list[
 
     got, want = ours(), rec()
     err = max(_rel(a.transpose(1, 2), b) for a, b in zip(got, want, strict=True))
-    t_fb = median_time(ours, reps)
+
+    def forward():
+        with torch.no_grad():
+            return dplr.delta_rule(*ours_in, output_final_state=True)
+
+    t = paired_medians({"fwd": forward, "fb": ours}, 2 * reps)
+    t_fwd, t_fb = t["fwd"], t["fb"]
     t_rec = median_time(rec, 1, warmup=0)
     ratio = t_fb / t_fwd
     rows = [
@@ -219,7 +250,7 @@ def _throughput_rows(torch, lengths) -> list[Row]:
             t_c = median_time(lambda q=q, k=k, v=v, b=beta: dplr.delta_rule(q, k, v, b), 3)
             t_r = median_time(
                 lambda q=hq, k=hk, v=hv, b=hb: recurrent(q, k, v, b, K**-0.5), 1, warmup=0
-            )
+            )  # one run: the recurrence alone takes seconds at T = 65536
         size = f"B=1 T={n} H={H} K=V={K}"
         for method, t in (("chunked", t_c), ("recurrent", t_r)):
             rows.append(Row(SUITE, f"throughput ({method})", size, "token recurrence", t_r, t,
@@ -232,9 +263,10 @@ def _numpy_row(torch, T: int, reps: int) -> Row:
     q, k, v, beta = make_inputs(T, "float64")
     arrays = [x.numpy() for x in (q, k, v, beta)]
     with torch.no_grad():
-        t_torch = median_time(lambda: dplr.delta_rule(q, k, v, beta), reps)
         o_torch, _ = dplr.delta_rule(q, k, v, beta)
-    t_np = median_time(lambda: dplr.delta_rule(*arrays), reps)
+        t = paired_medians({"torch": lambda: dplr.delta_rule(q, k, v, beta),
+                            "numpy": lambda: dplr.delta_rule(*arrays)}, reps)  # fmt: skip
+    t_torch, t_np = t["torch"], t["numpy"]
     err = _rel(dplr.delta_rule(*arrays)[0], o_torch)
     return Row(SUITE, "forward float64, NumPy", f"B=1 T={T} H={H} K=V={K}",
                "dplr PyTorch float64", t_torch, t_np, err, None, "",
@@ -254,7 +286,7 @@ def run(quick: bool = False, progress: Progress | None = None) -> list[Row]:
     progress("delta: forward against the recurrence and the naive chunked form")
     rows = _forward_rows(torch, T, reps, quick)
     progress("delta: forward + backward" + ("" if quick else ", peak memory in fresh processes"))
-    rows += _backward_rows(torch, T, reps, quick, rows[0].dplr_s)
+    rows += _backward_rows(torch, T, reps, quick)
     progress("delta: throughput against T")
     rows += _throughput_rows(torch, (1024, 4096) if quick else (1024, 4096, 16384, 65536))
     progress("delta: NumPy float64 against PyTorch float64")
