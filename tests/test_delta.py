@@ -378,7 +378,7 @@ def test_several_passes_match_recurrence(gated, monkeypatch):
     rng = np.random.default_rng(15)
     B, T, H, K, V = 2, 37, 1, 3, 2
     arrays = make_inputs(rng, B, T, H, K, V, gated=gated, state=True)
-    assert grad_module.pass_length((B, H, T, K), 4) == 12
+    assert grad_module.pass_length((B, T, H, K), 4) == 12
     o_np, s_np = run(*arrays[:5], initial_state=arrays[5], output_final_state=True, chunk_size=4)
     inputs = dict(zip(GRAD_NAMES, _torch(*arrays, grad=True), strict=True))
     wo = torch.tensor(rng.standard_normal((B, T, H, V)))

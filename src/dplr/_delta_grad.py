@@ -21,8 +21,10 @@ each chunk, O(n (dk + dv) + (n / c) dk dv) numbers, never the graph of a loop.
 
 from __future__ import annotations
 
+import numpy as np
+
 from . import _kernels
-from ._backend import Array, TorchOps
+from ._backend import Array, TorchOps, is_torch
 from ._kernels import Ops
 
 
@@ -192,74 +194,91 @@ def delta_backward(
 
 #: Rows (batch x heads x tokens) per pass over the sequence.  Longer inputs are
 #: run in consecutive passes of whole chunks with the state carried between
-#: them: the same chunks and the same arithmetic, but the per-pass block
-#: tensors stay a few MiB instead of growing with T (on the development
-#: machine a single pass over T = 65536 ran at half the tokens per second).
+#: them: the same chunks and the same arithmetic, but the per-pass arrays stay
+#: a few MiB instead of growing with T (on the development machine a single
+#: pass over T = 65536 ran at half the tokens per second of T = 4096).
 PASS_ROWS = 16384
 
 
 def pass_length(shape: tuple[int, ...], chunk_size: int | None) -> int:
-    """Tokens per pass for operands of ``shape`` (..., n, d): whole chunks, >= 1 chunk."""
-    n = shape[-2]
+    """Tokens per pass for operands of public ``shape`` (B, T, H, d): whole chunks."""
+    B, n, H = shape[:3]
     c = _kernels.effective_chunk(n, chunk_size)
-    batch = 1
-    for s in shape[:-2]:
-        batch *= s
-    return max(c, PASS_ROWS // max(batch, 1) // c * c)
+    return max(c, PASS_ROWS // max(B * H, 1) // c * c)
+
+
+def heads_first(x: Array | None) -> Array | None:
+    """(B, T, H, ...) -> (B, H, T, ...), contiguous (batched products of a
+    strided operand would copy it again and again)."""
+    if x is None:
+        return None
+    if is_torch(x):
+        return x.transpose(1, 2).contiguous()
+    return np.ascontiguousarray(np.swapaxes(x, 1, 2))
+
+
+def _tokens_first(x: Array) -> Array:
+    """(B, H, T, ...) -> (B, T, H, ...), a view."""
+    return x.transpose(1, 2) if is_torch(x) else np.swapaxes(x, 1, 2)
+
+
+def _passes(n: int, step: int) -> list[tuple[int, int]]:
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def delta_forward_passes(ops, q, k, v, beta, g, s0, chunk_size, *, for_backward=True):
+    """:func:`delta_forward` in the public layout, in passes of :func:`pass_length` tokens.
+
+    q, k (B, T, H, dk), v (B, T, H, dv), beta, g (B, T, H), s0 (B, H, dk, dv).
+    Each pass is moved to the kernels' batch-first layout on its own, and its
+    output written straight into O (B, T, H, dv).  Returns O, the final state
+    and, with ``for_backward``, U (B, H, T, dv) and the chunk states
+    (B, H, nc + 1, dk, dv) (else None, None).
+    """
+    B, n, H = q.shape[:3]
+    out = ops.zeros((B, n, H, v.shape[-1]), v)
+    us, states = [], []
+    s = s0
+    for a, b in _passes(n, pass_length(q.shape, chunk_size)):
+        o, s, u, st = delta_forward(
+            ops, *(heads_first(None if x is None else x[:, a:b]) for x in (q, k, v, beta, g)),
+            s, chunk_size,
+        )  # fmt: skip
+        out[:, a:b] = _tokens_first(o)
+        if for_backward:
+            us.append(u)
+            states.append(st[..., :-1, :, :])
+    if not for_backward:
+        return out, s, None, None
+    states.append(st[..., -1:, :, :])
+    return out, s, _cat(ops, us, -2), _cat(ops, states, -3)
 
 
 def _cat(ops: Ops, xs: list[Array], axis: int) -> Array:
     return xs[0] if len(xs) == 1 else ops.concat(xs, axis)
 
 
-def delta_forward_passes(ops, q, k, v, beta, g, s0, chunk_size):
-    """:func:`delta_forward` over consecutive passes of :func:`pass_length` tokens."""
-    n = q.shape[-2]
-    step = pass_length(q.shape, chunk_size)
-    outs, us, states = [], [], []
-    s = s0
-    for a in range(0, n, step):
-        b = min(a + step, n)
-        o, s, u, st = delta_forward(
-            ops, q[..., a:b, :], k[..., a:b, :], v[..., a:b, :], beta[..., a:b],
-            None if g is None else g[..., a:b], s, chunk_size,
-        )  # fmt: skip
-        outs.append(o)
-        us.append(u)
-        states.append(st[..., :-1, :, :])
-    states.append(st[..., -1:, :, :])
-    return _cat(ops, outs, -2), s, _cat(ops, us, -2), _cat(ops, states, -3)
-
-
 def delta_backward_passes(ops, q, k, v, beta, g, u, states, do, dsn, chunk_size):
-    """:func:`delta_backward` over the passes of :func:`delta_forward_passes`, last first."""
-    n = q.shape[-2]
-    step = pass_length(q.shape, chunk_size)
+    """:func:`delta_backward` over the passes of :func:`delta_forward_passes`, last first.
+
+    Inputs and ``do`` in the public layout, u and states as the forward pass
+    returned them; the gradients come back in the public layout.
+    """
+    n = q.shape[1]
     c = _kernels.effective_chunk(n, chunk_size)
-    grads = []
-    for a in reversed(range(0, n, step)):
-        b = min(a + step, n)
-        j0, j1 = a // c, -(-b // c)
-        rows = (q, k, v, beta, None if g is None else g, u)
-        q_, k_, v_, beta_, g_, u_ = (
-            None if x is None else (x[..., a:b] if x.ndim == beta.ndim else x[..., a:b, :])
-            for x in rows
-        )
+    grads = [ops.zeros(x.shape, x) for x in (q, k, v, beta)]
+    grads.append(None if g is None else ops.zeros(g.shape, g))
+    for a, b in reversed(_passes(n, pass_length(q.shape, chunk_size))):
+        rows = (heads_first(None if x is None else x[:, a:b]) for x in (q, k, v, beta, g))
         # Chunk size as in the forward pass, whose passes are whole chunks.
-        part = delta_backward(
-            ops, q_, k_, v_, beta_, g_, u_, states[..., j0 : j1 + 1, :, :],
-            do[..., a:b, :], dsn, c,
+        *part, dsn = delta_backward(
+            ops, *rows, u[..., a:b, :], states[..., a // c : -(-b // c) + 1, :, :],
+            heads_first(do[:, a:b]), dsn, c,
         )  # fmt: skip
-        dsn = part[-1]
-        grads.append(part[:-1])
-    grads.reverse()
-    dq, dk, dv, dbeta, dg = (
-        None
-        if parts[0] is None
-        else _cat(ops, list(parts), -1 if parts[0].ndim == beta.ndim else -2)
-        for parts in zip(*grads, strict=True)
-    )
-    return dq, dk, dv, dbeta, dg, dsn
+        for full, piece in zip(grads, part, strict=True):
+            if full is not None:
+                full[:, a:b] = _tokens_first(piece)
+    return (*grads, dsn)
 
 
 def _torch_function_class():
@@ -282,7 +301,7 @@ def _torch_function_class():
         def backward(ctx, do, dsn):
             q, k, v, beta, g, u, states = ctx.saved_tensors
             if do is None:
-                do = torch.zeros_like(u)
+                do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=v.device)
             dq, dk, dv, dbeta, dg, ds0 = delta_backward_passes(
                 TorchOps, q, k, v, beta, g, u, states, do, dsn, ctx.chunk_size
             )

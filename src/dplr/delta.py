@@ -256,34 +256,31 @@ def _delta(q, k, v, beta, g, *, scale, initial_state, output_final_state, cu_seq
     q = q * scale
     if cu is not None:
         q, k, v, beta, g, valid = _pack(p.torch, cu, q, k, v, beta, g)
-    q, k, v, beta = (_heads_first(x) for x in (q, k, v, beta))
-    o, sn = _run(p, q, k, v, beta, None if g is None else _heads_first(g), s0, chunk_size)
-    o = o.transpose(1, 2) if p.torch else np.swapaxes(o, 1, 2)  # back to (B, T, H, V)
+    o, sn = _run(p, q, k, v, beta, g, s0, chunk_size)
     if cu is not None:
         o = o[valid][None]
     o = to_output(o, p)
     return o, (to_output(sn, p) if output_final_state else None)
 
 
-def _heads_first(x: Array) -> Array:
-    """(B, T, H, ...) -> (B, H, T, ...), contiguous: the kernels' batched products
-    would otherwise copy every chunk of a strided operand."""
-    if is_torch(x):
-        return x.transpose(1, 2).contiguous()
-    return np.ascontiguousarray(np.swapaxes(x, 1, 2))
-
-
 def _run(p: Prepared, q, k, v, beta, g, s0, chunk_size) -> tuple[Array, Array]:
-    """Batch-first forward (and torch autograd): O (B, H, T, V) and S_T (B, H, K, V)."""
-    B, H, T, K = k.shape
+    """The forward pass (and torch autograd): O (B, T, H, V) and S_T (B, H, K, V)."""
+    B, T, H, K = k.shape
     ops = backend_of(k)
     if T == 0:
         state = ops.zeros((B, H, K, v.shape[-1]), v) if s0 is None else s0
         return ops.zeros(v.shape, v), state
     if p.torch:
-        return delta_function().apply(q, k, v, beta, g, s0, chunk_size)
+        import torch
+
+        inputs = (q, k, v, beta, g, s0)
+        if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
+            return delta_function().apply(q, k, v, beta, g, s0, chunk_size)
+        o, sn, _, _ = delta_forward_passes(ops, *inputs, chunk_size, for_backward=False)
+        return o, sn
     with single_threaded_blas():
-        o, sn, _, _ = delta_forward_passes(ops, q, k, v, beta, g, s0, chunk_size)
+        o, sn, _, _ = delta_forward_passes(ops, q, k, v, beta, g, s0, chunk_size,
+                                           for_backward=False)  # fmt: skip
     return o, sn
 
 
