@@ -1,9 +1,12 @@
 """The delta rule as one solve and one product with the core structure, and its gradient.
 
-Batch-first layout throughout (the public wrapper in :mod:`dplr.delta` does the
-transposes)::
+:func:`delta_forward` and :func:`delta_backward` work on one pass in the
+kernels' batch-first layout::
 
     q, k : (..., n, dk)    v : (..., n, dv)    beta, g : (..., n)    s0 : (..., dk, dv)
+
+:func:`delta_forward_passes` and :func:`delta_backward_passes` take the public
+layout (B, T, H, .) and run long sequences in passes of whole chunks.
 
 With ``T = I + tril(diag(beta) K K^T ⊙ D, -1)`` (the core structure with
 ``q := beta k``, unit diagonal, ``log_decay := g``):

@@ -79,7 +79,8 @@ def delta_rule(
     O(T c (K + V) + T K V) flops per head and O(T (K + V + c)) memory; no
     T x T matrix is formed.  float16 and bfloat16 compute in float32.  With
     torch, gradients flow to q, k, v, beta and ``initial_state`` through a
-    hand-written backward of the same cost that stores only the inputs and U.
+    hand-written backward of about twice the cost that stores only the inputs,
+    U and the state entering each chunk.
 
     Examples
     --------
