@@ -4,8 +4,12 @@ The public API, re-exported from the modules that implement it:
 
 - :class:`LowRankTril` and :func:`tril_matmul`, :func:`tril_solve`,
   :func:`tril_inv`: ``T = diag(lam) + tril(Q K^T ⊙ D, -1)`` (module ``dplr.tril``).
+- :func:`cholesky_update`, :func:`cholesky_downdate`, :func:`cholesky_insert`,
+  :func:`cholesky_delete`: Cholesky factor of a low-rank modification
+  (module ``dplr.cholesky``).
 """
 
+from .cholesky import cholesky_delete, cholesky_downdate, cholesky_insert, cholesky_update
 from ._errors import NotPositiveDefiniteError, SingularMatrixError
 from .tril import LowRankTril, tril_inv, tril_matmul, tril_solve
 
@@ -16,6 +20,10 @@ __all__ = [
     "NotPositiveDefiniteError",
     "SingularMatrixError",
     "__version__",
+    "cholesky_delete",
+    "cholesky_downdate",
+    "cholesky_insert",
+    "cholesky_update",
     "tril_inv",
     "tril_matmul",
     "tril_solve",

@@ -1,0 +1,23 @@
+"""How ``method="auto"`` and the BLAS thread setting are chosen for Cholesky updates.
+
+The thresholds are measurements, not theory: see ``benchmarks/cholesky.py``
+(the grid of N x M) and ``docs/cholesky.md`` (the table they came from).
+"""
+
+from __future__ import annotations
+
+
+def choose_method(n: int, m: int, batch: int, torch: bool) -> str:
+    """``"rank1"``, ``"blocked"`` or ``"refactor"`` for an N x N factor, rank M, batch size."""
+    if torch:
+        return "refactor" if 3 * m >= n or n <= 64 else "blocked"
+    if m <= 2 or batch > 1 and m <= 8:
+        return "rank1"
+    if 3 * m >= n:
+        return "refactor"
+    return "blocked"
+
+
+def use_threads(n: int, m: int, batch: int) -> bool:
+    """Whether the blocked path keeps NumPy's default BLAS threading (else one thread)."""
+    return batch == 1 and n >= 2000

@@ -1,0 +1,295 @@
+"""Compiled rank-1 rotation sweeps for the Cholesky update and downdate.
+
+These are the loops that cannot be level-3: one rank-1 modification of a
+triangular factor costs O(N^2) flops and is bound by memory traffic, so each
+kernel reads the input factor and writes the result in a single sweep (the
+result may be the input itself, for an in-place update).  Derivations:
+``docs/cholesky.md``.
+
+Every kernel works on a stack of factors and comes in two memory orders, so
+that the inner loop always runs along contiguous memory:
+
+- ``*_rows``: the lower factor ``L`` addressed as ``L[i, j]``, ``j <= i``
+  (a C-ordered lower factor, or the transpose of an F-ordered upper one);
+- ``*_cols``: the same factor addressed through ``R = L^T`` as
+  ``R[j, i] = L[i, j]`` (a C-ordered upper factor, or the transpose of an
+  F-ordered lower one).
+
+Arguments (all kernels): ``src`` (Bs, n, n) input factors, ``src_idx`` (B,)
+the input factor of each output entry (broadcasting without copies), ``dst``
+(B, n, n) output (may be ``src`` itself when ``inplace``), ``x`` (B, n) the
+update vectors, scaled by ``sqrt(|multiplier|)`` (overwritten), ``down`` (B,)
+true for a downdate, ``ok`` (B,) set to false where a downdate would not be
+positive definite (such entries are not written, or receive a copy of the
+input when not ``inplace``).  The triangle opposite the factor is set to zero
+in ``dst``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numba as nb
+import numpy as np
+
+#: Rows of the lower factor advanced together by the row-oriented update, so
+#: that GROUP independent rotation chains overlap in the floating-point units.
+GROUP = 8
+
+
+def _jit(**options):
+    """``numba.njit`` with an on-disk cache when some cache directory is writable.
+
+    Numba caches next to this file, or in the user-wide cache directory
+    (``NUMBA_CACHE_DIR`` overrides both) when the package is read-only; if no
+    location is writable, compile in memory instead of failing at import.
+    """
+
+    def wrap(fn):
+        try:
+            return nb.njit(cache=True, **options)(fn)
+        except RuntimeError as exc:  # "no locator available": nowhere to cache
+            warnings.warn(f"dplr: numba cache disabled ({exc})", RuntimeWarning, stacklevel=2)
+            return nb.njit(cache=False, **options)(fn)
+
+    return wrap
+
+
+_SERIAL = {"nogil": True, "fastmath": {"contract"}}
+_PARALLEL = {"nogil": True, "fastmath": {"contract"}, "parallel": True}
+
+
+# --------------------------------------------------------------- row order
+@_jit(**_SERIAL)
+def _apply_update_row(src, dst, x, cs, sn, i, j0, j1):
+    """Rotations j0..j1-1 applied to row i of the lower factor and to x[i]."""
+    xi = x[i]
+    for j in range(j0, j1):
+        a = src[i, j]
+        dst[i, j] = cs[j] * a + sn[j] * xi
+        xi = cs[j] * xi - sn[j] * a
+    x[i] = xi
+
+
+@_jit(**_SERIAL)
+def _update_rows_one(src, dst, x, cs, sn):
+    """Givens update of one lower factor, row by row, GROUP rows interleaved.
+
+    Row i needs rotations 0..i-1 and forms rotation i at its diagonal, so a
+    group of rows first applies every rotation formed before the group (GROUP
+    independent recurrences in x), then finishes its own small triangle.
+    """
+    n = src.shape[0]
+    xs = np.empty(GROUP, dtype=x.dtype)
+    for i0 in range(0, n, GROUP):
+        g = min(GROUP, n - i0)
+        if g == GROUP:
+            for r in range(GROUP):
+                xs[r] = x[i0 + r]
+            for j in range(i0):
+                c = cs[j]
+                s = sn[j]
+                for r in range(GROUP):
+                    a = src[i0 + r, j]
+                    dst[i0 + r, j] = c * a + s * xs[r]
+                    xs[r] = c * xs[r] - s * a
+            for r in range(GROUP):
+                x[i0 + r] = xs[r]
+        else:
+            for r in range(g):
+                _apply_update_row(src, dst, x, cs, sn, i0 + r, 0, i0)
+        for r in range(g):
+            i = i0 + r
+            _apply_update_row(src, dst, x, cs, sn, i, i0, i)
+            d = src[i, i]
+            rr = math.hypot(d, x[i])
+            cs[i] = d / rr
+            sn[i] = x[i] / rr
+            dst[i, i] = rr
+            for j in range(i + 1, n):
+                dst[i, j] = 0.0
+
+
+@_jit(**_SERIAL)
+def _forward_rows_one(src, x, p):
+    """p = L^-1 x for a lower factor read by rows (four partial sums per dot)."""
+    n = src.shape[0]
+    for i in range(n):
+        s0 = s1 = s2 = s3 = 0.0
+        j = 0
+        while j + 4 <= i:
+            s0 += src[i, j] * p[j]
+            s1 += src[i, j + 1] * p[j + 1]
+            s2 += src[i, j + 2] * p[j + 2]
+            s3 += src[i, j + 3] * p[j + 3]
+            j += 4
+        while j < i:
+            s0 += src[i, j] * p[j]
+            j += 1
+        p[i] = (x[i] - ((s0 + s1) + (s2 + s3))) / src[i, i]
+
+
+@_jit(**_SERIAL)
+def _downdate_rows_one(src, dst, cs, sn):
+    """Apply precomputed downdate rotations; rows are independent of each other."""
+    n = src.shape[0]
+    for i in range(n):
+        xx = 0.0
+        for j in range(i, -1, -1):
+            a = src[i, j]
+            t = cs[j] * xx + sn[j] * a
+            dst[i, j] = cs[j] * a - sn[j] * xx
+            xx = t
+        for j in range(i + 1, n):
+            dst[i, j] = 0.0
+
+
+# ------------------------------------------------------------ column order
+@_jit(**_SERIAL)
+def _update_cols_one(src, dst, x):
+    """Givens update of R = L^T: step k rotates row k of R against x."""
+    n = src.shape[0]
+    for k in range(n):
+        d = src[k, k]
+        rr = math.hypot(d, x[k])
+        c = d / rr
+        s = x[k] / rr
+        for j in range(k):
+            dst[k, j] = 0.0
+        dst[k, k] = rr
+        for i in range(k + 1, n):
+            a = src[k, i]
+            dst[k, i] = c * a + s * x[i]
+            x[i] = c * x[i] - s * a
+
+
+@_jit(**_SERIAL)
+def _forward_cols_one(src, x, p):
+    """p = R^-T x (= L^-1 x) by axpy steps along the rows of R; x is overwritten."""
+    n = src.shape[0]
+    for k in range(n):
+        pk = x[k] / src[k, k]
+        p[k] = pk
+        for i in range(k + 1, n):
+            x[i] -= pk * src[k, i]
+
+
+@_jit(**_SERIAL)
+def _downdate_cols_one(src, dst, cs, sn, xx):
+    """Apply precomputed downdate rotations to R from its last row up."""
+    n = src.shape[0]
+    xx[:] = 0.0
+    for i in range(n - 1, -1, -1):
+        c = cs[i]
+        s = sn[i]
+        for j in range(i, n):
+            a = src[i, j]
+            t = c * xx[j] + s * a
+            dst[i, j] = c * a - s * xx[j]
+            xx[j] = t
+        for j in range(i):
+            dst[i, j] = 0.0
+
+
+# ------------------------------------------------------------------ shared
+@_jit(**_SERIAL)
+def _downdate_rotations(p, cs, sn):
+    """LINPACK's downdate rotations from p = L^-1 x; False if ||p|| >= 1 (or NaN).
+
+    With ``alpha = sqrt(1 - ||p||^2)`` the rotations, generated from the last
+    entry up, map ``(alpha, p)`` to ``(1, 0)``; ``alpha`` stays positive, so
+    every cosine is positive and so is the new diagonal.
+    """
+    n = p.shape[0]
+    norm2 = 0.0
+    for i in range(n):
+        norm2 += p[i] * p[i]
+    if not norm2 < 1.0:
+        return False
+    alpha = math.sqrt(1.0 - norm2)
+    for i in range(n - 1, -1, -1):
+        scale = alpha + abs(p[i])
+        a = alpha / scale
+        b = p[i] / scale
+        r = math.sqrt(a * a + b * b)
+        cs[i] = a / r
+        sn[i] = b / r
+        alpha = scale * r
+    return True
+
+
+@_jit(**_SERIAL)
+def _copy_tri(src, dst, rows):
+    """dst = the factor's triangle of src, zero elsewhere (a failed entry)."""
+    n = src.shape[0]
+    for i in range(n):
+        for j in range(n):
+            keep = j <= i if rows else j >= i
+            dst[i, j] = src[i, j] if keep else 0.0
+
+
+@_jit(**_PARALLEL)
+def sweep_rows(src, src_idx, dst, x, down, ok, inplace):
+    """One rank-1 update or downdate of each lower factor, read by rows."""
+    for b in nb.prange(dst.shape[0]):
+        s = src[src_idx[b]]
+        n = s.shape[0]
+        cs = np.empty(n, dtype=x.dtype)
+        sn = np.empty(n, dtype=x.dtype)
+        if not down[b]:
+            _update_rows_one(s, dst[b], x[b], cs, sn)
+            ok[b] = True
+            continue
+        p = np.empty(n, dtype=x.dtype)
+        _forward_rows_one(s, x[b], p)
+        ok[b] = _downdate_rotations(p, cs, sn)
+        if ok[b]:
+            _downdate_rows_one(s, dst[b], cs, sn)
+        elif not inplace:
+            _copy_tri(s, dst[b], True)
+
+
+@_jit(**_PARALLEL)
+def sweep_cols(src, src_idx, dst, x, down, ok, inplace):
+    """One rank-1 update or downdate of each factor, read through R = L^T by rows."""
+    for b in nb.prange(dst.shape[0]):
+        s = src[src_idx[b]]
+        n = s.shape[0]
+        if not down[b]:
+            _update_cols_one(s, dst[b], x[b])
+            ok[b] = True
+            continue
+        cs = np.empty(n, dtype=x.dtype)
+        sn = np.empty(n, dtype=x.dtype)
+        p = np.empty(n, dtype=x.dtype)
+        _forward_cols_one(s, x[b], p)
+        ok[b] = _downdate_rotations(p, cs, sn)
+        if ok[b]:
+            _downdate_cols_one(s, dst[b], cs, sn, p)
+        elif not inplace:
+            _copy_tri(s, dst[b], False)
+
+
+@_jit(nogil=True, parallel=True, fastmath={"reassoc"})
+def tri_all_finite(src, rows):
+    """Per factor: True if every entry of its triangle is finite (the other is not read).
+
+    ``v * 0`` is 0 for a finite v and NaN otherwise, so the sum is exact and
+    may be reassociated (vectorised) freely.
+    """
+    nb_, n = src.shape[0], src.shape[1]
+    bad = np.zeros(nb_ * n, dtype=np.bool_)
+    for t in nb.prange(nb_ * n):
+        b, i = t // n, t % n
+        lo = 0 if rows else i
+        hi = i + 1 if rows else n
+        acc = 0.0
+        for j in range(lo, hi):
+            acc += src[b, i, j] * 0.0
+        bad[t] = acc != 0.0
+    out = np.ones(nb_, dtype=np.bool_)
+    for t in range(nb_ * n):
+        if bad[t]:
+            out[t // n] = False
+    return out
