@@ -9,8 +9,8 @@ The public API, re-exported from the modules that implement it:
   (module ``dplr.cholesky``).
 """
 
-from .cholesky import cholesky_delete, cholesky_downdate, cholesky_insert, cholesky_update
 from ._errors import NotPositiveDefiniteError, SingularMatrixError
+from .cholesky import cholesky_delete, cholesky_downdate, cholesky_insert, cholesky_update
 from .tril import LowRankTril, tril_inv, tril_matmul, tril_solve
 
 __version__ = "0.1.0"

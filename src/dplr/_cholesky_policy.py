@@ -11,7 +11,7 @@ def choose_method(n: int, m: int, batch: int, torch: bool) -> str:
     """``"rank1"``, ``"blocked"`` or ``"refactor"`` for an N x N factor, rank M, batch size."""
     if torch:
         return "refactor" if 3 * m >= n or n <= 64 else "blocked"
-    if m <= 2 or batch > 1 and m <= 8:
+    if m <= 2 or (batch > 1 and m <= 8):
         return "rank1"
     if 3 * m >= n:
         return "refactor"

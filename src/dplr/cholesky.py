@@ -14,8 +14,8 @@ import numpy as np
 
 from . import _kernels, _rank1
 from ._backend import Array, backend_of, is_torch, single_threaded_blas
-from ._errors import NotPositiveDefiniteError
 from ._cholesky_policy import choose_method, use_threads
+from ._errors import NotPositiveDefiniteError
 from ._validate import broadcast_batch, prepare, require_ndim, to_output
 
 __all__ = ["cholesky_delete", "cholesky_downdate", "cholesky_insert", "cholesky_update"]
@@ -100,17 +100,12 @@ def _problem(factor, u, multiplier, sign, lower, check_finite) -> _Problem:
             )
         u_ = u_[..., None]
     w = sign * _weights(multiplier, prep, u_.shape[-1], rank_m)
-    batch = broadcast_batch(
-        {"factor": tuple(f.shape[:-2]), "u": tuple(u_.shape[:-2]), "multiplier": tuple(w.shape[:-1])}
-    )
-    ops = backend_of(f)
-    if check_finite:
-        for name, arr in (("u", u_),):
-            if not bool(_isfinite(arr).all()):
-                raise ValueError(f"{name!r} contains NaN or Inf (pass check_finite=False to skip)")
+    shapes = {"factor": f.shape[:-2], "u": u_.shape[:-2], "multiplier": w.shape[:-1]}
+    batch = broadcast_batch({k: tuple(v) for k, v in shapes.items()})
+    if check_finite and not bool(_isfinite(u_).all()):
+        raise ValueError("'u' contains NaN or Inf (pass check_finite=False to skip)")
     low = f if lower else f.mT
     _check_diagonal(low, check_finite)
-    del ops
     return _Problem(low, u_, w, batch, prep, factor, lower)
 
 
@@ -180,9 +175,7 @@ def _rank1_path(pb: _Problem, target: Array | None, check_finite: bool) -> tuple
     kernel = _rank1.sweep_rows if rows else _rank1.sweep_cols
     bsize = int(np.prod(batch, dtype=np.int64))
     src = orient(low).reshape(-1, n, n)
-    src_idx = np.broadcast_to(
-        np.arange(src.shape[0]).reshape(low.shape[:-2]), batch
-    ).reshape(-1)
+    src_idx = np.broadcast_to(np.arange(src.shape[0]).reshape(low.shape[:-2]), batch).reshape(-1)
     w = np.broadcast_to(pb.w, (*batch, m)).reshape(bsize, m)
     order = np.argsort(w < 0, axis=-1, kind="stable")  # updates first: stays PD
     w = np.take_along_axis(w, order, -1)
