@@ -18,6 +18,10 @@ def choose_method(n: int, m: int, batch: int, torch: bool) -> str:
     return "blocked"
 
 
-def use_threads(n: int, m: int, batch: int) -> bool:
-    """Whether the blocked path keeps NumPy's default BLAS threading (else one thread)."""
-    return batch == 1 and n >= 2000
+def panel_threads(n: int, m: int, batch: int) -> int:
+    """BLAS threads for the panel products of the blocked path (0: library default).
+
+    Small per-chunk operations always run in one thread; the (N - e) x (c + M)
+    panel products gain from threads once they are large.
+    """
+    return 0 if batch == 1 and n >= 1000 else 1

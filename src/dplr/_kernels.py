@@ -383,49 +383,85 @@ def lowrank_cholesky_product(
     *,
     chunk_size: int | None = None,
     steps: list[tuple[Array, Array, Array]] | None = None,
-) -> tuple[Array, list[tuple[Array, Array, Array]]]:
+    clean: bool = True,
+    panel_threads: int | None = None,
+) -> tuple[Array | None, list[tuple[Array, Array, Array]]]:
     """``out = L chol(I + W C0 W^T)`` with ``W = L^-1 U``, block column by block column.
 
     With ``Lt = chol(I + W C0 W^T)``, block column J of ``L Lt`` is
     ``L[:, J] Lt_JJ + S_J P_J^T`` where ``S_J = U - L[:, ..J] W[..J]`` is the
     residual of the forward substitution (nonzero below J only).  One pass over
     the lower triangle of L: W_J comes from that residual (a c x c solve), the
-    Schur step of :func:`schur_chunk` gives Lt_JJ and P_J, and three products
-    of (rows below J) x c or x M panels finish the column.  L's zero blocks are
-    never touched.  About ``N^2 (2 M + c)`` flops.
+    Schur step of :func:`schur_chunk` gives Lt_JJ and P_J, and two products
+    with the panel ``Z = [L[below J, J], S]`` finish the column:
+    ``S <- S - L[below J, J] W_J`` and ``L_B[below J, J] = Z [Lt_JJ; P_J^T]``.
+    L's zero blocks are never touched.  About ``N^2 (2 M + c)`` flops.
 
     lower: (..., N, N) (lower triangle read), u: (..., N, M), c0: (..., M, M),
-    out: (..., N, N), may be ``lower`` itself: each block column of L is read
-    before it is overwritten.  ``steps`` (the ``(W_J, Lt_JJ, P_J)`` of every
-    chunk, as returned by an earlier call) skips the solves and Schur steps.
+    out: (..., N, N) with the full batch shape; it may be ``lower`` itself
+    (each block column of L is read before it is overwritten).  ``steps`` (the
+    ``(W_J, Lt_JJ, P_J)`` of every chunk, made by an earlier pass) skips the
+    solves and Schur steps.  ``clean`` zeroes the strict upper triangle of
+    ``out``.  ``panel_threads``: BLAS threads for the panel products, 0 for
+    the library's default (NumPy; the small per-chunk operations then run in
+    one thread); None leaves threading alone.
     Returns ``(ok, steps)``; ``ok`` (...) is False where the factor is not
     positive definite (those entries of ``out`` are garbage); it is None when
     ``steps`` were given (they were checked when they were made).
     """
-    n = lower.shape[-1]
+    n, m = lower.shape[-1], u.shape[-1]
     c = effective_chunk(n, chunk_size)
     given = steps is not None
     steps = steps if given else []
-    resid, c_state, ok = u, c0, None
+    z = ops.zeros((*out.shape[:-2], n, c + m), out)
+    z[..., c:] = u
+    c_state, ok = c0, None
+    small, big = _thread_scopes(ops, panel_threads)
     for j, s in enumerate(range(0, n, c)):
         e = min(s + c, n)
-        l_jj = _tril_block(ops, lower[..., s:e, s:e])
-        if given:
-            w_j, lt, p = steps[j]
-        else:
-            w_j = solve_lower_dense(ops, l_jj, resid[..., : e - s, :])
-            lt, p, c_state, ok_j = schur_chunk(ops, w_j, c_state)
-            ok = ok_j if ok is None else ok & ok_j
-            steps.append((w_j, lt, p))
-        panel = lower[..., e:, s:e]
-        if e < n:
-            resid = resid[..., e - s :, :] - panel @ w_j
-            new_panel = panel @ lt + resid @ p.mT
-        out[..., s:e, s:e] = l_jj @ lt
-        if e < n:
-            out[..., e:, s:e] = new_panel
-        out[..., :s, s:e] = 0.0
+        with small():
+            l_jj = _tril_block(ops, lower[..., s:e, s:e])
+            if given:
+                w_j, lt, p = steps[j]
+            else:
+                w_j = solve_lower_dense(ops, l_jj, z[..., s:e, c:])
+                lt, p, c_state, ok_j = schur_chunk(ops, w_j, c_state)
+                ok = ok_j if ok is None else ok & ok_j
+                steps.append((w_j, lt, p))
+            out[..., s:e, s:e] = l_jj @ lt
+        if e < n:  # only the last chunk can be short, and nothing lies below it
+            with big() if n - e >= 256 else small():
+                zp = z[..., e:, :c]
+                zp[...] = lower[..., e:, s:e]
+                z[..., e:, c:] -= zp @ w_j
+                out[..., e:, s:e] = z[..., e:, :] @ ops.concat([lt, p.mT], -2)
+        if clean and s:
+            out[..., :s, s:e] = 0.0
     return ok, steps
+
+
+def _thread_scopes(ops: Ops, panel_threads: int | None):
+    """Context managers for one BLAS thread (small blocks) and ``panel_threads``."""
+    import contextlib
+
+    if ops.name == "torch" or panel_threads is None:
+        return contextlib.nullcontext, contextlib.nullcontext
+    from ._backend import _blas_controller
+
+    libs = _blas_controller().select(user_api="blas").lib_controllers
+    default = [lib.num_threads for lib in libs]
+
+    @contextlib.contextmanager
+    def threads(k: int | None):
+        for lib, d in zip(libs, default, strict=True):
+            lib.set_num_threads(d if k is None else k)
+        try:
+            yield
+        finally:
+            for lib, d in zip(libs, default, strict=True):
+                lib.set_num_threads(d)
+
+    return (lambda: threads(1)), (lambda: threads(panel_threads or None))
 
 
 def _tril_block(ops: Ops, a: Array) -> Array:

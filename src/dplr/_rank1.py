@@ -271,25 +271,53 @@ def sweep_cols(src, src_idx, dst, x, down, ok, inplace):
             _copy_tri(s, dst[b], False)
 
 
-@_jit(nogil=True, parallel=True, fastmath={"reassoc"})
-def tri_all_finite(src, rows):
-    """Per factor: True if every entry of its triangle is finite (the other is not read).
+@_jit(nogil=True, fastmath={"reassoc"})
+def _tri_finite_one(s, rows):
+    """True if the factor's triangle of s is finite.
 
     ``v * 0`` is 0 for a finite v and NaN otherwise, so the sum is exact and
     may be reassociated (vectorised) freely.
     """
-    nb_, n = src.shape[0], src.shape[1]
-    bad = np.zeros(nb_ * n, dtype=np.bool_)
-    for t in nb.prange(nb_ * n):
-        b, i = t // n, t % n
+    n = s.shape[0]
+    acc = 0.0
+    for i in range(n):
+        lo = 0 if rows else i
+        hi = i + 1 if rows else n
+        row = s[i]
+        for j in range(lo, hi):
+            acc += row[j] * 0.0
+    return acc == 0.0
+
+
+@_jit(nogil=True, parallel=True, fastmath={"reassoc"})
+def _tri_finite_rows_parallel(s, rows):
+    n = s.shape[0]
+    bad = 0
+    for i in nb.prange(n):
         lo = 0 if rows else i
         hi = i + 1 if rows else n
         acc = 0.0
         for j in range(lo, hi):
-            acc += src[b, i, j] * 0.0
-        bad[t] = acc != 0.0
-    out = np.ones(nb_, dtype=np.bool_)
-    for t in range(nb_ * n):
-        if bad[t]:
-            out[t // n] = False
+            acc += s[i, j] * 0.0
+        if acc != 0.0:
+            bad += 1
+    return bad == 0
+
+
+@_jit(nogil=True, parallel=True)
+def _tri_finite_batch(src, rows):
+    out = np.empty(src.shape[0], dtype=np.bool_)
+    for b in nb.prange(src.shape[0]):
+        out[b] = _tri_finite_one(src[b], rows)
     return out
+
+
+def tri_all_finite(src: np.ndarray, rows: bool) -> np.ndarray:
+    """Per factor of src (B, n, n): True if its triangle (lower if ``rows``) is finite.
+
+    The other triangle is not read.  Parallel over the batch, or over the rows
+    of a single factor.
+    """
+    if src.shape[0] == 1:
+        return np.array([_tri_finite_rows_parallel(src[0], rows)])
+    return _tri_finite_batch(src, rows)

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _kernels, _rank1
 from ._backend import Array, backend_of, is_torch, single_threaded_blas
-from ._cholesky_policy import choose_method, use_threads
+from ._cholesky_policy import choose_method, panel_threads
 from ._errors import NotPositiveDefiniteError
 from ._validate import broadcast_batch, prepare, require_ndim, to_output
 
@@ -214,21 +214,28 @@ def _blocked_path(pb: _Problem, target: Array | None, check_finite: bool, chunk:
     c0 = pb.w[..., :, None] * ops.eye(m, pb.w)
     may_fail = bool((pb.w < 0).any())
     steps = None
-    threads = use_threads(n, m, int(np.prod(pb.batch, dtype=np.int64)))
-    with _blas_threads(pb, threads):
-        if target is not None and may_fail:
-            # Check before touching the caller's memory: W, then the Schur recursion.
+    bsize = int(np.prod(pb.batch, dtype=np.int64))
+    threads = panel_threads(n, m, bsize)
+    if target is not None and may_fail:
+        # Check before touching the caller's memory: W, then the Schur recursion.
+        with _blas_threads(pb, threads):
             w_mat = _kernels.solve_lower_dense(ops, low, pb.u)
-            _, _, ok = _kernels.lowrank_cholesky(ops, w_mat, c0, chunk_size=chunk)
-            if not bool(ok.all()):
-                return None, _expand(ops, ok, pb.batch)
-            steps = _steps_from(ops, w_mat, c0, n, chunk)
-        out = target if target is not None else ops.zeros((*pb.batch, n, n), low)
-        if target is None and not pb.prep.torch and not pb.is_lower:
-            out = np.zeros((*pb.batch, n, n), dtype=low.dtype).mT
+        _, _, ok = _kernels.lowrank_cholesky(ops, w_mat, c0, chunk_size=chunk)
+        if not bool(ok.all()):
+            return None, _expand(ops, ok, pb.batch)
+        steps = _steps_from(ops, w_mat, c0, n, chunk)
+    if target is not None:
+        out = target
+    elif pb.prep.torch:
+        out = ops.zeros((*pb.batch, n, n), low)
+    else:  # the memory order of the input
+        out = np.zeros((*pb.batch, n, n), dtype=low.dtype)
+        out = out if low.strides[-1] <= low.strides[-2] else out.mT
+    with np.errstate(all="ignore"):  # failed entries may overflow; they are discarded
         ok, _ = _kernels.lowrank_cholesky_product(
-            ops, low, pb.u, c0, out, chunk_size=chunk, steps=steps
-        )
+            ops, low, pb.u, c0, out, chunk_size=chunk, steps=steps,
+            clean=target is not None, panel_threads=None if pb.prep.torch else threads,
+        )  # fmt: skip
     if ok is None:
         ok = ops.zeros(pb.batch, low) == 0
     return out, _expand(ops, ok, pb.batch)
@@ -266,8 +273,8 @@ class _NoThreads:
         return False
 
 
-def _blas_threads(pb: _Problem, threads: bool):
-    if pb.prep.torch or threads:
+def _blas_threads(pb: _Problem, threads: int | None):
+    if pb.prep.torch or threads != 1:
         return _NoThreads()
     return single_threaded_blas()
 
