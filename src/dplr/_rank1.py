@@ -6,7 +6,7 @@ kernel reads the input factor and writes the result in a single sweep (the
 result may be the input itself, for an in-place update).  Derivations:
 ``docs/cholesky.md``.
 
-Every kernel works on a stack of factors and comes in two memory orders, so
+Every sweep works on a stack of factors and comes in two memory orders, so
 that the inner loop always runs along contiguous memory:
 
 - ``*_rows``: the lower factor ``L`` addressed as ``L[i, j]``, ``j <= i``
@@ -15,7 +15,7 @@ that the inner loop always runs along contiguous memory:
   ``R[j, i] = L[i, j]`` (a C-ordered upper factor, or the transpose of an
   F-ordered lower one).
 
-Arguments (all kernels): ``src`` (Bs, n, n) input factors, ``src_idx`` (B,)
+Arguments of :func:`sweep`: ``src`` (Bs, n, n) input factors, ``src_idx`` (B,)
 the input factor of each output entry (broadcasting without copies), ``dst``
 (B, n, n) output (may be ``src`` itself when ``inplace``), ``x`` (B, n) the
 update vectors, scaled by ``sqrt(|multiplier|)`` (overwritten), ``down`` (B,)
@@ -229,46 +229,76 @@ def _copy_tri(src, dst, rows):
             dst[i, j] = src[i, j] if keep else 0.0
 
 
-@_jit(**_PARALLEL)
-def sweep_rows(src, src_idx, dst, x, down, ok, inplace):
-    """One rank-1 update or downdate of each lower factor, read by rows."""
-    for b in nb.prange(dst.shape[0]):
-        s = src[src_idx[b]]
-        n = s.shape[0]
-        cs = np.empty(n, dtype=x.dtype)
-        sn = np.empty(n, dtype=x.dtype)
-        if not down[b]:
-            _update_rows_one(s, dst[b], x[b], cs, sn)
-            ok[b] = True
-            continue
-        p = np.empty(n, dtype=x.dtype)
-        _forward_rows_one(s, x[b], p)
-        ok[b] = _downdate_rotations(p, cs, sn)
-        if ok[b]:
-            _downdate_rows_one(s, dst[b], cs, sn)
-        elif not inplace:
-            _copy_tri(s, dst[b], True)
+@_jit(**_SERIAL)
+def _sweep_rows_one(s, d, x, down, inplace):
+    """One rank-1 update or downdate of one lower factor read by rows; False if not PD."""
+    n = s.shape[0]
+    cs = np.empty(n, dtype=x.dtype)
+    sn = np.empty(n, dtype=x.dtype)
+    if not down:
+        _update_rows_one(s, d, x, cs, sn)
+        return True
+    p = np.empty(n, dtype=x.dtype)
+    _forward_rows_one(s, x, p)
+    if _downdate_rotations(p, cs, sn):
+        _downdate_rows_one(s, d, cs, sn)
+        return True
+    if not inplace:
+        _copy_tri(s, d, True)
+    return False
+
+
+@_jit(**_SERIAL)
+def _sweep_cols_one(s, d, x, down, inplace):
+    """One rank-1 update or downdate of one factor read through R = L^T; False if not PD."""
+    n = s.shape[0]
+    if not down:
+        _update_cols_one(s, d, x)
+        return True
+    cs = np.empty(n, dtype=x.dtype)
+    sn = np.empty(n, dtype=x.dtype)
+    p = np.empty(n, dtype=x.dtype)
+    _forward_cols_one(s, x, p)
+    if _downdate_rotations(p, cs, sn):
+        _downdate_cols_one(s, d, cs, sn, p)
+        return True
+    if not inplace:
+        _copy_tri(s, d, False)
+    return False
+
+
+@_jit(**_SERIAL)
+def _sweep_serial(src, src_idx, dst, x, down, ok, inplace, rows):
+    for b in range(dst.shape[0]):
+        if rows:
+            ok[b] = _sweep_rows_one(src[src_idx[b]], dst[b], x[b], down[b], inplace)
+        else:
+            ok[b] = _sweep_cols_one(src[src_idx[b]], dst[b], x[b], down[b], inplace)
 
 
 @_jit(**_PARALLEL)
-def sweep_cols(src, src_idx, dst, x, down, ok, inplace):
-    """One rank-1 update or downdate of each factor, read through R = L^T by rows."""
+def _sweep_parallel(src, src_idx, dst, x, down, ok, inplace, rows):
     for b in nb.prange(dst.shape[0]):
-        s = src[src_idx[b]]
-        n = s.shape[0]
-        if not down[b]:
-            _update_cols_one(s, dst[b], x[b])
-            ok[b] = True
-            continue
-        cs = np.empty(n, dtype=x.dtype)
-        sn = np.empty(n, dtype=x.dtype)
-        p = np.empty(n, dtype=x.dtype)
-        _forward_cols_one(s, x[b], p)
-        ok[b] = _downdate_rotations(p, cs, sn)
-        if ok[b]:
-            _downdate_cols_one(s, dst[b], cs, sn, p)
-        elif not inplace:
-            _copy_tri(s, dst[b], False)
+        if rows:
+            ok[b] = _sweep_rows_one(src[src_idx[b]], dst[b], x[b], down[b], inplace)
+        else:
+            ok[b] = _sweep_cols_one(src[src_idx[b]], dst[b], x[b], down[b], inplace)
+
+
+#: Batch size from which the sweeps run in numba's thread pool.  Below it they
+#: stay in the calling thread: an OpenMP pool that has just run keeps spinning
+#: and was measured to slow the caller's next multi-threaded BLAS call up to 20x.
+PARALLEL_BATCH = 64
+
+
+def sweep(src, src_idx, dst, x, down, ok, inplace: bool, rows: bool) -> None:
+    """One rank-1 update or downdate of every factor (see the module docstring).
+
+    ``rows`` selects the memory order: the lower factor addressed by rows, or
+    through ``R = L^T``.
+    """
+    fn = _sweep_parallel if dst.shape[0] >= PARALLEL_BATCH else _sweep_serial
+    fn(src, src_idx, dst, x, down, ok, inplace, rows)
 
 
 @_jit(nogil=True, fastmath={"reassoc"})
@@ -289,21 +319,6 @@ def _tri_finite_one(s, rows):
     return acc == 0.0
 
 
-@_jit(nogil=True, parallel=True, fastmath={"reassoc"})
-def _tri_finite_rows_parallel(s, rows):
-    n = s.shape[0]
-    bad = 0
-    for i in nb.prange(n):
-        lo = 0 if rows else i
-        hi = i + 1 if rows else n
-        acc = 0.0
-        for j in range(lo, hi):
-            acc += s[i, j] * 0.0
-        if acc != 0.0:
-            bad += 1
-    return bad == 0
-
-
 @_jit(nogil=True, parallel=True)
 def _tri_finite_batch(src, rows):
     out = np.empty(src.shape[0], dtype=np.bool_)
@@ -315,9 +330,9 @@ def _tri_finite_batch(src, rows):
 def tri_all_finite(src: np.ndarray, rows: bool) -> np.ndarray:
     """Per factor of src (B, n, n): True if its triangle (lower if ``rows``) is finite.
 
-    The other triangle is not read.  Parallel over the batch, or over the rows
-    of a single factor.
+    The other triangle is not read.  Parallel over a large batch (see
+    :data:`PARALLEL_BATCH`).
     """
-    if src.shape[0] == 1:
-        return np.array([_tri_finite_rows_parallel(src[0], rows)])
+    if src.shape[0] < PARALLEL_BATCH:
+        return np.array([_tri_finite_one(src[b], rows) for b in range(src.shape[0])])
     return _tri_finite_batch(src, rows)

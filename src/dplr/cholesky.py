@@ -7,6 +7,7 @@ costs and the measured policy of ``method="auto"``: ``docs/cholesky.md``.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,7 +173,6 @@ def _rank1_path(pb: _Problem, target: Array | None, check_finite: bool) -> tuple
     low = pb.lower
     rows = low.strides[-1] <= low.strides[-2]
     orient = (lambda a: a) if rows else (lambda a: a.mT)
-    kernel = _rank1.sweep_rows if rows else _rank1.sweep_cols
     bsize = int(np.prod(batch, dtype=np.int64))
     src = orient(low).reshape(-1, n, n)
     src_idx = np.broadcast_to(np.arange(src.shape[0]).reshape(low.shape[:-2]), batch).reshape(-1)
@@ -196,8 +196,8 @@ def _rank1_path(pb: _Problem, target: Array | None, check_finite: bool) -> tuple
         ok_j = np.ones(bsize, dtype=bool)
         x = np.ascontiguousarray(x_all[:, :, j])
         first = j == 0
-        kernel(src if first else dst, src_idx if first else np.arange(bsize), dst, x,
-               w[:, j] < 0, ok_j, direct or not first)  # fmt: skip
+        _rank1.sweep(src if first else dst, src_idx if first else np.arange(bsize), dst, x,
+                     w[:, j] < 0, ok_j, direct or not first, rows)  # fmt: skip
         ok &= ok_j
     if check_finite and not direct:
         bad = ~ok | ~np.isfinite(dst.diagonal(0, -2, -1)).all(-1)
@@ -265,17 +265,9 @@ def _expand(ops, ok, batch):
     return ops.broadcast_to(ok, batch) if tuple(ok.shape) != tuple(batch) else ok
 
 
-class _NoThreads:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _blas_threads(pb: _Problem, threads: int | None):
     if pb.prep.torch or threads != 1:
-        return _NoThreads()
+        return contextlib.nullcontext()
     return single_threaded_blas()
 
 
