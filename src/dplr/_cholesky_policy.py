@@ -21,7 +21,9 @@ def choose_method(n: int, m: int, batch: int, torch: bool) -> str:
 def panel_threads(n: int, m: int, batch: int) -> int:
     """BLAS threads for the panel products of the blocked path (0: library default).
 
-    Small per-chunk operations always run in one thread; the (N - e) x (c + M)
-    panel products gain from threads once they are large.
+    Small per-chunk operations always run in one thread.  The (N - e) x (c + M)
+    panel products ran up to 1.8x faster with two threads on an idle 2-core
+    machine but many times slower when other processes held the cores
+    (OpenBLAS threads spin), so one thread is the default.
     """
-    return 0 if batch == 1 and n >= 1000 else 1
+    return 1

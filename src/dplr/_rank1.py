@@ -73,7 +73,7 @@ def _apply_update_row(src, dst, x, cs, sn, i, j0, j1):
 
 
 @_jit(**_SERIAL)
-def _update_rows_one(src, dst, x, cs, sn):
+def _update_rows_one(src, dst, x, cs, sn, xs):
     """Givens update of one lower factor, row by row, GROUP rows interleaved.
 
     Row i needs rotations 0..i-1 and forms rotation i at its diagonal, so a
@@ -81,7 +81,6 @@ def _update_rows_one(src, dst, x, cs, sn):
     independent recurrences in x), then finishes its own small triangle.
     """
     n = src.shape[0]
-    xs = np.empty(GROUP, dtype=x.dtype)
     for i0 in range(0, n, GROUP):
         g = min(GROUP, n - i0)
         if g == GROUP:
@@ -230,15 +229,13 @@ def _copy_tri(src, dst, rows):
 
 
 @_jit(**_SERIAL)
-def _sweep_rows_one(s, d, x, down, inplace):
+def _sweep_rows_one(s, d, x, work, down, inplace):
     """One rank-1 update or downdate of one lower factor read by rows; False if not PD."""
     n = s.shape[0]
-    cs = np.empty(n, dtype=x.dtype)
-    sn = np.empty(n, dtype=x.dtype)
+    cs, sn, p = work[0, :n], work[1, :n], work[2, :n]
     if not down:
-        _update_rows_one(s, d, x, cs, sn)
+        _update_rows_one(s, d, x, cs, sn, work[2])
         return True
-    p = np.empty(n, dtype=x.dtype)
     _forward_rows_one(s, x, p)
     if _downdate_rotations(p, cs, sn):
         _downdate_rows_one(s, d, cs, sn)
@@ -249,15 +246,13 @@ def _sweep_rows_one(s, d, x, down, inplace):
 
 
 @_jit(**_SERIAL)
-def _sweep_cols_one(s, d, x, down, inplace):
+def _sweep_cols_one(s, d, x, work, down, inplace):
     """One rank-1 update or downdate of one factor read through R = L^T; False if not PD."""
     n = s.shape[0]
+    cs, sn, p = work[0, :n], work[1, :n], work[2, :n]
     if not down:
         _update_cols_one(s, d, x)
         return True
-    cs = np.empty(n, dtype=x.dtype)
-    sn = np.empty(n, dtype=x.dtype)
-    p = np.empty(n, dtype=x.dtype)
     _forward_cols_one(s, x, p)
     if _downdate_rotations(p, cs, sn):
         _downdate_cols_one(s, d, cs, sn, p)
@@ -268,21 +263,21 @@ def _sweep_cols_one(s, d, x, down, inplace):
 
 
 @_jit(**_SERIAL)
-def _sweep_serial(src, src_idx, dst, x, down, ok, inplace, rows):
+def _sweep_serial(src, src_idx, dst, x, work, down, ok, inplace, rows):
     for b in range(dst.shape[0]):
         if rows:
-            ok[b] = _sweep_rows_one(src[src_idx[b]], dst[b], x[b], down[b], inplace)
+            ok[b] = _sweep_rows_one(src[src_idx[b]], dst[b], x[b], work[b], down[b], inplace)
         else:
-            ok[b] = _sweep_cols_one(src[src_idx[b]], dst[b], x[b], down[b], inplace)
+            ok[b] = _sweep_cols_one(src[src_idx[b]], dst[b], x[b], work[b], down[b], inplace)
 
 
 @_jit(**_PARALLEL)
-def _sweep_parallel(src, src_idx, dst, x, down, ok, inplace, rows):
+def _sweep_parallel(src, src_idx, dst, x, work, down, ok, inplace, rows):
     for b in nb.prange(dst.shape[0]):
         if rows:
-            ok[b] = _sweep_rows_one(src[src_idx[b]], dst[b], x[b], down[b], inplace)
+            ok[b] = _sweep_rows_one(src[src_idx[b]], dst[b], x[b], work[b], down[b], inplace)
         else:
-            ok[b] = _sweep_cols_one(src[src_idx[b]], dst[b], x[b], down[b], inplace)
+            ok[b] = _sweep_cols_one(src[src_idx[b]], dst[b], x[b], work[b], down[b], inplace)
 
 
 #: Batch size from which the sweeps run in numba's thread pool.  Below it they
@@ -297,8 +292,9 @@ def sweep(src, src_idx, dst, x, down, ok, inplace: bool, rows: bool) -> None:
     ``rows`` selects the memory order: the lower factor addressed by rows, or
     through ``R = L^T``.
     """
+    work = np.empty((dst.shape[0], 3, max(dst.shape[-1], GROUP)), dtype=x.dtype)
     fn = _sweep_parallel if dst.shape[0] >= PARALLEL_BATCH else _sweep_serial
-    fn(src, src_idx, dst, x, down, ok, inplace, rows)
+    fn(src, src_idx, dst, x, work, down, ok, inplace, rows)
 
 
 @_jit(nogil=True, fastmath={"reassoc"})
