@@ -124,7 +124,7 @@ def test_structured_factor_is_cholesky_of_identity_plus_lowrank(chunk):
     n, m = 45, 4
     w = rng.standard_normal((n, m)) / 5
     c0 = np.diag([1.0, -0.3, 2.0, -0.1])
-    lam, p, ok = _kernels.lowrank_cholesky(NumpyOps, w, c0, chunk_size=chunk)
+    lam, p, ok, _ = _kernels.lowrank_cholesky(NumpyOps, w, c0, chunk_size=chunk)
     assert bool(ok)
     dense = dplr.LowRankTril(w, p, diag=lam).to_dense()
     ref = np.linalg.cholesky(np.eye(n) + w @ c0 @ w.T)

@@ -354,24 +354,27 @@ def schur_chunk(ops: Ops, w_j: Array, c_state: Array) -> tuple[Array, Array, Arr
 
 def lowrank_cholesky(
     ops: Ops, w: Array, c0: Array, *, chunk_size: int | None = None
-) -> tuple[Array, Array, Array]:
-    """``chol(I + W C0 W^T) = diag(lam) + tril(W P^T, -1)``: returns ``(lam, P, ok)``.
+) -> tuple[Array, Array, Array, list[tuple[Array, Array, Array]]]:
+    """``chol(I + W C0 W^T) = diag(lam) + tril(W P^T, -1)``: returns ``(lam, P, ok, steps)``.
 
     w: (..., n, M), c0: (..., M, M) symmetric.  The factor is exactly the
     ``LowRankTril(W, P, diag=lam)``; ``ok`` (...) is False where ``I + W C0
-    W^T`` is not positive definite.  Chunks of c rows: O(n (c + M) M) flops.
+    W^T`` is not positive definite; ``steps`` holds ``(W_J, Lt_JJ, P_J)`` of
+    every chunk (the last one zero-padded) for :func:`lowrank_cholesky_product`.
+    Chunks of c rows: O(n (c + M) M) flops.
     """
     n = w.shape[-2]
     c = effective_chunk(n, chunk_size)
     wc = chunk_rows(ops, w, c)  # zero rows pad the last chunk: their A_JJ = I
-    c_state, ok, lams, ps = c0, None, [], []
+    c_state, ok, lams, ps, steps = c0, None, [], [], []
     for j in range(wc.shape[-3]):
         lt, p, c_state, ok_j = schur_chunk(ops, wc[..., j, :, :], c_state)
         ok = ok_j if ok is None else ok & ok_j
         lams.append(lt.diagonal(0, -2, -1)[..., None, :])
         ps.append(p[..., None, :, :])
+        steps.append((wc[..., j, :, :], lt, p))
     lam = ops.concat(lams, -2).reshape(*wc.shape[:-3], -1)[..., :n]
-    return lam, unchunk_rows(ops.concat(ps, -3), n), ok
+    return lam, unchunk_rows(ops.concat(ps, -3), n), ok, steps
 
 
 def lowrank_cholesky_product(
@@ -400,7 +403,8 @@ def lowrank_cholesky_product(
     lower: (..., N, N) (lower triangle read), u: (..., N, M), c0: (..., M, M),
     out: (..., N, N) with the full batch shape; it may be ``lower`` itself
     (each block column of L is read before it is overwritten).  ``steps`` (the
-    ``(W_J, Lt_JJ, P_J)`` of every chunk, made by an earlier pass) skips the
+    ``(W_J, Lt_JJ, P_J)`` of every chunk, from :func:`lowrank_cholesky` with
+    the same chunk size) skips the
     solves and Schur steps.  ``clean`` zeroes the strict upper triangle of
     ``out``.  ``panel_threads``: BLAS threads for the panel products, 0 for
     the library's default (NumPy; the small per-chunk operations then run in
@@ -421,8 +425,9 @@ def lowrank_cholesky_product(
         e = min(s + c, n)
         with small():
             l_jj = _tril_block(ops, lower[..., s:e, s:e])
-            if given:
+            if given:  # possibly zero-padded: the leading block is the same
                 w_j, lt, p = steps[j]
+                w_j, lt, p = w_j[..., : e - s, :], lt[..., : e - s, : e - s], p[..., : e - s, :]
             else:
                 w_j = solve_lower_dense(ops, l_jj, z[..., s:e, c:])
                 lt, p, c_state, ok_j = schur_chunk(ops, w_j, c_state)

@@ -103,19 +103,15 @@ def _problem(factor, u, multiplier, sign, lower, check_finite) -> _Problem:
     w = sign * _weights(multiplier, prep, u_.shape[-1], rank_m)
     shapes = {"factor": f.shape[:-2], "u": u_.shape[:-2], "multiplier": w.shape[:-1]}
     batch = broadcast_batch({k: tuple(v) for k, v in shapes.items()})
-    if check_finite and not bool(_isfinite(u_).all()):
+    if check_finite and not _finite(u_):
         raise ValueError("'u' contains NaN or Inf (pass check_finite=False to skip)")
     low = f if lower else f.mT
     _check_diagonal(low, check_finite)
     return _Problem(low, u_, w, batch, prep, factor, lower)
 
 
-def _isfinite(x: Array) -> Array:
-    if is_torch(x):
-        import torch
-
-        return torch.isfinite(x)
-    return np.isfinite(x)
+def _finite(x: Array) -> bool:
+    return bool((x.isfinite() if is_torch(x) else np.isfinite(x)).all())
 
 
 def _check_diagonal(low: Array, check_finite: bool) -> None:
@@ -220,10 +216,9 @@ def _blocked_path(pb: _Problem, target: Array | None, check_finite: bool, chunk:
         # Check before touching the caller's memory: W, then the Schur recursion.
         with _blas_threads(pb, threads):
             w_mat = _kernels.solve_lower_dense(ops, low, pb.u)
-        _, _, ok = _kernels.lowrank_cholesky(ops, w_mat, c0, chunk_size=chunk)
+        _, _, ok, steps = _kernels.lowrank_cholesky(ops, w_mat, c0, chunk_size=chunk)
         if not bool(ok.all()):
             return None, _expand(ops, ok, pb.batch)
-        steps = _steps_from(ops, w_mat, c0, n, chunk)
     if target is not None:
         out = target
     elif pb.prep.torch:
@@ -241,23 +236,13 @@ def _blocked_path(pb: _Problem, target: Array | None, check_finite: bool, chunk:
     return out, _expand(ops, ok, pb.batch)
 
 
-def _steps_from(ops, w_mat, c0, n, chunk):
-    """The per-chunk (W_J, Lt_JJ, P_J) of the Schur recursion, for a second pass."""
-    c = _kernels.effective_chunk(n, chunk)
-    steps, c_state = [], c0
-    for s in range(0, n, c):
-        w_j = w_mat[..., s : s + c, :]
-        lt, p, c_state, _ = _kernels.schur_chunk(ops, w_j, c_state)
-        steps.append((w_j, lt, p))
-    return steps
-
-
 def _refactor_path(pb: _Problem) -> tuple[Array, Array]:
     """Form ``L L^T + U diag(w) U^T`` and factor it again: O(N^3)."""
     ops = pb.ops
-    low = _kernels._tril_block(ops, pb.lower)
-    b = low @ low.mT + (pb.u * pb.w[..., None, :]) @ pb.u.mT
-    lt, ok = _kernels.cholesky_flagged(ops, b)
+    with _blas_threads(pb, 1 if pb.n < 1000 else 0):
+        low = _kernels._tril_block(ops, pb.lower)
+        b = low @ low.mT + (pb.u * pb.w[..., None, :]) @ pb.u.mT
+        lt, ok = _kernels.cholesky_flagged(ops, b)
     return lt, _expand(ops, ok, pb.batch)
 
 
@@ -584,7 +569,7 @@ def cholesky_insert(
             f"'cols' must have shape (..., {n} + p, p) with p >= 1 to match 'factor' "
             f"{tuple(pb.lower.shape)}; got {tuple(c.shape)}"
         )
-    if check_finite and not bool(_isfinite(c).all()):
+    if check_finite and not _finite(c):
         raise ValueError("'cols' contains NaN or Inf (pass check_finite=False to skip)")
     k = _index("index", index, 0, n)
     batch = broadcast_batch({"factor": pb.batch, "cols": tuple(c.shape[:-2])})
