@@ -165,10 +165,15 @@ def matmul(
         return ops.flip(y, -2), hn
     ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
     vc = chunk_rows(ops, v, ch.c)
-    yc = ch.lam[..., None] * vc + ops.matmul(ch.strict_blocks, vc)
     states = _state_sequence(ops, ch, ops.matmul(ch.k_out.mT, vc), h0)
+    return _read_out(ops, ch, vc, states), states[..., -1, :, :]
+
+
+def _read_out(ops: Ops, ch: Chunked, vc: Array, states: Array) -> Array:
+    """``Y_J = lam_J V_J + tril(T_JJ, -1) V_J + q_in_J H_J`` for all chunks at once."""
+    yc = ch.lam[..., None] * vc + ops.matmul(ch.strict_blocks, vc)
     yc = yc + ops.matmul(ch.q_in, states[..., :-1, :, :])
-    return unchunk_rows(yc, ch.n), states[..., -1, :, :]
+    return unchunk_rows(yc, ch.n)
 
 
 def solve(
@@ -331,6 +336,4 @@ def matmul_from_states(
     delta rule).  Skips the state pass: O(n c (d + m) + n d m), all batched.
     """
     ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
-    vc = chunk_rows(ops, v, ch.c)
-    yc = ch.lam[..., None] * vc + ch.strict_blocks @ vc + ch.q_in @ states[..., :-1, :, :]
-    return unchunk_rows(yc, ch.n)
+    return _read_out(ops, ch, chunk_rows(ops, v, ch.c), states)
