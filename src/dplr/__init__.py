@@ -7,10 +7,13 @@ The public API, re-exported from the modules that implement it:
 - :func:`cholesky_update`, :func:`cholesky_downdate`, :func:`cholesky_insert`,
   :func:`cholesky_delete`: Cholesky factor of a low-rank modification
   (module ``dplr.cholesky``).
+- :func:`delta_rule` and :func:`gated_delta_rule`: the (gated) delta rule of
+  linear attention, exactly, in O(T) (module ``dplr.delta``).
 """
 
 from ._errors import NotPositiveDefiniteError, SingularMatrixError
 from .cholesky import cholesky_delete, cholesky_downdate, cholesky_insert, cholesky_update
+from .delta import delta_rule, gated_delta_rule
 from .tril import LowRankTril, tril_inv, tril_matmul, tril_solve
 
 __version__ = "0.1.0"
@@ -24,6 +27,8 @@ __all__ = [
     "cholesky_downdate",
     "cholesky_insert",
     "cholesky_update",
+    "delta_rule",
+    "gated_delta_rule",
     "tril_inv",
     "tril_matmul",
     "tril_solve",

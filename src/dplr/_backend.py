@@ -9,12 +9,14 @@ libraries (``@``, ``*``, ``.mT``, ``.reshape``, ``.sum(axis)``,
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import itertools
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from scipy.linalg import get_blas_funcs
 
 Array = Any  # numpy.ndarray or torch.Tensor
 
@@ -42,8 +44,79 @@ def single_threaded_blas() -> Iterator[None]:
         yield
 
 
+def num_workers() -> int:
+    """Threads the NumPy backend uses: ``DPLR_NUM_THREADS``, else the usable CPUs."""
+    configured = os.environ.get("DPLR_NUM_THREADS", "")
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=num_workers(), thread_name_prefix="dplr")
+
+
+#: Below this many flops a product is not worth splitting over threads.
+_PARALLEL_MIN_FLOPS = 4e6
+
+
+def _split(length: int, parts: int) -> list[slice]:
+    bounds = np.linspace(0, length, parts + 1).astype(int)
+    return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
+
+
 class NumpyOps:
+    """NumPy/SciPy operations.
+
+    Kernels call these inside :func:`single_threaded_blas`: the small
+    products of the chunked algorithms run faster in one BLAS thread, and
+    the work is spread over the cores here instead, by splitting stacks of
+    independent products (``matmul``) and independent lanes (``map``)
+    between threads (NumPy releases the GIL inside BLAS).
+    """
+
     name = "numpy"
+
+    @staticmethod
+    def matmul(a: Array, b: Array) -> Array:
+        """``a @ b`` for stacks of equal batch shape, split over threads when large."""
+        workers = num_workers()
+        batch = a.shape[:-2]
+        if a.ndim < 3 or b.shape[:-2] != batch or workers == 1:
+            return a @ b
+        p, q, r = a.shape[-2], a.shape[-1], b.shape[-1]
+        count = int(np.prod(batch))
+        if count < 2 or 2.0 * count * p * q * r < _PARALLEL_MIN_FLOPS:
+            return a @ b
+        af, bf = a.reshape(count, p, q), b.reshape(count, q, r)
+        out = np.empty((count, p, r), dtype=np.result_type(a, b))
+        parts = _split(count, workers)
+        list(_pool().map(lambda s: np.matmul(af[s], bf[s], out=out[s]), parts))
+        return out.reshape(*batch, p, r)
+
+    @staticmethod
+    def lanes(batch: int, columns: int) -> tuple[str, list[slice]]:
+        """How to split a sequential pass into independent lanes for the threads.
+
+        Returns ``("batch", slices)`` or ``("columns", slices)``.
+        """
+        workers = num_workers()
+        if workers == 1 or (batch < 2 and columns < 16):
+            return "batch", [slice(None)]
+        if batch >= 2:
+            return "batch", _split(batch, min(workers, batch))
+        return "columns", _split(columns, min(workers, columns // 8))
+
+    @staticmethod
+    def map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """``[fn(x) for x in items]``, on the thread pool when there are several."""
+        if len(items) == 1:
+            return [fn(items[0])]
+        return list(_pool().map(fn, items))
 
     @staticmethod
     def exp(x: Array) -> Array:
@@ -74,8 +147,25 @@ class NumpyOps:
         return np.flip(x, axis)
 
     @staticmethod
+    def keep_strict_lower(x: Array) -> Array:
+        """Zero the diagonal and upper triangle of every matrix of a fresh stack, in place."""
+        rows, cols = np.triu_indices(x.shape[-1])
+        x[..., rows, cols] = 0.0
+        return x
+
+    @staticmethod
+    def multiply_(x: Array, y: Array) -> Array:
+        """``x *= y`` for a fresh array x (saves allocating another)."""
+        x *= y
+        return x
+
+    @staticmethod
     def concat(xs: list[Array], axis: int) -> Array:
         return np.concatenate(xs, axis=axis)
+
+    @staticmethod
+    def stack(xs: list[Array], axis: int) -> Array:
+        return np.stack(xs, axis=axis)
 
     @staticmethod
     def pad_axis(x: Array, axis: int, after: int, value: float = 0.0) -> Array:
@@ -99,19 +189,18 @@ class NumpyOps:
         """Solve ``L X = B`` for a stack of lower-triangular blocks.
 
         L: (..., c, c) non-unit lower triangular, B: (..., c, r); the batch
-        dimensions of the two must be equal.  One level-3 ``trsm`` per block
-        (in a single BLAS thread: the blocks are small).
+        dimensions of the two must be equal.  Compiled forward substitution
+        (:func:`dplr._jit.solve_lower_stack`), the blocks split over threads.
         """
+        from ._jit import solve_lower_stack
+
         batch = L.shape[:-2]
         c, r = B.shape[-2:]
-        Lf = L.reshape(-1, c, c)
-        # trsm overwrites its right-hand side: give it a Fortran-ordered copy.
-        X = np.array(np.swapaxes(B.reshape(-1, c, r), -1, -2), order="C", copy=True)
-        X = np.swapaxes(X, -1, -2)
-        (trsm,) = get_blas_funcs(("trsm",), (Lf, X))
-        with single_threaded_blas():
-            for i in range(Lf.shape[0]):
-                X[i] = trsm(1.0, Lf[i], X[i], lower=1, overwrite_b=1)
+        Lf = np.ascontiguousarray(L.reshape(-1, c, c))
+        Bf = np.ascontiguousarray(B.reshape(-1, c, r))
+        X = np.empty_like(Bf)
+        parts = _split(Lf.shape[0], num_workers())
+        NumpyOps.map(lambda s: solve_lower_stack(Lf[s], Bf[s], X[s]), parts)
         return X.reshape(*batch, c, r)
 
     @staticmethod
@@ -120,7 +209,21 @@ class NumpyOps:
 
 
 class TorchOps:
+    """PyTorch operations (any device); torch parallelises inside each operation."""
+
     name = "torch"
+
+    @staticmethod
+    def matmul(a: Array, b: Array) -> Array:
+        return a @ b
+
+    @staticmethod
+    def lanes(batch: int, columns: int) -> tuple[str, list[slice]]:
+        return "batch", [slice(None)]
+
+    @staticmethod
+    def map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        return [fn(x) for x in items]
 
     @staticmethod
     def exp(x: Array) -> Array:
@@ -157,10 +260,24 @@ class TorchOps:
         return x.flip(axis)
 
     @staticmethod
+    def keep_strict_lower(x: Array) -> Array:
+        return x.tril_(-1)
+
+    @staticmethod
+    def multiply_(x: Array, y: Array) -> Array:
+        return x.mul_(y)
+
+    @staticmethod
     def concat(xs: list[Array], axis: int) -> Array:
         import torch
 
         return torch.cat(xs, dim=axis)
+
+    @staticmethod
+    def stack(xs: list[Array], axis: int) -> Array:
+        import torch
+
+        return torch.stack(xs, dim=axis)
 
     @staticmethod
     def pad_axis(x: Array, axis: int, after: int, value: float = 0.0) -> Array:

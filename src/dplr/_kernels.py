@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from ._backend import Array, NumpyOps, TorchOps
 
 Ops = type[NumpyOps] | type[TorchOps]
@@ -85,11 +87,9 @@ def make_chunked(
     qc, kc = chunk_rows(ops, q, c), chunk_rows(ops, k, c)
     lamc = chunk_rows(ops, lam[..., None], c, 1.0)[..., 0]
     strict = ops.strict_lower_mask(c, q)
-    blocks = qc @ kc.mT
+    blocks = ops.matmul(qc, kc.mT)
     if log_decay is None:
-        return Chunked(
-            qc, kc, lamc, ops.where(strict, blocks, 0.0), qc, kc, None, n, c
-        )
+        return Chunked(qc, kc, lamc, ops.where(strict, blocks, 0.0), qc, kc, None, n, c)
     g = chunk_rows(ops, log_decay[..., None], c)[..., 0].cumsum(-1)
     # D inside a chunk: exp(g_i - g_j) for i > j, the exponent masked *before* exp.
     rel = g[..., :, None] - g[..., None, :]
@@ -99,7 +99,7 @@ def make_chunked(
         q=qc,
         k=kc,
         lam=lamc,
-        strict_blocks=blocks * mask,
+        strict_blocks=ops.multiply_(blocks, mask),
         q_in=qc * ops.exp(g)[..., None],
         k_out=kc * ops.exp(g_last - g)[..., None],
         chunk_decay=ops.exp(g_last[..., 0]),
@@ -136,11 +136,7 @@ def _state_sequence(ops: Ops, ch: Chunked, contrib: Array, h0: Array | None) -> 
     states = [start[..., 0, :, :]]
     for j in range(ch.nc):
         states.append(ch.chunk_decay[..., j, None, None] * states[-1] + contrib[..., j, :, :])
-    return _stack(ops, states, -3)
-
-
-def _stack(ops: Ops, xs: list[Array], axis: int) -> Array:
-    return ops.concat([x[..., None, :, :] for x in xs], axis)
+    return ops.stack(states, -3)
 
 
 def matmul(
@@ -169,10 +165,15 @@ def matmul(
         return ops.flip(y, -2), hn
     ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
     vc = chunk_rows(ops, v, ch.c)
-    yc = ch.lam[..., None] * vc + ch.strict_blocks @ vc
-    states = _state_sequence(ops, ch, ch.k_out.mT @ vc, h0)
-    yc = yc + ch.q_in @ states[..., :-1, :, :]
-    return unchunk_rows(yc, ch.n), states[..., -1, :, :]
+    states = _state_sequence(ops, ch, ops.matmul(ch.k_out.mT, vc), h0)
+    return _read_out(ops, ch, vc, states), states[..., -1, :, :]
+
+
+def _read_out(ops: Ops, ch: Chunked, vc: Array, states: Array) -> Array:
+    """``Y_J = lam_J V_J + tril(T_JJ, -1) V_J + q_in_J H_J`` for all chunks at once."""
+    yc = ch.lam[..., None] * vc + ops.matmul(ch.strict_blocks, vc)
+    yc = yc + ops.matmul(ch.q_in, states[..., :-1, :, :])
+    return unchunk_rows(yc, ch.n)
 
 
 def solve(
@@ -208,24 +209,61 @@ def solve(
         return ops.flip(y, -2), hn
     ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
     vc = chunk_rows(ops, v, ch.c)
-    d = q.shape[-1]
     diag_blocks = ch.strict_blocks + ch.lam[..., :, None] * ops.eye(ch.c, q)
-    wu = ops.solve_lower_blocks(diag_blocks, ops.concat([ch.q_in, vc], -1))
-    w, u = wu[..., :d], wu[..., d:]
-    z = ops.zeros((*vc.shape[:-3], d, vc.shape[-1]), vc) if h0 is None else h0
-    yc = ops.zeros(vc.shape, vc)
-    states = [z]
-    for j in range(ch.nc):
-        y_j = u[..., j, :, :] - w[..., j, :, :] @ z
-        yc[..., j, :, :] = y_j
-        z = ch.k_out[..., j, :, :].mT @ y_j
-        if ch.chunk_decay is not None:
-            z = z + ch.chunk_decay[..., j, None, None] * states[-1]
-        else:
-            z = z + states[-1]
-        states.append(z)
+    w = ops.solve_lower_blocks(diag_blocks, ch.q_in)
+    u = ops.solve_lower_blocks(diag_blocks, vc)
+    yc, states = _state_pass(ops, w, u, ch.k_out, ch.chunk_decay, h0)
     y = unchunk_rows(yc, ch.n)
-    return (y, _stack(ops, states, -3)) if return_states else (y, z)
+    return (y, states) if return_states else (y, states[..., -1, :, :])
+
+
+def _state_pass(
+    ops: Ops, w: Array, u: Array, k_out: Array, chunk_decay: Array | None, h0: Array | None
+) -> tuple[Array, Array]:
+    """The sequential part of the solve, split into independent lanes.
+
+    ``Y_J = U_J - W_J Z_J`` and ``Z_{J+1} = a_J Z_J + k_out_J^T Y_J`` with
+    ``Z_0 = h0``.  Batch entries are independent, and so are the columns of
+    Y and Z; the backend decides how many lanes to run at once.
+    Returns Y (..., nc, c, m) and the states (..., nc + 1, d, m).
+    """
+    batch, (nc, c, m), d = u.shape[:-3], u.shape[-3:], w.shape[-1]
+    count = int(np.prod(batch))
+    w, u, k_out = (x.reshape(count, nc, c, x.shape[-1]) for x in (w, u, k_out))
+    decay = None if chunk_decay is None else chunk_decay.reshape(count, nc)
+    z0 = ops.zeros((count, d, m), u) if h0 is None else h0.reshape(count, d, m)
+    axis, parts = ops.lanes(count, m)
+
+    def lane(part: slice) -> tuple[Array, Array]:
+        if axis == "batch":
+            dec = None if decay is None else decay[part]
+            return _state_pass_lane(ops, w[part], u[part], k_out[part], dec, z0[part])
+        return _state_pass_lane(ops, w, u[..., part], k_out, decay, z0[..., part])
+
+    results = ops.map(lane, parts)
+    cat_axis = 0 if axis == "batch" else -1
+    yc = ops.concat([r[0] for r in results], cat_axis) if len(results) > 1 else results[0][0]
+    st = ops.concat([r[1] for r in results], cat_axis) if len(results) > 1 else results[0][1]
+    return yc.reshape(*batch, nc, c, m), st.reshape(*batch, nc + 1, d, m)
+
+
+def _state_pass_lane(
+    ops: Ops, w: Array, u: Array, k_out: Array, decay: Array | None, z: Array
+) -> tuple[Array, Array]:
+    """One lane of :func:`_state_pass`: a plain loop over the chunks.
+
+    Results go into arrays allocated once: keeping hundreds of fresh small
+    arrays alive costs more in page faults than the products themselves.
+    """
+    nc = u.shape[1]
+    y = ops.zeros(u.shape, u)
+    states = ops.zeros((z.shape[0], nc + 1, *z.shape[1:]), z)
+    states[:, 0] = z
+    for j in range(nc):
+        y[:, j] = u[:, j] - w[:, j] @ z
+        z = k_out[:, j].mT @ y[:, j] + (z if decay is None else decay[:, j, None, None] * z)
+        states[:, j + 1] = z
+    return y, states
 
 
 def inverse(
@@ -277,6 +315,28 @@ def dense(ops: Ops, q: Array, k: Array, lam: Array, log_decay: Array | None) -> 
         low = low * ops.exp(ops.where(strict, rel, -float("inf")))
     out = ops.where(strict, low, 0.0)
     return out + lam[..., :, None] * ops.eye(n, q)
+
+
+def matmul_from_states(
+    ops: Ops,
+    q: Array,
+    k: Array,
+    lam: Array,
+    log_decay: Array | None,
+    v: Array,
+    states: Array,
+    *,
+    chunk_size: int | None = None,
+) -> Array:
+    """``Y = T V + exp(G) ⊙ (Q h0)`` given the states entering every chunk.
+
+    ``states`` (..., nc + 1, d, m) are those of :func:`matmul` for the same k,
+    log_decay, v, h0 and chunk size, e.g. as returned by
+    ``solve(..., return_states=True)`` when v is that solve's result (the
+    delta rule).  Skips the state pass: O(n c (d + m) + n d m), all batched.
+    """
+    ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
+    return _read_out(ops, ch, chunk_rows(ops, v, ch.c), states)
 
 
 # ------------------------------------------------- Cholesky of a low-rank update

@@ -107,7 +107,7 @@ def solve_backward(
     ``dT = -R Y^T`` (``-Y R^T``).  Returns ``dq, dk, dlam, dlog_decay, dv, dh0``.
     """
     e_g, e_tail = _decay_weights(ops, log_decay)
-    dq_extra = dk_extra = dh0 = dg_extra = None
+    dk_extra = dh0 = dg_extra = None
     if dhn is not None:
         # h_n depends on Y (and k, G, h0) directly: fold that into dY first.
         k_tail = _scale_rows(k, e_tail)

@@ -168,7 +168,9 @@ class LowRankTril:
     def __repr__(self) -> str:
         lib = "torch" if self._prep.torch else "numpy"
         decay = ", decay" if self._log_decay is not None else ""
-        return f"LowRankTril(shape={self.shape}, rank={self.rank}, dtype={self.dtype}, {lib}{decay})"
+        return (
+            f"LowRankTril(shape={self.shape}, rank={self.rank}, dtype={self.dtype}, {lib}{decay})"
+        )
 
     # --------------------------------------------------------------- helpers
     def _lam(self, prep: Prepared) -> Array:
@@ -198,8 +200,9 @@ class LowRankTril:
         def full(x: Array | None, tail: tuple[int, ...]) -> Array | None:
             if x is None:
                 return None
-            return ops.broadcast_to(x.to(dtype) if pv.torch else x.astype(dtype, copy=False),
-                                    (*batch, *tail))
+            return ops.broadcast_to(
+                x.to(dtype) if pv.torch else x.astype(dtype, copy=False), (*batch, *tail)
+            )
 
         d = self._q.shape[-1]
         m = v.shape[-1]
@@ -345,7 +348,7 @@ class LowRankTril:
             # Differentiable through the solve: T^-1 = solve(I).
             eye = backend_of(self._q).eye(n, self._q)
             return self.solve(eye, chunk_size=chunk_size, check_finite=False)
-        (q, k, lam, ld, _), _, _, pv = self._operands(np.zeros((n, 1)), False)
+        (q, k, lam, ld, _), _, _, _ = self._operands(np.zeros((n, 1)), False)
         with single_threaded_blas():
             out = _kernels.inverse(backend_of(q), q, k, lam, ld, chunk_size=chunk_size)
         return to_output(out, self._prep)
@@ -419,5 +422,8 @@ def tril_inv(
     q: Any, k: Any, diag: Any = None, log_decay: Any = None, chunk_size: int | None = None,
     *, check_finite: bool = True,
 ) -> Array:  # fmt: skip
-    """Dense ``T^-1`` for ``T = LowRankTril(q, k, diag, log_decay)``; see :meth:`LowRankTril.inv`."""
+    """Dense ``T^-1`` for ``T = LowRankTril(q, k, diag, log_decay)``.
+
+    See :meth:`LowRankTril.inv` for cost and errors.
+    """
     return LowRankTril(q, k, diag, log_decay, check_finite=check_finite).inv(chunk_size)

@@ -1,0 +1,163 @@
+"""Benchmarks of the core structure (``dplr.LowRankTril``) against dense baselines.
+
+Run ``python -m dplr bench --suite core`` (or ``python -m dplr_bench.core``).
+Matrices come from the delta-rule family (unit-norm rows of k, q = beta k,
+beta in (0, 1)), which stays well conditioned for any n; with Gaussian q and
+k the entries of T^-1 grow exponentially with n and timings would measure
+overflow, not the algorithm.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg as sl
+
+import dplr
+from dplr._kernels import DEFAULT_CHUNK
+
+from ._common import Progress, Row, median_time, noop_progress
+
+SUITE = "core"
+
+
+def delta_family(rng: np.random.Generator, batch: tuple[int, ...], n: int, d: int, dtype=float):
+    """q, k of the delta-rule family: ``T = I + tril(beta k k^T, -1)``."""
+    k = rng.standard_normal((*batch, n, d))
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    q = rng.uniform(0.0, 1.0, (*batch, n, 1)) * k
+    return q.astype(dtype), k.astype(dtype)
+
+
+def rel_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def solve_flops(n: int, d: int, m: int, c: int) -> float:
+    """Flops of the chunked solve: diagonal blocks, their solves, the state pass."""
+    return 2 * n * c * d + n * c * (d + m) + 4 * n * d * m
+
+
+def seed_chunked_solve(q: np.ndarray, k: np.ndarray, v: np.ndarray, c: int) -> np.ndarray:
+    """The starting point: a chunked loop with an explicit ``inv`` of every block."""
+    n = q.shape[0]
+    y, z = np.zeros_like(v), np.zeros((q.shape[1], v.shape[1]))
+    for s in range(0, n, c):
+        block = np.tril(q[s : s + c] @ k[s : s + c].T, -1) + np.eye(min(c, n - s))
+        x = np.linalg.inv(block)
+        y[s : s + c] = x @ (v[s : s + c] - q[s : s + c] @ z)
+        z += k[s : s + c].T @ y[s : s + c]
+    return y
+
+
+def bench_solve_vs_dense(rng, n: int, d: int = 64, m: int = 64, repeats: int = 5) -> Row:
+    q, k = delta_family(rng, (), n, d)
+    v = rng.standard_normal((n, m))
+    T = dplr.LowRankTril(q, k)
+    dense = T.to_dense()  # materialisation is not timed
+    ref = sl.solve_triangular(dense, v, lower=True, check_finite=False)
+    x = T.solve(v)
+    t_dense = median_time(
+        lambda: sl.solve_triangular(dense, v, lower=True, check_finite=False), repeats
+    )
+    t_dplr = median_time(lambda: T.solve(v), repeats)
+    return Row(
+        SUITE, "solve, float64", f"n={n}, d={d}, m={m}", "scipy solve_triangular (dense T)",
+        t_dense, t_dplr, rel_error(x, ref), target=20.0 if n >= 16384 else None,
+        params={"plot": "solve_vs_n", "n": n},
+    )  # fmt: skip
+
+
+def bench_solve_vs_seed(rng, n: int, heads: int = 8, d: int = 64, m: int = 64) -> Row:
+    q, k = delta_family(rng, (heads,), n, d)
+    v = rng.standard_normal((heads, n, m))
+    T = dplr.LowRankTril(q, k)
+    c = DEFAULT_CHUNK
+
+    def seed():
+        return [seed_chunked_solve(q[h], k[h], v[h], c) for h in range(heads)]
+
+    err = rel_error(T.solve(v), np.stack(seed()))
+    return Row(
+        SUITE, "solve, float64, batch of heads", f"{heads} heads, n={n}, d={d}, m={m}",
+        f"seed chunked loop (np.linalg.inv per chunk, c={c}), head by head",
+        median_time(seed), median_time(lambda: T.solve(v)), err, target=1.5,
+    )  # fmt: skip
+
+
+def bench_inverse(rng, n: int, d: int = 64) -> Row:
+    q, k = delta_family(rng, (), n, d)
+    T = dplr.LowRankTril(q, k)
+    dense, eye = T.to_dense(), np.eye(n)
+    ref = sl.solve_triangular(dense, eye, lower=True, check_finite=False)
+    t_dense = median_time(
+        lambda: sl.solve_triangular(dense, eye, lower=True, check_finite=False), 3
+    )
+    return Row(
+        SUITE, "inv, float64", f"n={n}, d={d}", "scipy solve_triangular(T, I)",
+        t_dense, median_time(T.inv, 3), rel_error(T.inv(), ref), target=1.0,
+    )  # fmt: skip
+
+
+def bench_gflops(rng, batch: int, n: int, d: int = 64, m: int = 64) -> Row:
+    """Achieved GFLOP/s of the float32 solve against one matrix product of equal flops."""
+    q, k = delta_family(rng, (batch,), n, d, np.float32)
+    v = rng.standard_normal((batch, n, m)).astype(np.float32)
+    T = dplr.LowRankTril(q, k)
+    flops = batch * solve_flops(n, d, m, min(DEFAULT_CHUNK, n))
+    size = round((flops / 2) ** (1 / 3))
+    a = rng.standard_normal((size, size)).astype(np.float32)
+    t_gemm = median_time(lambda: a @ a)
+    t_solve = median_time(lambda: T.solve(v))
+    x = T.solve(v)
+    ref = dplr.LowRankTril(q.astype(np.float64), k.astype(np.float64)).solve(v.astype(np.float64))
+    return Row(
+        SUITE, "solve GFLOP/s vs one GEMM, float32", f"batch={batch}, n={n}, d={d}, m={m}",
+        f"one {size}x{size} matmul (same flops)", t_gemm, t_solve, rel_error(x, ref),
+        target=0.3,
+        note=f"solve {flops / t_solve / 1e9:.0f} GFLOP/s, GEMM {2 * size**3 / t_gemm / 1e9:.0f}",
+        params={"solve_gflops": flops / t_solve / 1e9, "gemm_gflops": 2 * size**3 / t_gemm / 1e9},
+    )  # fmt: skip
+
+
+def bench_chunk_sizes(rng, n: int, sizes=(16, 32, 64, 128, 256), d: int = 64) -> list[Row]:
+    """Each chunk size against the default: ratio > 1 means the default is faster."""
+    q, k = delta_family(rng, (), n, d)
+    v = rng.standard_normal((n, d))
+    T = dplr.LowRankTril(q, k)
+    default = median_time(lambda: T.solve(v))
+    ref = T.solve(v)
+    rows = []
+    for c in sizes:
+        rows.append(Row(
+            SUITE, f"chunk sweep: chunk_size={c}", f"n={n}, d={d}, m={d}",
+            f"default chunk_size={DEFAULT_CHUNK}", default,
+            median_time(lambda c=c: T.solve(v, chunk_size=c)),
+            rel_error(T.solve(v, chunk_size=c), ref), params={"chunk": c},
+        ))  # fmt: skip
+    return rows
+
+
+def run(quick: bool = False, progress: Progress | None = None) -> list[Row]:
+    """All core benchmarks; ``quick`` uses smaller sizes (well under 20 s)."""
+    say = progress or noop_progress
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in (256, 1024, 4096) if quick else (256, 1024, 4096, 16384):
+        say(f"core: solve vs dense, n={n}")
+        rows.append(bench_solve_vs_dense(rng, n))
+    say("core: solve vs the seed's chunked loop")
+    rows.append(bench_solve_vs_seed(rng, 1024 if quick else 4096))
+    say("core: dense inverse")
+    rows.append(bench_inverse(rng, 1024 if quick else 4096))
+    say("core: GFLOP/s against a matrix product")
+    rows.append(bench_gflops(rng, 16, 1024 if quick else 4096))
+    if not quick:
+        say("core: chunk-size sweep")
+        rows.extend(bench_chunk_sizes(rng, 16384))
+    return rows
+
+
+if __name__ == "__main__":
+    from ._common import format_table
+
+    print(format_table(run(progress=print)))

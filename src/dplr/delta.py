@@ -1,0 +1,296 @@
+"""The delta rule (DeltaNet) and the gated delta rule, exactly, in O(T).
+
+    S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,    o_t = scale * S_t^T q_t
+
+with ``a_t = exp(g_t)`` (``a_t = 1`` for the plain rule).  Over a sequence the
+recurrence is one solve with the core structure :class:`dplr.LowRankTril`
+followed by a product with it (``docs/delta.md``); both run chunk by chunk in
+:mod:`dplr._kernels`, and torch gradients use the hand-written backward of
+:mod:`dplr._delta_grad`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._backend import Array, backend_of, is_torch, single_threaded_blas
+from ._delta_grad import delta_forward, delta_function
+from ._validate import Prepared, positive_int, prepare, to_output
+
+__all__ = ["delta_rule", "gated_delta_rule"]
+
+
+def delta_rule(
+    q: Any, k: Any, v: Any, beta: Any, *, scale: float | None = None,
+    initial_state: Any = None, output_final_state: bool = False, cu_seqlens: Any = None,
+    chunk_size: int | None = None, use_qk_l2norm: bool = False,
+) -> tuple[Array, Array | None]:  # fmt: skip
+    """Outputs of the delta rule ``S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``.
+
+    Parameters
+    ----------
+    q, k : (B, T, H, K) array_like
+        Queries and keys.  For the state to stay bounded, rows of k should
+        have norm 1 (see ``use_qk_l2norm``) and beta lie in [0, 2].
+    v : (B, T, H, V) array_like
+        Values.
+    beta : (B, T, H) array_like
+        Write strengths.
+    scale : float, optional
+        Output scale; default ``K ** -0.5``.
+    initial_state : (N, H, K, V) array_like, optional
+        ``S_0`` for each sequence (N = B, or the number of sequences given by
+        ``cu_seqlens``); default zeros.
+    output_final_state : bool, default False
+        Also return the state after the last token of each sequence.
+    cu_seqlens : (N + 1,) int array_like, optional
+        Boundaries of N sequences packed along T (requires B == 1):
+        sequence i is ``[cu_seqlens[i], cu_seqlens[i + 1])``, starting from
+        its own initial state.  Must start at 0, not decrease and end at T;
+        empty sequences are allowed.
+    chunk_size : int, optional
+        Tokens per chunk (default 64).  Only speed depends on it.
+    use_qk_l2norm : bool, default False
+        Normalise q and k to unit L2 norm over K first (zero rows stay zero);
+        differentiable like the rest.
+
+    Returns
+    -------
+    o : (B, T, H, V) array
+        ``o_t = scale * S_t^T q_t``, in the inputs' library, device and dtype.
+    final_state : (N, H, K, V) array or None
+        ``S_T`` of every sequence if ``output_final_state``, else None.
+
+    Raises
+    ------
+    ValueError
+        Mismatched shapes, bad ``cu_seqlens`` (not starting at 0, decreasing,
+        not ending at T, or given with B != 1), NaN or Inf in the input.
+    TypeError
+        Complex or non-numeric input, or NumPy and torch inputs mixed.
+
+    Notes
+    -----
+    With ``T = I + tril(diag(beta) K K^T, -1)``, the new values
+    ``U = T^-1 (beta ⊙ (V - K S_0))`` give ``O = scale * (tril(Q K^T) U + Q S_0)``
+    and ``S_T = S_0 + K^T U`` (``docs/delta.md``).  Chunks of c tokens cost
+    O(T c (K + V) + T K V) flops per head and O(T (K + V + c)) memory; no
+    T x T matrix is formed.  float16 and bfloat16 compute in float32.  With
+    torch, gradients flow to q, k, v, beta and ``initial_state`` through a
+    hand-written backward of the same cost that stores only the inputs and U.
+
+    Examples
+    --------
+    >>> import numpy as np, dplr
+    >>> rng = np.random.default_rng(0)
+    >>> B, T, H, K, V = 1, 200, 2, 8, 4
+    >>> q, k = rng.standard_normal((2, B, T, H, K))
+    >>> k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    >>> v, beta = rng.standard_normal((B, T, H, V)), rng.uniform(0, 1, (B, T, H))
+    >>> o, s = dplr.delta_rule(q, k, v, beta, output_final_state=True)
+    >>> S = np.zeros((B, H, K, V))                    # the recurrence, token by token
+    >>> for t in range(T):
+    ...     kt, bt, vt = k[:, t, :, :, None], beta[:, t, :, None, None], v[:, t, :, None, :]
+    ...     S = S - bt * kt * (kt.swapaxes(-1, -2) @ S) + bt * kt * vt
+    >>> o_last = (q[:, -1, :, None, :] @ S)[..., 0, :] / np.sqrt(K)
+    >>> np.allclose(s, S), np.allclose(o[:, -1], o_last)
+    (True, True)
+    """
+    return _delta(
+        q, k, v, beta, None, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+        chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm,
+    )  # fmt: skip
+
+
+def gated_delta_rule(
+    q: Any, k: Any, v: Any, g: Any, beta: Any, *, scale: float | None = None,
+    initial_state: Any = None, output_final_state: bool = False, cu_seqlens: Any = None,
+    chunk_size: int | None = None, use_qk_l2norm: bool = False,
+) -> tuple[Array, Array | None]:  # fmt: skip
+    """Outputs of the gated delta rule, ``S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + ...``.
+
+    Parameters
+    ----------
+    q, k, v, beta
+        As in :func:`delta_rule`.
+    g : (B, T, H) array_like
+        Log decay, ``g <= 0``: ``a_t = exp(g_t)``.  ``g = 0`` is the plain rule.
+    scale, initial_state, output_final_state, cu_seqlens, chunk_size, use_qk_l2norm
+        As in :func:`delta_rule`.
+
+    Returns
+    -------
+    o : (B, T, H, V) array
+    final_state : (N, H, K, V) array or None
+
+    Raises
+    ------
+    ValueError
+        As :func:`delta_rule`, and for positive ``g``.
+
+    Notes
+    -----
+    The decay enters ``T`` and the output product as the mask
+    ``D[i, j] = exp(G_i - G_j)``, ``G = cumsum(g)``, formed only relative to
+    the start of each chunk, so no exponent is positive however long the
+    sequence.  Cost as :func:`delta_rule`; torch gradients also reach g.
+
+    Examples
+    --------
+    >>> import numpy as np, dplr
+    >>> rng = np.random.default_rng(0)
+    >>> q, k = rng.standard_normal((2, 1, 100, 1, 4))
+    >>> k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    >>> v, beta = rng.standard_normal((1, 100, 1, 3)), np.full((1, 100, 1), 0.5)
+    >>> o, _ = dplr.gated_delta_rule(q, k, v, np.zeros((1, 100, 1)), beta)
+    >>> np.allclose(o, dplr.delta_rule(q, k, v, beta)[0])
+    True
+    """
+    return _delta(
+        q, k, v, beta, g, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+        chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- validation
+def _shape_error(name: str, want: str, x: Array, why: str = "") -> ValueError:
+    return ValueError(f"{name!r} must have shape {want}{why}; got shape {tuple(x.shape)}")
+
+
+def _check_shapes(p: Prepared, gated: bool) -> tuple[int, int, int, int, int]:
+    q, k, v = p["q"], p["k"], p["v"]
+    if q.ndim != 4:
+        raise _shape_error("q", "(B, T, H, K)", q)
+    B, T, H, K = q.shape
+    if tuple(k.shape) != (B, T, H, K):
+        raise _shape_error("k", f"(B, T, H, K) = {(B, T, H, K)} like q", k)
+    if v.ndim != 4 or tuple(v.shape[:3]) != (B, T, H):
+        raise _shape_error("v", f"(B, T, H, V) with (B, T, H) = {(B, T, H)} like q", v)
+    names = ("beta", "g") if gated else ("beta",)
+    for name in names:
+        if tuple(p[name].shape) != (B, T, H):
+            raise _shape_error(name, f"(B, T, H) = {(B, T, H)} like q", p[name])
+    if gated and bool((p["g"] > 0).any()):
+        raise ValueError("'g' is a log decay and must be <= 0 (a_t = exp(g_t) in (0, 1])")
+    return B, T, H, K, int(v.shape[-1])
+
+
+def _check_cu_seqlens(cu_seqlens: Any, B: int, T: int) -> np.ndarray | None:
+    if cu_seqlens is None:
+        return None
+    if is_torch(cu_seqlens):
+        cu_seqlens = cu_seqlens.detach().cpu().numpy()
+    cu = np.asarray(cu_seqlens)
+    if cu.ndim != 1 or cu.size < 2 or cu.dtype.kind not in "iu":
+        raise ValueError(
+            f"'cu_seqlens' must be a 1-D integer array of N + 1 >= 2 boundaries; "
+            f"got dtype {cu.dtype} and shape {cu.shape}"
+        )
+    if B != 1:
+        raise ValueError(f"'cu_seqlens' packs sequences along T and needs B == 1; got B = {B}")
+    if cu[0] != 0 or cu[-1] != T or bool((np.diff(cu) < 0).any()):
+        raise ValueError(
+            f"'cu_seqlens' must start at 0, never decrease and end at T = {T}; got {cu.tolist()}"
+        )
+    return cu.astype(np.int64)
+
+
+def _l2norm(x: Array, torch: bool) -> Array:
+    """Rows of unit L2 norm over the last axis; zero rows stay zero."""
+    if torch:
+        sq = (x * x).sum(-1, keepdim=True)
+        return x * sq.clamp_min(float(np.finfo(np.float64).tiny)).rsqrt()
+    sq = (x * x).sum(-1, keepdims=True)
+    return x / np.sqrt(np.maximum(sq, np.finfo(x.dtype).tiny))
+
+
+# ------------------------------------------------------------------------------- driver
+def _delta(q, k, v, beta, g, *, scale, initial_state, output_final_state, cu_seqlens,
+           chunk_size, use_qk_l2norm):  # fmt: skip
+    gated = g is not None
+    chunk_size = positive_int("chunk_size", chunk_size)
+    p = prepare({"q": q, "k": k, "v": v, "beta": beta, "g": g, "initial_state": initial_state})
+    B, T, H, K, V = _check_shapes(p, gated)
+    cu = _check_cu_seqlens(cu_seqlens, B, T)
+    N = B if cu is None else len(cu) - 1
+    s0 = p["initial_state"]
+    if s0 is not None and tuple(s0.shape) != (N, H, K, V):
+        why = "" if cu is None else " (N = len(cu_seqlens) - 1)"
+        raise _shape_error("initial_state", f"(N, H, K, V) = {(N, H, K, V)}", s0, why)
+    scale = K**-0.5 if scale is None else float(scale)
+    q, k, v, beta, g = p["q"], p["k"], p["v"], p["beta"], p["g"]
+    if use_qk_l2norm:
+        q, k = _l2norm(q, p.torch), _l2norm(k, p.torch)
+    q = q * scale
+    if cu is not None:
+        q, k, v, beta, g, valid = _pack(p.torch, cu, q, k, v, beta, g)
+    o, sn = _run(p, _batch_first(q), _batch_first(k), _batch_first(v), _heads_first(beta),
+                 None if g is None else _heads_first(g), s0, chunk_size)  # fmt: skip
+    o = o.transpose(1, 2) if p.torch else np.swapaxes(o, 1, 2)  # back to (B, T, H, V)
+    if cu is not None:
+        o = o[valid][None]
+    o = to_output(o, p)
+    return o, (to_output(sn, p) if output_final_state else None)
+
+
+def _batch_first(x: Array) -> Array:
+    """(B, T, H, d) -> (B, H, T, d)."""
+    return x.transpose(1, 2) if is_torch(x) else np.swapaxes(x, 1, 2)
+
+
+def _heads_first(x: Array) -> Array:
+    """(B, T, H) -> (B, H, T)."""
+    return x.transpose(1, 2) if is_torch(x) else np.swapaxes(x, 1, 2)
+
+
+def _run(p: Prepared, q, k, v, beta, g, s0, chunk_size) -> tuple[Array, Array]:
+    """Batch-first forward (and torch autograd): O (B, H, T, V) and S_T (B, H, K, V)."""
+    B, H, T, K = k.shape
+    ops = backend_of(k)
+    if T == 0:
+        state = ops.zeros((B, H, K, v.shape[-1]), v) if s0 is None else s0
+        return ops.zeros(v.shape, v), state
+    if p.torch:
+        return delta_function().apply(q, k, v, beta, g, s0, chunk_size)
+    with single_threaded_blas():
+        o, sn, _, _ = delta_forward(ops, q, k, v, beta, g, s0, chunk_size)
+    return o, sn
+
+
+def _pack(torch: bool, cu: np.ndarray, *xs: Array | None):
+    """Gather packed sequences (1, T, ...) into a zero-padded batch (N, Tmax, ...).
+
+    Padding rows have k = 0, beta = 0 and g = 0, so they leave the state as it
+    is: outputs at valid rows and final states are exact.  Returns the padded
+    arrays and the (N, Tmax) mask of valid rows (row-major order is the packed
+    order, so ``o[valid]`` unpacks).
+    """
+    lengths = np.diff(cu)
+    tmax = int(lengths.max())
+    steps = np.arange(tmax)
+    valid = steps[None, :] < lengths[:, None]
+    index = np.where(valid, cu[:-1, None] + steps[None, :], 0)
+    out = []
+    for x in xs:
+        if x is None:
+            out.append(None)
+            continue
+        if torch:
+            import torch as _torch
+
+            idx = _torch.as_tensor(index, device=x.device)
+            mask = _torch.as_tensor(valid, device=x.device)
+            shape = (*mask.shape, *([1] * (x.ndim - 2)))
+            out.append(x[0][idx] * mask.reshape(shape).to(x.dtype))
+        else:
+            shape = (*valid.shape, *([1] * (x.ndim - 2)))
+            out.append(x[0][index] * valid.reshape(shape))
+    if torch:
+        import torch as _torch
+
+        valid = _torch.as_tensor(valid, device=xs[0].device)
+    return (*out, valid)

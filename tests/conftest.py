@@ -1,0 +1,46 @@
+"""Shared test helpers: random structured matrices and dtype-aware tolerances."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+try:
+    import torch
+except ImportError:  # the torch extra is optional; torch tests import it themselves
+    torch = None
+
+
+def eps(dtype) -> float:
+    """Machine epsilon of a NumPy or torch floating dtype."""
+    if torch is not None and isinstance(dtype, torch.dtype):
+        return torch.finfo(dtype).eps
+    return float(np.finfo(dtype).eps)
+
+
+def rel_err(actual, expected) -> float:
+    """Max-norm relative error ``max|a - e| / max|e|`` (0 when both are zero)."""
+    a = np.asarray(actual.detach().cpu() if hasattr(actual, "detach") else actual, np.float64)
+    e = np.asarray(expected.detach().cpu() if hasattr(expected, "detach") else expected, np.float64)
+    scale = np.abs(e).max(initial=0.0)
+    diff = np.abs(a - e).max(initial=0.0)
+    return diff / scale if scale > 0 else diff
+
+
+def delta_family(rng, shape, n, d, dtype=np.float64, decay=False):
+    """Well-conditioned operands: unit-norm rows of k, q = beta k, beta in (0, 1).
+
+    T = I + tril(q k^T ⊙ D, -1) is then a product of contractions' inverses
+    (the delta-rule family), so cond(T) stays modest for any n.
+    """
+    k = rng.standard_normal((*shape, n, d))
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    beta = rng.uniform(0.0, 1.0, (*shape, n))
+    q = beta[..., None] * k
+    log_decay = -rng.uniform(0.0, 0.2, (*shape, n)) if decay else None
+    return q.astype(dtype), k.astype(dtype), None if log_decay is None else log_decay.astype(dtype)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)

@@ -1,0 +1,405 @@
+"""dplr.delta_rule and dplr.gated_delta_rule against the token-by-token recurrence.
+
+The reference below is the definition, written out in the public layout
+([B, T, H, K]) and run in float64.  It works on NumPy arrays and (for the
+gradient tests) on torch tensors, where autograd through it is the reference
+for the hand-written backward.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dplr
+
+try:
+    import torch
+except ImportError:  # torch is optional: the torch tests need it
+    torch = None
+
+needs_torch = pytest.mark.skipif(torch is None, reason="torch is not installed")
+
+
+# ------------------------------------------------------------------------ helpers
+def eps(dtype) -> float:
+    if torch is not None and isinstance(dtype, torch.dtype):
+        return torch.finfo(dtype).eps
+    return float(np.finfo(dtype).eps)
+
+
+def tolerance(dtype, T: int, K: int, V: int, chunk: int = 64) -> float:
+    """Max-norm relative error allowed against the float64 recurrence.
+
+    Each output is a sum of about ``chunk + K + V`` rounded products (the
+    chunk's block, the state product), each with relative error ~eps; a
+    factor 10 covers the triangular solve.  With unit-norm keys and beta in
+    [0, 2] every step is a contraction, so the rounding errors of successive
+    chunks are carried into the state but not amplified: they add up like a
+    random walk, ``sqrt(number of chunks)``.
+    """
+    c = min(chunk, T)
+    return 10 * (c + K + V) * np.sqrt(-(-T // c)) * eps(dtype)
+
+
+def rel_err(actual, expected) -> float:
+    """``max|a - e| / max(max|e|, 1)`` in float64.
+
+    The test inputs are O(1), so a result that is small only by cancellation
+    (a final state near zero, say) is judged at the scale of the terms that
+    cancelled, not at its own.
+    """
+    a, e = (
+        np.asarray(x.detach().cpu().double() if hasattr(x, "detach") else x, np.float64)
+        for x in (actual, expected)
+    )
+    return np.abs(a - e).max(initial=0.0) / max(np.abs(e).max(initial=0.0), 1.0)
+
+
+def recurrence(q, k, v, beta, g=None, *, scale=None, s0=None, l2norm=False):
+    """``S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``; ``o_t = scale S_t^T q_t``.
+
+    Token by token, in the public layout; NumPy or torch (then differentiable).
+    """
+    xp = torch if torch is not None and isinstance(q, torch.Tensor) else np
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if l2norm:
+        q = q / xp.sqrt((q * q).sum(-1))[..., None]
+        k = k / xp.sqrt((k * k).sum(-1))[..., None]
+    scale = K**-0.5 if scale is None else scale
+    S = s0 if s0 is not None else (xp.zeros((B, H, K, V), dtype=q.dtype))
+    outs = []
+    for t in range(T):
+        kt, bt = k[:, t, :, :, None], beta[:, t, :, None, None]
+        a = 1.0 if g is None else xp.exp(g[:, t])[..., None, None]
+        S = a * (S - bt * kt * (kt.swapaxes(-1, -2) @ S)) + bt * kt * v[:, t, :, None, :]
+        outs.append(scale * (q[:, t, :, None, :] @ S)[..., 0, :])
+    o = xp.stack(outs, 1) if T else xp.zeros((B, 0, H, V), dtype=q.dtype)
+    return o, S
+
+
+def make_inputs(rng, B, T, H, K, V, *, gated=False, state=False, l2norm=False, strong=False):
+    """float64 inputs of the well-behaved family: unit-norm keys, beta in (0, 1)."""
+    q = rng.standard_normal((B, T, H, K))
+    k = rng.standard_normal((B, T, H, K))
+    if not l2norm:  # else the function normalises: give it something to do
+        k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    v = rng.standard_normal((B, T, H, V))
+    beta = rng.uniform(0.0, 1.0, (B, T, H))
+    g = -rng.uniform(0.0, 3.0 if strong else 0.3, (B, T, H)) if gated else None
+    s0 = rng.standard_normal((B, H, K, V)) if state else None
+    return q, k, v, beta, g, s0
+
+
+def run(q, k, v, beta, g=None, **kw):
+    if g is None:
+        return dplr.delta_rule(q, k, v, beta, **kw)
+    return dplr.gated_delta_rule(q, k, v, g, beta, **kw)
+
+
+# ------------------------------------------------------------------ forward values
+CASES = [  # (B, T, H, K, V, chunk): T = 1, T < chunk, T not a multiple, K != V, H, B > 1
+    (1, 1, 1, 4, 4, None),
+    (1, 5, 1, 3, 2, 16),
+    (2, 37, 3, 6, 4, 8),
+    (1, 130, 2, 8, 8, None),
+    (3, 64, 2, 2, 5, 64),
+    (1, 100, 1, 16, 3, 7),
+]
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("state", [False, True])
+@pytest.mark.parametrize(("B", "T", "H", "K", "V", "chunk"), CASES)
+def test_matches_recurrence(B, T, H, K, V, chunk, gated, state):
+    rng = np.random.default_rng(T * 100 + K)
+    q, k, v, beta, g, s0 = make_inputs(rng, B, T, H, K, V, gated=gated, state=state)
+    o, sn = run(q, k, v, beta, g, initial_state=s0, output_final_state=True, chunk_size=chunk)
+    o_ref, s_ref = recurrence(q, k, v, beta, g, s0=s0)
+    tol = tolerance(np.float64, T, K, V, chunk or 64)
+    assert o.shape == (B, T, H, V) and sn.shape == (B, H, K, V)
+    assert rel_err(o, o_ref) < tol
+    assert rel_err(sn, s_ref) < tol
+
+
+@settings(max_examples=int(os.environ.get("DPLR_EXAMPLES", 40)), deadline=None)
+@given(
+    B=st.integers(1, 2), T=st.integers(1, 90), H=st.integers(1, 2),
+    K=st.integers(1, 9), V=st.integers(1, 9), chunk=st.sampled_from([None, 1, 3, 16]),
+    gated=st.booleans(), state=st.booleans(), l2norm=st.booleans(),
+    scale=st.sampled_from([None, 0.3]), seed=st.integers(0, 2**31),
+)  # fmt: skip
+def test_property_matches_recurrence(B, T, H, K, V, chunk, gated, state, l2norm, scale, seed):
+    rng = np.random.default_rng(seed)
+    q, k, v, beta, g, s0 = make_inputs(rng, B, T, H, K, V, gated=gated, state=state, l2norm=l2norm)
+    kw = {"scale": scale, "initial_state": s0, "use_qk_l2norm": l2norm}
+    o, sn = run(q, k, v, beta, g, output_final_state=True, chunk_size=chunk, **kw)
+    o_ref, s_ref = recurrence(q, k, v, beta, g, scale=scale, s0=s0, l2norm=l2norm)
+    tol = tolerance(np.float64, T, K, V, chunk or 64)
+    assert rel_err(o, o_ref) < tol
+    assert rel_err(sn, s_ref) < tol
+
+
+def test_gated_with_zero_decay_is_plain():
+    rng = np.random.default_rng(3)
+    q, k, v, beta, _, s0 = make_inputs(rng, 2, 77, 2, 5, 3, state=True)
+    plain = dplr.delta_rule(q, k, v, beta, initial_state=s0, output_final_state=True)
+    gated = dplr.gated_delta_rule(
+        q, k, v, np.zeros(beta.shape), beta, initial_state=s0, output_final_state=True
+    )
+    for a, b in zip(plain, gated, strict=True):
+        assert rel_err(a, b) < tolerance(np.float64, 77, 5, 3)
+
+
+def test_final_state_only_on_request_and_empty_sequence():
+    rng = np.random.default_rng(4)
+    q, k, v, beta, _, s0 = make_inputs(rng, 1, 10, 1, 3, 2, state=True)
+    assert dplr.delta_rule(q, k, v, beta)[1] is None
+    o, sn = dplr.delta_rule(
+        q[:, :0], k[:, :0], v[:, :0], beta[:, :0], initial_state=s0, output_final_state=True
+    )
+    assert o.shape == (1, 0, 1, 2) and np.array_equal(sn, s0)
+
+
+def test_strided_float32_input():
+    rng = np.random.default_rng(5)
+    q, k, v, beta, g, s0 = make_inputs(rng, 1, 50, 2, 4, 4, gated=True, state=True)
+    o_ref, _ = recurrence(q, k, v, beta, g, s0=s0)
+    # Non-contiguous views (every array transposed twice through a copy) in float32.
+    f32 = [np.asfortranarray(x).astype(np.float32) for x in (q, k, v, beta, g, s0)]
+    o, _ = dplr.gated_delta_rule(*f32[:3], f32[4], f32[3], initial_state=f32[5])
+    assert o.dtype == np.float32
+    assert rel_err(o, o_ref) < tolerance(np.float32, 50, 4, 4)
+
+
+# ------------------------------------------------------------------- cu_seqlens
+@pytest.mark.parametrize("gated", [False, True])
+def test_cu_seqlens_matches_separate_runs(gated):
+    rng = np.random.default_rng(6)
+    lengths = [5, 0, 70, 1, 33]
+    cu = np.concatenate([[0], np.cumsum(lengths)])
+    T, H, K, V = int(cu[-1]), 2, 4, 3
+    q, k, v, beta, g, _ = make_inputs(rng, 1, T, H, K, V, gated=gated)
+    s0 = rng.standard_normal((len(lengths), H, K, V))
+    o, sn = run(q, k, v, beta, g, initial_state=s0, output_final_state=True,
+                cu_seqlens=cu, chunk_size=16)  # fmt: skip
+    assert o.shape == (1, T, H, V) and sn.shape == (len(lengths), H, K, V)
+    assert np.isfinite(o).all() and np.isfinite(sn).all()
+    for i, (a, b) in enumerate(itertools.pairwise(cu)):
+        part = [None if x is None else x[:, a:b] for x in (q, k, v, beta, g)]
+        o_ref, s_ref = recurrence(*part, s0=s0[i : i + 1])
+        tol = tolerance(np.float64, max(b - a, 1), K, V, 16)
+        assert rel_err(o[:, a:b], o_ref) < tol, f"sequence {i}"
+        assert rel_err(sn[i : i + 1], s_ref) < tol, f"state of sequence {i}"
+
+
+# --------------------------------------------------------------------- stability
+@pytest.mark.parametrize("case", ["strong decay", "beta near 2"])
+def test_long_sequence_is_stable(case):
+    rng = np.random.default_rng(7)
+    T, H, K, V = 65536, 1, 4, 2
+    q, k, v, beta, g, _ = make_inputs(rng, 1, T, H, K, V, gated=True, strong=True)
+    if case == "beta near 2":  # I - beta k k^T: eigenvalue 1 - beta, a contraction up to 2
+        beta = rng.uniform(1.9, 1.999, beta.shape)
+        g = np.zeros_like(g)
+    o, sn = dplr.gated_delta_rule(q, k, v, g, beta, output_final_state=True)
+    o_ref, s_ref = recurrence(q, k, v, beta, g)
+    assert np.isfinite(o).all() and np.isfinite(sn).all()
+    # Same per-token error budget as short sequences: contractions do not amplify.
+    assert rel_err(o, o_ref) < tolerance(np.float64, T, K, V)
+    assert rel_err(sn, s_ref) < tolerance(np.float64, T, K, V)
+    o32, _ = dplr.gated_delta_rule(*(x.astype(np.float32) for x in (q, k, v, g, beta)))
+    assert np.isfinite(o32).all()
+    assert rel_err(o32, o_ref) < tolerance(np.float32, T, K, V)
+
+
+# ------------------------------------------------------------------ bad input
+def _good():
+    rng = np.random.default_rng(8)
+    q, k, v, beta, g, s0 = make_inputs(rng, 1, 12, 2, 3, 2, gated=True, state=True)
+    return {"q": q, "k": k, "v": v, "g": g, "beta": beta}, s0
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "match"),
+    [
+        ("q", lambda x: x[..., :2], "'k'"),
+        ("k", lambda x: x[:, :5], "'k'"),
+        ("v", lambda x: x[:, :, :1], "'v'"),
+        ("beta", lambda x: x[..., None], "'beta'"),
+        ("g", lambda x: x[:, :3], "'g'"),
+        ("g", lambda x: x + 1.0, "'g'.*<= 0"),
+        ("q", lambda x: np.where(x > 1, np.nan, x), "'q'.*NaN"),
+        ("v", lambda x: np.where(x > 1, np.inf, x), "'v'.*NaN or Inf"),
+        ("q", lambda x: x[0], "'q'"),
+    ],
+)
+def test_bad_arguments(name, change, match):
+    args, _ = _good()
+    args[name] = change(args[name])
+    with pytest.raises(ValueError, match=match):
+        dplr.gated_delta_rule(args["q"], args["k"], args["v"], args["g"], args["beta"])
+
+
+@pytest.mark.parametrize(
+    ("cu", "match"),
+    [
+        ([0, 7, 5, 12], "never decrease"),
+        ([0, 5, 11], "end at T = 12"),
+        ([1, 5, 12], "start at 0"),
+        ([12], "N \\+ 1 >= 2"),
+        ([0.0, 12.0], "integer"),
+    ],
+)
+def test_bad_cu_seqlens(cu, match):
+    args, _ = _good()
+    with pytest.raises(ValueError, match=match):
+        dplr.delta_rule(args["q"], args["k"], args["v"], args["beta"], cu_seqlens=np.array(cu))
+
+
+def test_cu_seqlens_needs_one_batch_and_matching_states():
+    args, s0 = _good()
+    two = {n: np.concatenate([x, x]) for n, x in args.items()}
+    with pytest.raises(ValueError, match="B == 1"):
+        dplr.delta_rule(two["q"], two["k"], two["v"], two["beta"], cu_seqlens=[0, 12])
+    with pytest.raises(ValueError, match="initial_state"):
+        dplr.delta_rule(args["q"], args["k"], args["v"], args["beta"], initial_state=s0,
+                        cu_seqlens=[0, 4, 12])  # fmt: skip
+
+
+# -------------------------------------------------------------------------- torch
+def _torch(*xs, dtype=None, grad=False):
+    out = []
+    for x in xs:
+        if x is None:
+            out.append(None)
+            continue
+        t = torch.tensor(x, dtype=dtype or torch.float64)
+        out.append(t.requires_grad_(grad))
+    return out
+
+
+@needs_torch
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+def test_torch_values_and_dtypes(dtype):
+    dtype = getattr(torch, dtype)
+    rng = np.random.default_rng(9)
+    q, k, v, beta, g, s0 = make_inputs(rng, 2, 70, 2, 8, 4, gated=True, state=True)
+    o_ref, s_ref = recurrence(q, k, v, beta, g, s0=s0)
+    tq, tk, tv, tb, tg, ts = _torch(q, k, v, beta, g, s0, dtype=dtype)
+    o, sn = dplr.gated_delta_rule(tq, tk, tv, tg, tb, initial_state=ts, output_final_state=True)
+    assert isinstance(o, torch.Tensor) and o.dtype == dtype and sn.dtype == dtype
+    # Half-precision inputs are rounded once (eps of their dtype) and then
+    # computed in float32; the output is rounded once more.
+    tol = tolerance(dtype if dtype in (torch.float64, torch.float32) else torch.float32, 70, 8, 4)
+    tol = max(tol, 50 * eps(dtype))
+    assert rel_err(o, o_ref) < tol
+    assert rel_err(sn, s_ref) < tol
+
+
+GRAD_NAMES = ["q", "k", "v", "beta", "g", "initial_state"]
+
+
+def _grads(fn, inputs, wo, ws):
+    o, sn = fn(inputs)
+    loss = (o * wo).sum() + (sn * ws).sum()
+    present = {n: x for n, x in inputs.items() if x is not None}
+    grads = torch.autograd.grad(loss, list(present.values()))
+    return dict(zip(present, grads, strict=True))
+
+
+@needs_torch
+@pytest.mark.parametrize(
+    ("gated", "l2norm", "chunk", "T"),
+    [(False, False, None, 40), (True, False, 8, 37), (True, True, 16, 50), (False, True, 1, 9)],
+)
+def test_gradients_match_autograd_through_recurrence(gated, l2norm, chunk, T):
+    rng = np.random.default_rng(10)
+    B, H, K, V = 2, 2, 5, 3
+    arrays = make_inputs(rng, B, T, H, K, V, gated=gated, state=True, l2norm=l2norm)
+    inputs = dict(zip(GRAD_NAMES, _torch(*arrays, grad=True), strict=True))
+    wo = torch.tensor(rng.standard_normal((B, T, H, V)))
+    ws = torch.tensor(rng.standard_normal((B, H, K, V)))
+
+    def ours(x):
+        return run(x["q"], x["k"], x["v"], x["beta"], x["g"], initial_state=x["initial_state"],
+                   output_final_state=True, chunk_size=chunk, use_qk_l2norm=l2norm)  # fmt: skip
+
+    def reference(x):
+        return recurrence(x["q"], x["k"], x["v"], x["beta"], x["g"], s0=x["initial_state"],
+                          l2norm=l2norm)  # fmt: skip
+
+    got, want = _grads(ours, inputs, wo, ws), _grads(reference, inputs, wo, ws)
+    assert set(got) == set(want) == {n for n in GRAD_NAMES if inputs[n] is not None}
+    tol = 10 * tolerance(torch.float64, T, K, V, chunk or 64)  # a backward pass is ~2 forwards
+    for name in got:
+        assert rel_err(got[name], want[name]) < tol, f"gradient of {name!r}"
+
+
+@needs_torch
+def test_gradients_through_cu_seqlens():
+    rng = np.random.default_rng(11)
+    cu = [0, 3, 3, 20]
+    q, k, v, beta, g, _ = make_inputs(rng, 1, 20, 1, 3, 2, gated=True)
+    s0 = rng.standard_normal((3, 1, 3, 2))
+    names = ["q", "k", "v", "beta", "g", "initial_state"]
+    inputs = dict(zip(names, _torch(q, k, v, beta, g, s0, grad=True), strict=True))
+    wo, ws = torch.tensor(rng.standard_normal((1, 20, 1, 2))), torch.tensor(s0 * 0.5)
+
+    def ours(x):
+        return dplr.gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], cu_seqlens=cu,
+                                     initial_state=x["initial_state"], output_final_state=True,
+                                     chunk_size=4)  # fmt: skip
+
+    def reference(x):
+        parts = [recurrence(x["q"][:, a:b], x["k"][:, a:b], x["v"][:, a:b], x["beta"][:, a:b],
+                            x["g"][:, a:b], s0=x["initial_state"][i : i + 1])
+                 for i, (a, b) in enumerate(itertools.pairwise(cu))]  # fmt: skip
+        return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 0)
+
+    got, want = _grads(ours, inputs, wo, ws), _grads(reference, inputs, wo, ws)
+    for name in names:
+        assert rel_err(got[name], want[name]) < 10 * tolerance(torch.float64, 17, 3, 2, 4), name
+
+
+@needs_torch
+@pytest.mark.parametrize("gated", [False, True])
+def test_gradcheck(gated):
+    rng = np.random.default_rng(12)
+    arrays = make_inputs(rng, 1, 11, 2, 3, 2, gated=gated, state=True)
+    inputs = [x for x in _torch(*arrays, grad=True) if x is not None]
+
+    def fn(*xs):
+        q, k, v, beta, *rest = xs
+        g = rest[0] if gated else None
+        return run(q, k, v, beta, g, initial_state=rest[-1], output_final_state=True, chunk_size=4)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@needs_torch
+def test_backward_keeps_no_graph_of_the_chunk_loop():
+    """The autograd graph has the same handful of nodes whatever the length."""
+
+    def count_nodes(T):
+        rng = np.random.default_rng(13)
+        arrays = make_inputs(rng, 1, T, 1, 4, 4, gated=True, state=True)
+        q, k, v, beta, g, s0 = _torch(*arrays, grad=True)
+        o, sn = dplr.gated_delta_rule(q, k, v, g, beta, initial_state=s0, chunk_size=8,
+                                      output_final_state=True)  # fmt: skip
+        seen, stack = set(), [o.grad_fn, sn.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            stack.extend(n for n, _ in node.next_functions)
+        return len(seen)
+
+    assert count_nodes(16) == count_nodes(800) < 40

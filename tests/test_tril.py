@@ -1,0 +1,351 @@
+"""LowRankTril (NumPy) against dense references.
+
+Tolerances.  The chunked product sums the same terms as the dense product in
+another order, so its error is bounded by ``gamma_{n+d} (|Q||K|^T ⊙ D + |diag|) |v|``
+with ``gamma_k ~ k eps``: tests use ``2 (n + d) eps`` times that magnitude.
+Solves are compared with the dense float64 solution; their forward error is
+bounded by ``cond(T)`` times a backward error of the same ``(n + d) eps``
+order, so tests use ``4 (n + d) eps cond_inf(T)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg as sl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dplr
+from conftest import delta_family, eps, rel_err
+
+
+def dense_loop(q, k, diag, log_decay):
+    """T from its definition, entry by entry (the reference for to_dense)."""
+    n = q.shape[0]
+    T = np.zeros((n, n))
+    for i in range(n):
+        T[i, i] = 1.0 if diag is None else diag[i]
+        for j in range(i):
+            decay = 1.0 if log_decay is None else np.exp(np.sum(log_decay[j + 1 : i + 1]))
+            T[i, j] = q[i] @ k[j] * decay
+    return T
+
+
+def random_operands(rng, batch, n, d, dtype, with_diag, with_decay):
+    q = rng.standard_normal((*batch, n, d)) / np.sqrt(d)
+    k = rng.standard_normal((*batch, n, d)) / np.sqrt(d)
+    diag = rng.uniform(1.0, 2.0, (*batch, n)) * rng.choice([-1, 1], (*batch, n))
+    log_decay = -rng.uniform(0.0, 0.5, (*batch, n))
+    return (
+        q.astype(dtype),
+        k.astype(dtype),
+        diag.astype(dtype) if with_diag else None,
+        log_decay.astype(dtype) if with_decay else None,
+    )
+
+
+def abs_dense(q, k, diag, log_decay, transpose):
+    """``|Q||K|^T ⊙ D + |diag|`` (or its transpose) in float64: the scale of rounding errors."""
+    absT = dplr.LowRankTril(
+        np.abs(q), np.abs(k), None if diag is None else np.abs(diag), log_decay
+    ).to_dense()
+    return np.swapaxes(absT, -1, -2) if transpose else absT
+
+
+def as64(*xs):
+    return [None if x is None else np.asarray(x, np.float64) for x in xs]
+
+
+def check_product(T, ops64, v, transpose, chunk, dtype):
+    dense = dplr.LowRankTril(*ops64).to_dense()
+    if transpose:
+        dense = np.swapaxes(dense, -1, -2)
+    y = T.matmul(v, transpose=transpose, chunk_size=chunk)
+    assert y.dtype == dtype and y.shape == np.broadcast_shapes((*T.shape[:-1], 1), v.shape)
+    n, d = T.shape[-1], T.rank
+    scale = np.abs(abs_dense(*ops64, transpose) @ np.abs(v.astype(float))).max()
+    err = np.abs(y - dense @ v.astype(float)).max()
+    assert err <= 2 * (n + d) * eps(dtype) * scale
+
+
+def check_solve(T, ops64, v, transpose, chunk, dtype):
+    q, k, diag, ld = ops64
+    dense = dplr.LowRankTril(q, k, diag, ld).to_dense()
+    if transpose:
+        dense = np.swapaxes(dense, -1, -2)
+    x = T.solve(v, transpose=transpose, chunk_size=chunk)
+    ref = np.linalg.solve(dense, np.broadcast_to(v.astype(float), x.shape))
+    n, d = T.shape[-1], T.rank
+    cond = np.linalg.cond(dense.reshape(-1, n, n), p=np.inf).max()
+    assert x.dtype == dtype
+    assert rel_err(x, ref) <= 4 * (n + d) * eps(dtype) * cond
+
+
+# --------------------------------------------------------------------- to_dense
+@pytest.mark.parametrize("with_decay", [False, True])
+@pytest.mark.parametrize("with_diag", [False, True])
+def test_to_dense_matches_definition(rng, with_diag, with_decay):
+    q, k, diag, ld = random_operands(rng, (), 9, 3, np.float64, with_diag, with_decay)
+    T = dplr.LowRankTril(q, k, diag, ld)
+    np.testing.assert_allclose(T.to_dense(), dense_loop(q, k, diag, ld), rtol=1e-13, atol=1e-15)
+
+
+# ----------------------------------------------------- grid of shapes and dtypes
+SHAPES = [  # (batch of q, batch of k, batch of v, n, d, chunk)
+    ((), (), (), 1, 3, None),
+    ((), (), (), 5, 2, 16),  # n < chunk
+    ((), (), (), 37, 4, 8),  # chunk does not divide n
+    ((3,), (3,), (3,), 64, 5, 16),
+    ((2, 4), (4,), (1,), 50, 1, 7),  # broadcasting, d = 1
+    ((), (), (2, 1), 6, 9, 4),  # d > n, batch only in v
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("with_decay", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_grid_against_dense(rng, shape, with_decay, dtype):
+    bq, bk, bv, n, d, chunk = shape
+    q, _, diag, ld = random_operands(rng, bq, n, d, dtype, True, with_decay)
+    _, k, _, _ = random_operands(rng, bk, n, d, dtype, False, False)
+    v = rng.standard_normal((*bv, n, 3)).astype(dtype)
+    T = dplr.LowRankTril(q, k, diag, ld)
+    ops64 = as64(q, k, diag, ld)
+    for transpose in (False, True):
+        check_product(T, ops64, v, transpose, chunk, dtype)
+        check_solve(T, ops64, v, transpose, chunk, dtype)
+    # inv and slogdet
+    dense = dplr.LowRankTril(*ops64).to_dense()
+    inv = T.inv(chunk_size=chunk)
+    cond = np.linalg.cond(dense.reshape(-1, n, n), p=np.inf).max()
+    assert inv.dtype == dtype
+    assert rel_err(inv, np.linalg.inv(dense)) <= 4 * (n + d) * eps(dtype) * cond
+    sign, logabs = T.slogdet()
+    ref_sign, ref_logabs = np.linalg.slogdet(dense)
+    np.testing.assert_array_equal(sign, np.broadcast_to(ref_sign, sign.shape))
+    np.testing.assert_allclose(logabs, ref_logabs, rtol=n * eps(dtype), atol=n * eps(dtype))
+
+
+def test_vector_right_hand_side(rng):
+    q, k, diag, ld = random_operands(rng, (), 20, 3, np.float64, True, True)
+    T = dplr.LowRankTril(q, k, diag, ld)
+    b = rng.standard_normal(20)
+    x = T.solve(b)
+    assert x.shape == (20,)
+    np.testing.assert_allclose(T @ x, b, rtol=1e-12, atol=1e-12)
+    assert (T @ b).shape == (20,)
+
+
+def test_integers_promote_to_float64():
+    T = dplr.LowRankTril(np.ones((4, 1), int), np.ones((4, 1), int), diag=np.full(4, 2))
+    assert T.dtype == np.float64
+    assert T.solve(np.arange(4)).dtype == np.float64
+
+
+def test_float16_computes_in_float32_and_returns_float16(rng):
+    q, k, _ = delta_family(rng, (), 30, 4, np.float16)
+    T = dplr.LowRankTril(q, k)
+    x = T.solve(np.ones((30, 2), np.float16))
+    assert x.dtype == np.float16
+    ref = np.linalg.solve(T.to_dense().astype(float), np.ones((30, 2)))
+    assert rel_err(x, ref) < 10 * eps(np.float16)
+
+
+# -------------------------------------------------------- the seed's two checks
+def test_seed_checks_inverse_and_solve():
+    """n = 1000, d = 100, c = 200: ``Y T = I`` for the inverse, ``T Y = V`` for the solve."""
+    rng = np.random.default_rng(0)
+    n, d, c = 1000, 100, 200
+    q = rng.standard_normal((n, d)) / d**0.5
+    k = rng.standard_normal((n, d)) / d**0.5
+    v = rng.standard_normal((n, d)) / d**0.5
+    T = dplr.LowRankTril(q, k)
+    dense = T.to_dense()
+    assert np.allclose(T.inv(chunk_size=c) @ dense, np.eye(n))
+    assert np.allclose(dense @ T.solve(v, chunk_size=c), v)
+
+
+# ----------------------------------------------------------- property tests
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 90),
+    d=st.integers(1, 6),
+    chunk=st.one_of(st.none(), st.integers(1, 70)),
+    batch=st.sampled_from([(), (2,), (1, 3)]),
+    with_diag=st.booleans(),
+    with_decay=st.booleans(),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_property_against_dense(n, d, chunk, batch, with_diag, with_decay, dtype, seed):
+    rng = np.random.default_rng(seed)
+    q, k, diag, ld = random_operands(rng, batch, n, d, dtype, with_diag, with_decay)
+    v = rng.standard_normal((n, 2)).astype(dtype)
+    T = dplr.LowRankTril(q, k, diag, ld)
+    ops64 = as64(q, k, diag, ld)
+    transpose = bool(rng.integers(2))
+    check_product(T, ops64, v, transpose, chunk, dtype)
+    check_solve(T, ops64, v, transpose, chunk, dtype)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 80), chunk=st.integers(1, 40), seed=st.integers(0, 2**32 - 1))
+def test_property_chunk_size_does_not_change_the_answer(n, chunk, seed):
+    rng = np.random.default_rng(seed)
+    q, k, ld = delta_family(rng, (2,), n, 3, decay=True)
+    T = dplr.LowRankTril(q, k, log_decay=ld)
+    v = rng.standard_normal((2, n, 4))
+    np.testing.assert_allclose(T.solve(v, chunk_size=chunk), T.solve(v), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(T.inv(chunk_size=chunk), T.inv(), rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 60), seed=st.integers(0, 2**32 - 1))
+def test_property_solve_inverts_matmul(n, seed):
+    rng = np.random.default_rng(seed)
+    q, k, diag, ld = random_operands(rng, (), n, 3, np.float64, True, True)
+    T = dplr.LowRankTril(q, k, diag, ld)
+    v = rng.standard_normal((n, 3))
+    for transpose in (False, True):
+        y = T.matmul(T.solve(v, transpose=transpose), transpose=transpose)
+        np.testing.assert_allclose(y, v, rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------- ill-conditioned
+def test_ill_conditioned_tolerance_scales_with_condition_number(rng):
+    """diag near 0.01 and large q, k: cond(T) ~ 1e8; the error stays below cond * n * eps."""
+    n, d = 60, 3
+    q = 3.0 * rng.standard_normal((n, d))
+    k = 3.0 * rng.standard_normal((n, d))
+    diag = rng.uniform(0.01, 0.02, n)
+    T = dplr.LowRankTril(q, k, diag)
+    dense = T.to_dense()
+    cond = np.linalg.cond(dense, p=np.inf)
+    assert cond > 1e6  # the case is really ill-conditioned
+    v = rng.standard_normal((n, 2))
+    x = T.solve(v, chunk_size=16)
+    ref = sl.solve_triangular(dense, v, lower=True)
+    assert rel_err(x, ref) <= 4 * (n + d) * eps(np.float64) * cond
+    # the normwise backward error is small however large cond is
+    residual = np.abs(dense @ x - v).max()
+    assert residual <= 4 * (n + d) * eps(np.float64) * np.abs(dense).sum(1).max() * np.abs(x).max()
+
+
+# ----------------------------------------------------------- long sequences
+def test_long_decay_does_not_overflow():
+    """n = 100000, log_decay = -0.1 per step: exp(G) alone would underflow to 0 and its
+    reciprocal overflow; the chunk-relative mask keeps every entry finite."""
+    rng = np.random.default_rng(5)
+    n, d = 100_000, 4
+    q, k, _ = delta_family(rng, (), n, d)
+    ld = np.full(n, -0.1)
+    T = dplr.LowRankTril(q, k, log_decay=ld)
+    v = rng.standard_normal((n, 2))
+    y, x, xt = T @ v, T.solve(v), T.solve(v, transpose=True)
+    for arr in (y, x, xt):
+        assert np.isfinite(arr).all()
+    # T is lower triangular: the leading rows of T^-1 v only see the leading block,
+    # the trailing rows of T^-T v only the trailing block.
+    m = 1500
+    head = dplr.LowRankTril(q[:m], k[:m], log_decay=ld[:m]).to_dense()
+    tail = dplr.LowRankTril(q[-m:], k[-m:], log_decay=ld[-m:]).to_dense()
+    np.testing.assert_allclose(x[:m], np.linalg.solve(head, v[:m]), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(xt[-m:], np.linalg.solve(tail.T, v[-m:]), rtol=1e-10, atol=1e-12)
+    assert rel_err(T.matmul(x), v) < 1e-12
+
+
+# ----------------------------------------------------------------- bad input
+def _ops(n=5, d=2):
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((n, d)), rng.standard_normal((n, d))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"k": np.ones((4, 2))}, r"q and k must both be \(..., n, d\).*\(5, 2\).*\(4, 2\)"),
+        ({"k": np.ones((5, 3))}, "same n and d"),
+        ({"q": np.ones(5)}, r"'q' must have shape \(..., n, d\); got shape \(5,\)"),
+        ({"diag": np.ones(4)}, r"'diag' must have shape \(..., 5\)"),
+        ({"log_decay": np.ones((2, 5))}, r"'log_decay' must be <= 0"),
+        ({"log_decay": -np.ones(6)}, r"'log_decay' must have shape \(..., 5\)"),
+        ({"q": np.ones((3, 5, 2)), "k": np.ones((2, 5, 2))}, "batch dimensions do not broadcast"),
+        ({"q": np.full((5, 2), np.nan)}, "'q' contains NaN or Inf"),
+        ({"diag": np.array([1, 1, np.inf, 1, 1])}, "'diag' contains NaN or Inf"),
+        ({"q": np.ones((0, 2)), "k": np.ones((0, 2))}, "at least one row"),
+    ],
+)
+def test_bad_construction_raises_value_error(kwargs, match):
+    q, k = _ops()
+    args = {"q": q, "k": k, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        dplr.LowRankTril(**args)
+
+
+def test_check_finite_false_skips_the_scan():
+    q, k = _ops()
+    q[3, 0] = np.nan
+    T = dplr.LowRankTril(q, k, check_finite=False)  # no error: the caller opted out
+    x = T.solve(np.ones(5), check_finite=False)
+    assert np.isfinite(x[:3]).all() and np.isnan(x[3:]).all()  # NaN propagates, rows 0-2 exact
+
+
+@pytest.mark.parametrize("bad", [np.ones((5, 2), complex), np.array([["a", "b"]] * 5)])
+def test_non_real_dtypes_raise_type_error(bad):
+    _, k = _ops()
+    with pytest.raises(TypeError, match="'q' must be a real floating or integer array"):
+        dplr.LowRankTril(bad, k)
+
+
+def test_right_hand_side_errors():
+    T = dplr.LowRankTril(*_ops())
+    with pytest.raises(ValueError, match=r"'v' has 4 rows but T is 5 x 5"):
+        T.solve(np.ones((4, 2)))
+    with pytest.raises(ValueError, match="'v' contains NaN or Inf"):
+        T.matmul(np.array([1.0, 2, 3, 4, np.nan]))
+    with pytest.raises(ValueError, match="batch dimensions do not broadcast"):
+        dplr.LowRankTril(*(np.ones((3, 5, 2)),) * 2).solve(np.ones((2, 5, 1)))
+    with pytest.raises(ValueError, match="'chunk_size' must be a positive integer; got 0"):
+        T.solve(np.ones(5), chunk_size=0)
+
+
+def test_singular_diagonal_raises_singular_matrix_error():
+    q, k = _ops()
+    T = dplr.LowRankTril(q, k, diag=np.array([[1.0, 2, 0, 1, 1]]))
+    assert issubclass(dplr.SingularMatrixError, np.linalg.LinAlgError)
+    with pytest.raises(dplr.SingularMatrixError, match=r"diag\[0, 2\] == 0"):
+        T.solve(np.ones(5))
+    with pytest.raises(dplr.SingularMatrixError):
+        T.inv()
+    sign, logabs = T.slogdet()
+    assert sign[0] == 0 and logabs[0] == -np.inf
+    assert np.isfinite(T @ np.ones(5)).all()  # the product is fine
+
+
+def test_inputs_are_never_modified(rng):
+    q, k, diag, ld = random_operands(rng, (2,), 30, 3, np.float64, True, True)
+    v = rng.standard_normal((2, 30, 4))
+    arrays = (q, k, diag, ld, v)
+    copies = [a.copy() for a in arrays]
+    T = dplr.LowRankTril(q, k, diag, ld)
+    T.solve(v), T.solve(v, transpose=True), T @ v, T.matmul(v, transpose=True), T.inv()
+    T.to_dense(), T.slogdet()
+    for a, c in zip(arrays, copies, strict=True):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_non_contiguous_inputs(rng):
+    q, k, diag, ld = random_operands(rng, (), 40, 6, np.float64, True, True)
+    v = np.asfortranarray(rng.standard_normal((40, 3)))
+    T = dplr.LowRankTril(q[:, ::2], k[:, 1::2], diag[::1], ld)
+    ref = np.linalg.solve(T.to_dense(), v)
+    np.testing.assert_allclose(T.solve(v), ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(T.solve(v[::-1][::-1]), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_repr_and_properties():
+    T = dplr.LowRankTril(np.ones((2, 7, 3)), np.ones((7, 3)), log_decay=-np.ones(7))
+    assert T.shape == (2, 7, 7) and T.rank == 3 and T.dtype == np.float64
+    assert "shape=(2, 7, 7)" in repr(T) and "decay" in repr(T)
+    np.testing.assert_array_equal(T.diag, np.ones((2, 7)))  # broadcast with q
