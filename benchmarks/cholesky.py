@@ -169,7 +169,7 @@ def run(quick: bool = False, progress: Progress | None = None) -> list[Row]:
     """All Cholesky benchmarks; ``quick`` uses small sizes (a few seconds)."""
     progress = progress or noop_progress
     rng = np.random.default_rng(0)
-    big = 1000 if quick else 3000
+    big = 600 if quick else 3000
     progress("cholesky: rank-1 update")
     rows = _rank1_rows(rng, big)
     progress("cholesky: rank-32 update and downdate")
@@ -177,7 +177,7 @@ def run(quick: bool = False, progress: Progress | None = None) -> list[Row]:
     ns, ms = ((100, 500), (1, 16)) if quick else ((100, 500, 2000, 4000), (1, 4, 16, 64, 256))
     rows += _grid_rows(rng, ns, ms, progress)
     progress("cholesky: batched rank-1")
-    rows += _batch_rows(rng, 1000 if quick else 10000, 32)
+    rows += _batch_rows(rng, 300 if quick else 10000, 32)
     if not quick:
         progress("cholesky: JIT compile time")
         rows += _jit_rows()
