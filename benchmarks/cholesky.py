@@ -102,8 +102,8 @@ def _grid_rows(rng, ns, ms, progress: Progress) -> list[Row]:
             rows.append(
                 Row(SUITE, "grid: auto vs fastest", f"N={n}, M={m}", f"fastest: {best}",
                     times[best], times["auto"], err, 1 / 1.2, f"auto={chosen}; {note}",
-                    {"N": n, "M": m, "method": chosen, "fastest": best,
-                     **{f"t_{k}": v for k, v in times.items()}})
+                    {"plot": "chol_vs_M", "N": n, "M": m, "method": chosen, "fastest": best,
+                     **{f"{k}_s": v for k, v in times.items()}})
             )  # fmt: skip
     return rows
 
