@@ -5,37 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import dplr
 from dplr import demo
 
 pytest.importorskip("statsmodels")
-
-
-def dense_insert(factor, index, cols, *, lower=True, errors="raise", check_finite=True):
-    """Reference for dplr.cholesky_insert: rebuild the enlarged matrix and refactorise."""
-    a = factor @ factor.T
-    n, p = a.shape[0], cols.shape[1]
-    rest = np.r_[0:index, index + p : n + p]
-    big = np.empty((n + p, n + p))
-    big[np.ix_(rest, rest)] = a
-    big[:, index : index + p] = cols
-    big[index : index + p, :] = cols.T
-    return np.linalg.cholesky(big)
-
-
-def dense_delete(factor, index, count=1, *, lower=True, check_finite=True):
-    """Reference for dplr.cholesky_delete: drop the rows/columns and refactorise."""
-    a = factor @ factor.T
-    keep = np.r_[0:index, index + count : a.shape[0]]
-    return np.linalg.cholesky(a[np.ix_(keep, keep)])
-
-
-@pytest.fixture
-def cholesky_functions(monkeypatch):
-    """dplr's insert/delete; the dense references while the cholesky branch is not merged."""
-    if not hasattr(dplr, "cholesky_insert"):
-        monkeypatch.setattr(dplr, "cholesky_insert", dense_insert, raising=False)
-        monkeypatch.setattr(dplr, "cholesky_delete", dense_delete, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +45,7 @@ def test_slide_refactor_gives_the_next_window(series):
     np.testing.assert_allclose(factor @ factor.T, a, rtol=1e-12, atol=1e-12)
 
 
-def test_slide_update_matches_refactorisation(series, cholesky_functions):
+def test_slide_update_matches_refactorisation(series):
     t, _ = series
     p = demo.KernelParams()
     w = 80
@@ -96,7 +68,7 @@ def test_predict_matches_dense_formula(series):
     assert 0 < var < p.noise**2  # the next week is well determined by the window
 
 
-def test_update_and_refactor_paths_agree_on_a_slice(series, cholesky_functions):
+def test_update_and_refactor_paths_agree_on_a_slice(series):
     t, y = series
     p = demo.KernelParams()
     kwargs = {"window": 100, "steps": 40}
@@ -125,7 +97,7 @@ def test_choose_jitter():
     assert demo.choose_jitter(np.eye(3)) == 0.0
 
 
-def test_demo_command_on_a_short_run(tmp_path, capsys, cholesky_functions):
+def test_demo_command_on_a_short_run(tmp_path, capsys):
     from dplr.cli import main
 
     assert main(["demo", "--window", "120", "--steps", "30", "--out", str(tmp_path)]) == 0

@@ -4,11 +4,15 @@ The public API, re-exported from the modules that implement it:
 
 - :class:`LowRankTril` and :func:`tril_matmul`, :func:`tril_solve`,
   :func:`tril_inv`: ``T = diag(lam) + tril(Q K^T ⊙ D, -1)`` (module ``dplr.tril``).
+- :func:`cholesky_update`, :func:`cholesky_downdate`, :func:`cholesky_insert`,
+  :func:`cholesky_delete`: Cholesky factor of a low-rank modification
+  (module ``dplr.cholesky``).
 - :func:`delta_rule` and :func:`gated_delta_rule`: the (gated) delta rule of
   linear attention, exactly, in O(T) (module ``dplr.delta``).
 """
 
 from ._errors import NotPositiveDefiniteError, SingularMatrixError
+from .cholesky import cholesky_delete, cholesky_downdate, cholesky_insert, cholesky_update
 from .delta import delta_rule, gated_delta_rule
 from .tril import LowRankTril, tril_inv, tril_matmul, tril_solve
 
@@ -19,6 +23,10 @@ __all__ = [
     "NotPositiveDefiniteError",
     "SingularMatrixError",
     "__version__",
+    "cholesky_delete",
+    "cholesky_downdate",
+    "cholesky_insert",
+    "cholesky_update",
     "delta_rule",
     "gated_delta_rule",
     "tril_inv",

@@ -165,10 +165,15 @@ def matmul(
         return ops.flip(y, -2), hn
     ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
     vc = chunk_rows(ops, v, ch.c)
-    yc = ch.lam[..., None] * vc + ops.matmul(ch.strict_blocks, vc)
     states = _state_sequence(ops, ch, ops.matmul(ch.k_out.mT, vc), h0)
+    return _read_out(ops, ch, vc, states), states[..., -1, :, :]
+
+
+def _read_out(ops: Ops, ch: Chunked, vc: Array, states: Array) -> Array:
+    """``Y_J = lam_J V_J + tril(T_JJ, -1) V_J + q_in_J H_J`` for all chunks at once."""
+    yc = ch.lam[..., None] * vc + ops.matmul(ch.strict_blocks, vc)
     yc = yc + ops.matmul(ch.q_in, states[..., :-1, :, :])
-    return unchunk_rows(yc, ch.n), states[..., -1, :, :]
+    return unchunk_rows(yc, ch.n)
 
 
 def solve(
@@ -331,6 +336,204 @@ def matmul_from_states(
     delta rule).  Skips the state pass: O(n c (d + m) + n d m), all batched.
     """
     ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
-    vc = chunk_rows(ops, v, ch.c)
-    yc = ch.lam[..., None] * vc + ch.strict_blocks @ vc + ch.q_in @ states[..., :-1, :, :]
-    return unchunk_rows(yc, ch.n)
+    return _read_out(ops, ch, chunk_rows(ops, v, ch.c), states)
+
+
+# ------------------------------------------------- Cholesky of a low-rank update
+# ``chol(I + W C W^T) = diag(lam) + tril(W P^T, -1)`` (docs/cholesky.md): the
+# chunked Schur recursion that yields lam and P, and the block-column product
+# of a dense lower factor with that structured factor.  Used by dplr.cholesky.
+
+
+def cholesky_flagged(ops: Ops, a: Array) -> tuple[Array, Array]:
+    """Lower Cholesky factors of a stack of small SPD blocks, and where it worked.
+
+    Returns ``(lt, ok)``: ``ok`` (...) is False for a block that is not
+    positive definite, whose ``lt`` is then the identity (so that the callers'
+    arithmetic stays finite; they discard those entries).
+    """
+    if ops.name == "torch":
+        lt, info = _torch().linalg.cholesky_ex(a)
+        ok = info == 0
+        if not bool(ok.all()):
+            lt = ops.where(ok[..., None, None], lt, ops.eye(a.shape[-1], a))
+        return lt, ok
+    import numpy as np
+
+    try:
+        return np.linalg.cholesky(a), np.ones(a.shape[:-2], dtype=bool)
+    except np.linalg.LinAlgError:
+        pass
+    flat = a.reshape(-1, *a.shape[-2:])
+    lt = np.empty_like(flat)
+    ok = np.ones(flat.shape[0], dtype=bool)
+    for i in range(flat.shape[0]):
+        try:
+            lt[i] = np.linalg.cholesky(flat[i])
+        except np.linalg.LinAlgError:
+            lt[i] = np.eye(a.shape[-1], dtype=a.dtype)
+            ok[i] = False
+    return lt.reshape(a.shape), ok.reshape(a.shape[:-2])
+
+
+def solve_lower_dense(ops: Ops, lower: Array, b: Array) -> Array:
+    """``lower^-1 b`` for a dense lower-triangular matrix (only its triangle is read).
+
+    lower: (..., n, n), b: (..., n, m), batch dimensions broadcast.  One
+    triangular solve (``trsm``) per batch entry.
+    """
+    if ops.name == "torch":
+        return _torch().linalg.solve_triangular(lower, b, upper=False)
+    import numpy as np
+    from scipy.linalg import solve_triangular
+
+    batch = np.broadcast_shapes(lower.shape[:-2], b.shape[:-2])
+    if not batch:
+        return solve_triangular(lower, b, lower=True, check_finite=False)
+    lb = np.broadcast_to(lower, (*batch, *lower.shape[-2:]))
+    bb = np.broadcast_to(b, (*batch, *b.shape[-2:]))
+    out = np.empty(bb.shape, dtype=np.result_type(lower, b))
+    for idx in np.ndindex(*batch):
+        out[idx] = solve_triangular(lb[idx], bb[idx], lower=True, check_finite=False)
+    return out
+
+
+def schur_chunk(ops: Ops, w_j: Array, c_state: Array) -> tuple[Array, Array, Array, Array]:
+    """One chunk J of the Schur recursion for ``chol(I + W C W^T)``.
+
+    ``A_JJ = I + W_J C W_J^T``, ``Lt_JJ = chol(A_JJ)``, ``P_J = Lt_JJ^-1 W_J C``
+    (rows of P), ``C <- C - P_J^T P_J``.  w_j: (..., c, M), c_state: (..., M, M).
+    Returns ``(Lt_JJ, P_J, C_next, ok)``; ``ok`` is False where A_JJ is not
+    positive definite, i.e. where ``I + W C W^T`` is not.
+    """
+    wc = w_j @ c_state
+    lt, ok = cholesky_flagged(ops, wc @ w_j.mT + ops.eye(w_j.shape[-2], w_j))
+    p = solve_lower_dense(ops, lt, wc)
+    return lt, p, c_state - p.mT @ p, ok
+
+
+def lowrank_cholesky(
+    ops: Ops, w: Array, c0: Array, *, chunk_size: int | None = None
+) -> tuple[Array, Array, Array, list[tuple[Array, Array, Array]]]:
+    """``chol(I + W C0 W^T) = diag(lam) + tril(W P^T, -1)``: returns ``(lam, P, ok, steps)``.
+
+    w: (..., n, M), c0: (..., M, M) symmetric.  The factor is exactly the
+    ``LowRankTril(W, P, diag=lam)``; ``ok`` (...) is False where ``I + W C0
+    W^T`` is not positive definite; ``steps`` holds ``(W_J, Lt_JJ, P_J)`` of
+    every chunk (the last one zero-padded) for :func:`lowrank_cholesky_product`.
+    Chunks of c rows: O(n (c + M) M) flops.
+    """
+    n = w.shape[-2]
+    c = effective_chunk(n, chunk_size)
+    wc = chunk_rows(ops, w, c)  # zero rows pad the last chunk: their A_JJ = I
+    c_state, ok, lams, ps, steps = c0, None, [], [], []
+    for j in range(wc.shape[-3]):
+        lt, p, c_state, ok_j = schur_chunk(ops, wc[..., j, :, :], c_state)
+        ok = ok_j if ok is None else ok & ok_j
+        lams.append(lt.diagonal(0, -2, -1)[..., None, :])
+        ps.append(p[..., None, :, :])
+        steps.append((wc[..., j, :, :], lt, p))
+    lam = ops.concat(lams, -2).reshape(*wc.shape[:-3], -1)[..., :n]
+    return lam, unchunk_rows(ops.concat(ps, -3), n), ok, steps
+
+
+def lowrank_cholesky_product(
+    ops: Ops,
+    lower: Array,
+    u: Array,
+    c0: Array,
+    out: Array,
+    *,
+    chunk_size: int | None = None,
+    steps: list[tuple[Array, Array, Array]] | None = None,
+    clean: bool = True,
+    panel_threads: int | None = None,
+) -> tuple[Array | None, list[tuple[Array, Array, Array]]]:
+    """``out = L chol(I + W C0 W^T)`` with ``W = L^-1 U``, block column by block column.
+
+    With ``Lt = chol(I + W C0 W^T)``, block column J of ``L Lt`` is
+    ``L[:, J] Lt_JJ + S_J P_J^T`` where ``S_J = U - L[:, ..J] W[..J]`` is the
+    residual of the forward substitution (nonzero below J only).  One pass over
+    the lower triangle of L: W_J comes from that residual (a c x c solve), the
+    Schur step of :func:`schur_chunk` gives Lt_JJ and P_J, and two products
+    with the panel ``Z = [L[below J, J], S]`` finish the column:
+    ``S <- S - L[below J, J] W_J`` and ``L_B[below J, J] = Z [Lt_JJ; P_J^T]``.
+    L's zero blocks are never touched.  About ``N^2 (2 M + c)`` flops.
+
+    lower: (..., N, N) (lower triangle read), u: (..., N, M), c0: (..., M, M),
+    out: (..., N, N) with the full batch shape; it may be ``lower`` itself
+    (each block column of L is read before it is overwritten).  ``steps`` (the
+    ``(W_J, Lt_JJ, P_J)`` of every chunk, from :func:`lowrank_cholesky` with
+    the same chunk size) skips the
+    solves and Schur steps.  ``clean`` zeroes the strict upper triangle of
+    ``out``.  ``panel_threads``: BLAS threads for the panel products, 0 for
+    the library's default (NumPy; the small per-chunk operations then run in
+    one thread); None leaves threading alone.
+    Returns ``(ok, steps)``; ``ok`` (...) is False where the factor is not
+    positive definite (those entries of ``out`` are garbage); it is None when
+    ``steps`` were given (they were checked when they were made).
+    """
+    n, m = lower.shape[-1], u.shape[-1]
+    c = effective_chunk(n, chunk_size)
+    given = steps is not None
+    steps = steps if given else []
+    z = ops.zeros((*out.shape[:-2], n, c + m), out)
+    z[..., c:] = u
+    c_state, ok = c0, None
+    small, big = _thread_scopes(ops, panel_threads)
+    for j, s in enumerate(range(0, n, c)):
+        e = min(s + c, n)
+        with small():
+            l_jj = _tril_block(ops, lower[..., s:e, s:e])
+            if given:  # possibly zero-padded: the leading block is the same
+                w_j, lt, p = steps[j]
+                w_j, lt, p = w_j[..., : e - s, :], lt[..., : e - s, : e - s], p[..., : e - s, :]
+            else:
+                w_j = solve_lower_dense(ops, l_jj, z[..., s:e, c:])
+                lt, p, c_state, ok_j = schur_chunk(ops, w_j, c_state)
+                ok = ok_j if ok is None else ok & ok_j
+                steps.append((w_j, lt, p))
+            out[..., s:e, s:e] = l_jj @ lt
+        if e < n:  # only the last chunk can be short, and nothing lies below it
+            with big() if n - e >= 256 else small():
+                zp = z[..., e:, :c]
+                zp[...] = lower[..., e:, s:e]
+                z[..., e:, c:] -= zp @ w_j
+                out[..., e:, s:e] = z[..., e:, :] @ ops.concat([lt, p.mT], -2)
+        if clean and s:
+            out[..., :s, s:e] = 0.0
+    return ok, steps
+
+
+def _thread_scopes(ops: Ops, panel_threads: int | None):
+    """Context managers for one BLAS thread (small blocks) and ``panel_threads``."""
+    import contextlib
+
+    if ops.name == "torch" or panel_threads is None:
+        return contextlib.nullcontext, contextlib.nullcontext
+    from ._backend import _blas_controller
+
+    libs = _blas_controller().select(user_api="blas").lib_controllers
+    default = [lib.num_threads for lib in libs]
+
+    @contextlib.contextmanager
+    def threads(k: int | None):
+        for lib, d in zip(libs, default, strict=True):
+            lib.set_num_threads(d if k is None else k)
+        try:
+            yield
+        finally:
+            for lib, d in zip(libs, default, strict=True):
+                lib.set_num_threads(d)
+
+    return (lambda: threads(1)), (lambda: threads(panel_threads or None))
+
+
+def _tril_block(ops: Ops, a: Array) -> Array:
+    return ops.where(ops.strict_lower_mask(a.shape[-1], a).mT, 0.0, a)
+
+
+def _torch():
+    import torch
+
+    return torch

@@ -1,0 +1,195 @@
+"""Benchmarks of dplr's Cholesky update and downdate against refactorisation.
+
+Every ratio compares timings taken in the same run (medians).  Run with
+``python -m dplr_bench.cholesky [--quick]``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+import dplr
+
+from ._common import Progress, Row, format_table, median_time, noop_progress
+
+SUITE = "cholesky"
+
+
+def _spd(rng: np.random.Generator, n: int, batch: tuple[int, ...] = ()) -> np.ndarray:
+    x = rng.standard_normal((*batch, n, n))
+    return x @ np.swapaxes(x, -1, -2) / n + np.eye(n)
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _time(fn, slow: float = 0.4) -> float:
+    """Median of 5 runs, or one run after a warm-up when a call takes over ``slow`` s."""
+    start = time.perf_counter()
+    fn()
+    if time.perf_counter() - start > slow:
+        return median_time(fn, repeats=1, warmup=0)
+    return median_time(fn, repeats=5, warmup=0)
+
+
+def _rank1_rows(rng, n: int) -> list[Row]:
+    a = _spd(rng, n)
+    L = np.linalg.cholesky(a)
+    u = rng.standard_normal(n) / np.sqrt(n)
+    b = a + np.outer(u, u)
+    ref = np.linalg.cholesky(b)
+    t_chol = _time(lambda: np.linalg.cholesky(b))
+    t_copy = _time(lambda: np.copy(L))
+    t_dplr = _time(lambda: dplr.cholesky_update(L, u))
+    err = _rel(dplr.cholesky_update(L, u), ref)
+    size, params = f"N={n}", {"N": n, "M": 1, "method": "auto"}
+    return [
+        Row(SUITE, "rank-1 update", size, "numpy.linalg.cholesky(B)", t_chol, t_dplr, err, 10.0,
+            "new array returned", params),
+        Row(SUITE, "rank-1 update", size, "numpy.copy(L)", t_copy, t_dplr, err, 1 / 3,
+            "target: at most 3x one copy of the factor", params),
+    ]  # fmt: skip
+
+
+def _rank_m_rows(rng, n: int, m: int) -> list[Row]:
+    a = _spd(rng, n)
+    u = rng.standard_normal((n, m)) / np.sqrt(n * m)
+    b = a + u @ u.T
+    L, Lb = np.linalg.cholesky(a), np.linalg.cholesky(b)
+    rows = []
+    for case, f, start, ref, refmat in (
+        ("update", dplr.cholesky_update, L, Lb, b),
+        ("downdate", dplr.cholesky_downdate, Lb, L, a),
+    ):
+        t_ref = _time(lambda refmat=refmat: np.linalg.cholesky(refmat))
+        t_blk = _time(lambda f=f, start=start: f(start, u, method="blocked"))
+        t_r1 = _time(lambda f=f, start=start: f(start, u, method="rank1"))
+        err = _rel(f(start, u, method="blocked"), ref)
+        size, params = f"N={n}, M={m}", {"N": n, "M": m, "method": "blocked"}
+        rows += [
+            Row(SUITE, f"rank-{m} {case}, blocked", size, "numpy.linalg.cholesky(B)", t_ref,
+                t_blk, err, 5.0, "B formed beforehand (not timed)", params),
+            Row(SUITE, f"rank-{m} {case}, blocked", size, 'method="rank1"', t_r1, t_blk, err, 5.0,
+                "", params),
+        ]  # fmt: skip
+    return rows
+
+
+def _grid_rows(rng, ns, ms, progress: Progress) -> list[Row]:
+    rows = []
+    for n in ns:
+        a = _spd(rng, n)
+        L = np.linalg.cholesky(a)
+        for m in ms:
+            progress(f"cholesky grid N={n} M={m}")
+            u = rng.standard_normal((n, m)) / np.sqrt(n * m)
+            times = {
+                meth: _time(lambda meth=meth, L=L, u=u: dplr.cholesky_update(L, u, method=meth))
+                for meth in ("rank1", "blocked", "refactor", "auto")
+            }
+            best = min(("rank1", "blocked", "refactor"), key=times.get)
+            chosen = dplr._cholesky_policy.choose_method(n, m, 1, False)
+            ref = np.linalg.cholesky(a + u @ u.T)
+            err = _rel(dplr.cholesky_update(L, u), ref)
+            note = "; ".join(f"{k} {1e3 * v:.2f} ms" for k, v in times.items() if k != "auto")
+            rows.append(
+                Row(SUITE, "grid: auto vs fastest", f"N={n}, M={m}", f"fastest: {best}",
+                    times[best], times["auto"], err, 1 / 1.2, f"auto={chosen}; {note}",
+                    {"plot": "chol_vs_M", "N": n, "M": m, "method": chosen, "fastest": best,
+                     **{f"{k}_s": v for k, v in times.items()}})
+            )  # fmt: skip
+    return rows
+
+
+def crossovers(rows: list[Row]) -> dict[int, int | None]:
+    """Per N, the smallest M of the grid at which refactorisation was the fastest."""
+    out: dict[int, int | None] = {}
+    for r in rows:
+        if r.case != "grid: auto vs fastest":
+            continue
+        n = r.params["N"]
+        out.setdefault(n, None)
+        if r.params["fastest"] == "refactor" and out[n] is None:
+            out[n] = r.params["M"]
+    return out
+
+
+def _batch_rows(rng, count: int, n: int) -> list[Row]:
+    a = _spd(rng, n, (count,))
+    L = np.linalg.cholesky(a)
+    u = rng.standard_normal((count, n)) / np.sqrt(n)
+    b = a + u[:, :, None] * u[:, None, :]
+    t_ref = _time(lambda: np.linalg.cholesky(b))
+    t_dplr = _time(lambda: dplr.cholesky_update(L, u))
+    err = _rel(dplr.cholesky_update(L, u), np.linalg.cholesky(b))
+    return [
+        Row(SUITE, "batched rank-1 update", f"{count} x {n}x{n}", "numpy.linalg.cholesky(B)",
+            t_ref, t_dplr, err, 5.0, "", {"N": n, "M": 1, "batch": count, "method": "auto"})
+    ]  # fmt: skip
+
+
+_JIT_SCRIPT = """
+import time, numpy as np
+t = time.perf_counter()
+import dplr
+L = np.eye(40); u = np.full(40, 0.1)
+t1 = time.perf_counter()
+dplr.cholesky_update(L, u, method="rank1"); dplr.cholesky_downdate(L, u, method="rank1")
+print(time.perf_counter() - t1)
+"""
+
+
+def _jit_rows() -> list[Row]:
+    """First call of the compiled kernels in a new process: empty cache, then warm cache."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+
+        def first_call() -> float:
+            cmd = [sys.executable, "-c", _JIT_SCRIPT]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            return float(out.stdout.strip().splitlines()[-1])
+
+        cold, warm = first_call(), first_call()
+        cached = any(name.endswith(".nbi") for _, _, files in os.walk(cache) for name in files)
+    return [
+        Row(SUITE, "JIT first call (compile)", "rank-1 kernels, float64", "empty cache", cold,
+            warm, 0.0, None, f"disk cache {'used' if cached else 'NOT written'}; dplr = warm",
+            {"method": "rank1"})
+    ]  # fmt: skip
+
+
+def run(quick: bool = False, progress: Progress | None = None) -> list[Row]:
+    """All Cholesky benchmarks; ``quick`` uses small sizes (a few seconds)."""
+    progress = progress or noop_progress
+    rng = np.random.default_rng(0)
+    big = 600 if quick else 3000
+    progress("cholesky: rank-1 update")
+    rows = _rank1_rows(rng, big)
+    progress("cholesky: rank-32 update and downdate")
+    rows += _rank_m_rows(rng, big, 32)
+    ns, ms = ((100, 500), (1, 16)) if quick else ((100, 500, 2000, 4000), (1, 4, 16, 64, 256))
+    rows += _grid_rows(rng, ns, ms, progress)
+    progress("cholesky: batched rank-1")
+    rows += _batch_rows(rng, 300 if quick else 10000, 32)
+    if not quick:
+        progress("cholesky: JIT compile time")
+        rows += _jit_rows()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    rows = run(quick="--quick" in argv, progress=lambda s: print(s, file=sys.stderr))
+    print(format_table(rows))
+    print("\nM at which refactorisation is first the fastest, per N:", crossovers(rows))
+
+
+if __name__ == "__main__":
+    main()

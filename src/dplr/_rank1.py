@@ -1,0 +1,334 @@
+"""Compiled rank-1 rotation sweeps for the Cholesky update and downdate.
+
+These are the loops that cannot be level-3: one rank-1 modification of a
+triangular factor costs O(N^2) flops and is bound by memory traffic, so each
+kernel reads the input factor and writes the result in a single sweep (the
+result may be the input itself, for an in-place update).  Derivations:
+``docs/cholesky.md``.
+
+Every sweep works on a stack of factors and comes in two memory orders, so
+that the inner loop always runs along contiguous memory:
+
+- ``*_rows``: the lower factor ``L`` addressed as ``L[i, j]``, ``j <= i``
+  (a C-ordered lower factor, or the transpose of an F-ordered upper one);
+- ``*_cols``: the same factor addressed through ``R = L^T`` as
+  ``R[j, i] = L[i, j]`` (a C-ordered upper factor, or the transpose of an
+  F-ordered lower one).
+
+Arguments of :func:`sweep`: ``src`` (Bs, n, n) input factors, ``src_idx`` (B,)
+the input factor of each output entry (broadcasting without copies), ``dst``
+(B, n, n) output (may be ``src`` itself when ``inplace``), ``x`` (B, n) the
+update vectors, scaled by ``sqrt(|multiplier|)`` (overwritten), ``down`` (B,)
+true for a downdate, ``ok`` (B,) set to false where a downdate would not be
+positive definite (such entries are not written, or receive a copy of the
+input when not ``inplace``).  The triangle opposite the factor is set to zero
+in ``dst``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numba as nb
+import numpy as np
+
+#: Rows of the lower factor advanced together by the row-oriented update, so
+#: that GROUP independent rotation chains overlap in the floating-point units.
+GROUP = 8
+
+
+def _jit(**options):
+    """``numba.njit`` with an on-disk cache when some cache directory is writable.
+
+    Numba caches next to this file, or in the user-wide cache directory
+    (``NUMBA_CACHE_DIR`` overrides both) when the package is read-only; if no
+    location is writable, compile in memory instead of failing at import.
+    """
+
+    def wrap(fn):
+        try:
+            return nb.njit(cache=True, **options)(fn)
+        except RuntimeError as exc:  # "no locator available": nowhere to cache
+            warnings.warn(f"dplr: numba cache disabled ({exc})", RuntimeWarning, stacklevel=2)
+            return nb.njit(cache=False, **options)(fn)
+
+    return wrap
+
+
+_SERIAL = {"nogil": True, "fastmath": {"contract"}}
+_PARALLEL = {"nogil": True, "fastmath": {"contract"}, "parallel": True}
+
+
+# --------------------------------------------------------------- row order
+@_jit(**_SERIAL)
+def _apply_update_row(src, dst, x, cs, sn, i, j0, j1):
+    """Rotations j0..j1-1 applied to row i of the lower factor and to x[i]."""
+    xi = x[i]
+    for j in range(j0, j1):
+        a = src[i, j]
+        dst[i, j] = cs[j] * a + sn[j] * xi
+        xi = cs[j] * xi - sn[j] * a
+    x[i] = xi
+
+
+@_jit(**_SERIAL)
+def _update_rows_one(src, dst, x, cs, sn, xs):
+    """Givens update of one lower factor, row by row, GROUP rows interleaved.
+
+    Row i needs rotations 0..i-1 and forms rotation i at its diagonal, so a
+    group of rows first applies every rotation formed before the group (GROUP
+    independent recurrences in x), then finishes its own small triangle.
+    """
+    n = src.shape[0]
+    for i0 in range(0, n, GROUP):
+        g = min(GROUP, n - i0)
+        if g == GROUP:
+            for r in range(GROUP):
+                xs[r] = x[i0 + r]
+            for j in range(i0):
+                c = cs[j]
+                s = sn[j]
+                for r in range(GROUP):
+                    a = src[i0 + r, j]
+                    dst[i0 + r, j] = c * a + s * xs[r]
+                    xs[r] = c * xs[r] - s * a
+            for r in range(GROUP):
+                x[i0 + r] = xs[r]
+        else:
+            for r in range(g):
+                _apply_update_row(src, dst, x, cs, sn, i0 + r, 0, i0)
+        for r in range(g):
+            i = i0 + r
+            _apply_update_row(src, dst, x, cs, sn, i, i0, i)
+            d = src[i, i]
+            rr = math.hypot(d, x[i])
+            cs[i] = d / rr
+            sn[i] = x[i] / rr
+            dst[i, i] = rr
+            for j in range(i + 1, n):
+                dst[i, j] = 0.0
+
+
+@_jit(**_SERIAL)
+def _forward_rows_one(src, x, p):
+    """p = L^-1 x for a lower factor read by rows (four partial sums per dot)."""
+    n = src.shape[0]
+    for i in range(n):
+        s0 = s1 = s2 = s3 = 0.0
+        j = 0
+        while j + 4 <= i:
+            s0 += src[i, j] * p[j]
+            s1 += src[i, j + 1] * p[j + 1]
+            s2 += src[i, j + 2] * p[j + 2]
+            s3 += src[i, j + 3] * p[j + 3]
+            j += 4
+        while j < i:
+            s0 += src[i, j] * p[j]
+            j += 1
+        p[i] = (x[i] - ((s0 + s1) + (s2 + s3))) / src[i, i]
+
+
+@_jit(**_SERIAL)
+def _downdate_rows_one(src, dst, cs, sn):
+    """Apply precomputed downdate rotations; rows are independent of each other."""
+    n = src.shape[0]
+    for i in range(n):
+        xx = 0.0
+        for j in range(i, -1, -1):
+            a = src[i, j]
+            t = cs[j] * xx + sn[j] * a
+            dst[i, j] = cs[j] * a - sn[j] * xx
+            xx = t
+        for j in range(i + 1, n):
+            dst[i, j] = 0.0
+
+
+# ------------------------------------------------------------ column order
+@_jit(**_SERIAL)
+def _update_cols_one(src, dst, x):
+    """Givens update of R = L^T: step k rotates row k of R against x."""
+    n = src.shape[0]
+    for k in range(n):
+        d = src[k, k]
+        rr = math.hypot(d, x[k])
+        c = d / rr
+        s = x[k] / rr
+        for j in range(k):
+            dst[k, j] = 0.0
+        dst[k, k] = rr
+        for i in range(k + 1, n):
+            a = src[k, i]
+            dst[k, i] = c * a + s * x[i]
+            x[i] = c * x[i] - s * a
+
+
+@_jit(**_SERIAL)
+def _forward_cols_one(src, x, p):
+    """p = R^-T x (= L^-1 x) by axpy steps along the rows of R; x is overwritten."""
+    n = src.shape[0]
+    for k in range(n):
+        pk = x[k] / src[k, k]
+        p[k] = pk
+        for i in range(k + 1, n):
+            x[i] -= pk * src[k, i]
+
+
+@_jit(**_SERIAL)
+def _downdate_cols_one(src, dst, cs, sn, xx):
+    """Apply precomputed downdate rotations to R from its last row up."""
+    n = src.shape[0]
+    xx[:] = 0.0
+    for i in range(n - 1, -1, -1):
+        c = cs[i]
+        s = sn[i]
+        for j in range(i, n):
+            a = src[i, j]
+            t = c * xx[j] + s * a
+            dst[i, j] = c * a - s * xx[j]
+            xx[j] = t
+        for j in range(i):
+            dst[i, j] = 0.0
+
+
+# ------------------------------------------------------------------ shared
+@_jit(**_SERIAL)
+def _downdate_rotations(p, cs, sn):
+    """LINPACK's downdate rotations from p = L^-1 x; False if ||p|| >= 1 (or NaN).
+
+    With ``alpha = sqrt(1 - ||p||^2)`` the rotations, generated from the last
+    entry up, map ``(alpha, p)`` to ``(1, 0)``; ``alpha`` stays positive, so
+    every cosine is positive and so is the new diagonal.
+    """
+    n = p.shape[0]
+    norm2 = 0.0
+    for i in range(n):
+        norm2 += p[i] * p[i]
+    if not norm2 < 1.0:
+        return False
+    alpha = math.sqrt(1.0 - norm2)
+    for i in range(n - 1, -1, -1):
+        scale = alpha + abs(p[i])
+        a = alpha / scale
+        b = p[i] / scale
+        r = math.sqrt(a * a + b * b)
+        cs[i] = a / r
+        sn[i] = b / r
+        alpha = scale * r
+    return True
+
+
+@_jit(**_SERIAL)
+def _copy_tri(src, dst, rows):
+    """dst = the factor's triangle of src, zero elsewhere (a failed entry)."""
+    n = src.shape[0]
+    for i in range(n):
+        for j in range(n):
+            keep = j <= i if rows else j >= i
+            dst[i, j] = src[i, j] if keep else 0.0
+
+
+@_jit(**_SERIAL)
+def _sweep_rows_one(s, d, x, work, down, inplace):
+    """One rank-1 update or downdate of one lower factor read by rows; False if not PD."""
+    n = s.shape[0]
+    cs, sn, p = work[0, :n], work[1, :n], work[2, :n]
+    if not down:
+        _update_rows_one(s, d, x, cs, sn, work[2])
+        return True
+    _forward_rows_one(s, x, p)
+    if _downdate_rotations(p, cs, sn):
+        _downdate_rows_one(s, d, cs, sn)
+        return True
+    if not inplace:
+        _copy_tri(s, d, True)
+    return False
+
+
+@_jit(**_SERIAL)
+def _sweep_cols_one(s, d, x, work, down, inplace):
+    """One rank-1 update or downdate of one factor read through R = L^T; False if not PD."""
+    n = s.shape[0]
+    cs, sn, p = work[0, :n], work[1, :n], work[2, :n]
+    if not down:
+        _update_cols_one(s, d, x)
+        return True
+    _forward_cols_one(s, x, p)
+    if _downdate_rotations(p, cs, sn):
+        _downdate_cols_one(s, d, cs, sn, p)
+        return True
+    if not inplace:
+        _copy_tri(s, d, False)
+    return False
+
+
+@_jit(**_SERIAL)
+def _sweep_serial(src, src_idx, dst, x, work, down, ok, inplace, rows):
+    for b in range(dst.shape[0]):
+        if rows:
+            ok[b] = _sweep_rows_one(src[src_idx[b]], dst[b], x[b], work[b], down[b], inplace)
+        else:
+            ok[b] = _sweep_cols_one(src[src_idx[b]], dst[b], x[b], work[b], down[b], inplace)
+
+
+@_jit(**_PARALLEL)
+def _sweep_parallel(src, src_idx, dst, x, work, down, ok, inplace, rows):
+    for b in nb.prange(dst.shape[0]):
+        if rows:
+            ok[b] = _sweep_rows_one(src[src_idx[b]], dst[b], x[b], work[b], down[b], inplace)
+        else:
+            ok[b] = _sweep_cols_one(src[src_idx[b]], dst[b], x[b], work[b], down[b], inplace)
+
+
+#: Batch size from which the sweeps run in numba's thread pool.  Below it they
+#: stay in the calling thread: an OpenMP pool that has just run keeps spinning
+#: and was measured to slow the caller's next multi-threaded BLAS call up to 20x.
+PARALLEL_BATCH = 64
+
+
+def sweep(src, src_idx, dst, x, down, ok, inplace: bool, rows: bool) -> None:
+    """One rank-1 update or downdate of every factor (see the module docstring).
+
+    ``rows`` selects the memory order: the lower factor addressed by rows, or
+    through ``R = L^T``.
+    """
+    work = np.empty((dst.shape[0], 3, max(dst.shape[-1], GROUP)), dtype=x.dtype)
+    fn = _sweep_parallel if dst.shape[0] >= PARALLEL_BATCH else _sweep_serial
+    fn(src, src_idx, dst, x, work, down, ok, inplace, rows)
+
+
+@_jit(nogil=True, fastmath={"reassoc"})
+def _tri_finite_one(s, rows):
+    """True if the factor's triangle of s is finite.
+
+    ``v * 0`` is 0 for a finite v and NaN otherwise, so the sum is exact and
+    may be reassociated (vectorised) freely.
+    """
+    n = s.shape[0]
+    acc = 0.0
+    for i in range(n):
+        lo = 0 if rows else i
+        hi = i + 1 if rows else n
+        row = s[i]
+        for j in range(lo, hi):
+            acc += row[j] * 0.0
+    return acc == 0.0
+
+
+@_jit(nogil=True, parallel=True)
+def _tri_finite_batch(src, rows):
+    out = np.empty(src.shape[0], dtype=np.bool_)
+    for b in nb.prange(src.shape[0]):
+        out[b] = _tri_finite_one(src[b], rows)
+    return out
+
+
+def tri_all_finite(src: np.ndarray, rows: bool) -> np.ndarray:
+    """Per factor of src (B, n, n): True if its triangle (lower if ``rows``) is finite.
+
+    The other triangle is not read.  Parallel over a large batch (see
+    :data:`PARALLEL_BATCH`).
+    """
+    if src.shape[0] < PARALLEL_BATCH:
+        return np.array([_tri_finite_one(src[b], rows) for b in range(src.shape[0])])
+    return _tri_finite_batch(src, rows)

@@ -1,0 +1,597 @@
+"""Cholesky factor of a low-rank modification: update, downdate, insert, delete.
+
+Given a Cholesky factor of ``A`` (``A = L L^T``), these return the factor of
+``A + U diag(multiplier) U^T`` in O(N^2 M) instead of O(N^3).  Derivations,
+costs and the measured policy of ``method="auto"``: ``docs/cholesky.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _kernels, _rank1
+from ._backend import Array, backend_of, is_torch, single_threaded_blas
+from ._cholesky_policy import choose_method, panel_threads
+from ._errors import NotPositiveDefiniteError
+from ._validate import broadcast_batch, prepare, require_ndim, to_output
+
+__all__ = ["cholesky_delete", "cholesky_downdate", "cholesky_insert", "cholesky_update"]
+
+_METHODS = ("auto", "rank1", "blocked", "refactor")
+_ERRORS = ("raise", "flag")
+
+
+@dataclass
+class _Problem:
+    """Validated operands: the factor seen as lower triangular, U, the weights."""
+
+    lower: Array  # (..., N, N) lower view of the factor (a transpose view for upper)
+    u: Array  # (..., N, M)
+    w: Array  # (..., M) signed weights
+    batch: tuple[int, ...]
+    prep: Any
+    source: Any  # the caller's factor object
+    is_lower: bool
+
+    @property
+    def n(self) -> int:
+        return int(self.lower.shape[-1])
+
+    @property
+    def m(self) -> int:
+        return int(self.u.shape[-1])
+
+    @property
+    def ops(self):
+        return backend_of(self.lower)
+
+
+# ------------------------------------------------------------------ validation
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name!r} must be one of {allowed}; got {value!r}")
+
+
+def _weights(multiplier: Any, prep: Any, m: int, rank_m: bool) -> Array:
+    """The multiplier as a (..., M) array of the compute dtype."""
+    if prep.torch:
+        import torch
+
+        ref = prep["factor"]
+        if isinstance(multiplier, np.ndarray):
+            raise TypeError("'multiplier' is a NumPy array but the factor is a torch tensor")
+        w = torch.as_tensor(multiplier, device=ref.device)
+        if w.dtype.is_complex or w.dtype == torch.bool:
+            raise TypeError(f"'multiplier' must be real; got dtype {w.dtype}")
+        w = w.to(prep.compute_dtype)
+        finite = bool(torch.isfinite(w).all())
+    else:
+        if is_torch(multiplier):
+            raise TypeError("'multiplier' is a torch tensor but the factor is a NumPy array")
+        w = np.asarray(multiplier)
+        if w.dtype.kind not in "iuf":
+            raise TypeError(f"'multiplier' must be a real number or array; got dtype {w.dtype}")
+        w = w.astype(prep.compute_dtype)
+        finite = bool(np.isfinite(w).all())
+    if not finite:
+        raise ValueError("'multiplier' contains NaN or Inf")
+    if rank_m and w.ndim >= 1 and w.shape[-1] == m:
+        return w
+    return w[..., None]
+
+
+def _problem(factor, u, multiplier, sign, lower, check_finite) -> _Problem:
+    prep = prepare({"factor": factor, "u": u}, check_finite=False)
+    f, u_ = prep["factor"], prep["u"]
+    require_ndim("factor", f, 2, "(..., N, N)")
+    if f.shape[-1] != f.shape[-2] or f.shape[-1] == 0:
+        raise ValueError(f"'factor' must be square, (..., N, N) with N > 0; got {tuple(f.shape)}")
+    n = f.shape[-1]
+    require_ndim("u", u_, 1, f"(..., {n}) or (..., {n}, M)")
+    rank_m = u_.ndim >= 2 and u_.shape[-2] == n
+    if not rank_m:
+        if u_.shape[-1] != n:
+            raise ValueError(
+                f"'u' must have shape (..., {n}) or (..., {n}, M) to match 'factor' "
+                f"{tuple(f.shape)}; got {tuple(u_.shape)}"
+            )
+        u_ = u_[..., None]
+    w = sign * _weights(multiplier, prep, u_.shape[-1], rank_m)
+    shapes = {"factor": f.shape[:-2], "u": u_.shape[:-2], "multiplier": w.shape[:-1]}
+    batch = broadcast_batch({k: tuple(v) for k, v in shapes.items()})
+    if check_finite and not _finite(u_):
+        raise ValueError("'u' contains NaN or Inf (pass check_finite=False to skip)")
+    low = f if lower else f.mT
+    _check_diagonal(low, check_finite)
+    return _Problem(low, u_, w, batch, prep, factor, lower)
+
+
+def _finite(x: Array) -> bool:
+    return bool((x.isfinite() if is_torch(x) else np.isfinite(x)).all())
+
+
+def _check_diagonal(low: Array, check_finite: bool) -> None:
+    """A Cholesky factor has a positive diagonal; report the first entry that is not."""
+    diag = low.diagonal(0, -2, -1)
+    good = diag > 0
+    if bool(good.all()):
+        return
+    bad = (~good).nonzero()
+    where = tuple(int(b[0]) for b in bad)
+    value = float(diag[where])
+    if check_finite and not np.isfinite(value):
+        raise ValueError("'factor' contains NaN or Inf (pass check_finite=False to skip)")
+    raise ValueError(
+        f"'factor' must have a positive diagonal (a Cholesky factor); "
+        f"diagonal entry {list(where)} is {value}"
+    )
+
+
+def _check_triangle_finite(pb: _Problem) -> None:
+    low = pb.lower
+    if pb.prep.torch:
+        import torch
+
+        ok = bool(torch.isfinite(torch.tril(low)).all())
+    else:
+        n = pb.n
+        view = low.reshape(-1, n, n)
+        rows = low.strides[-1] <= low.strides[-2]
+        ok = bool(_rank1.tri_all_finite(view if rows else view.mT, rows).all())
+    if not ok:
+        raise ValueError("'factor' contains NaN or Inf (pass check_finite=False to skip)")
+
+
+# ------------------------------------------------------------------ the paths
+def _writable_target(pb: _Problem) -> Array | None:
+    """The caller's factor, as a lower view, if the result may be written into it."""
+    src = pb.source
+    same = src is pb.prep["factor"] if not pb.prep.torch else src.data_ptr() == pb.lower.data_ptr()
+    if not same or tuple(pb.lower.shape[:-2]) != pb.batch:
+        return None
+    if pb.prep.torch:
+        return None if src.requires_grad else pb.lower
+    return pb.lower if pb.lower.flags.writeable else None
+
+
+def _rank1_path(pb: _Problem, target: Array | None, check_finite: bool) -> tuple[Array, Array]:
+    """M compiled sweeps; returns (lower result, ok)."""
+    if pb.prep.torch:
+        raise ValueError(
+            "method='rank1' runs compiled NumPy loops; for torch tensors use "
+            "method='blocked' or 'auto' (dplr never moves data behind your back)"
+        )
+    n, m, batch = pb.n, pb.m, pb.batch
+    low = pb.lower
+    rows = low.strides[-1] <= low.strides[-2]
+    orient = (lambda a: a) if rows else (lambda a: a.mT)
+    bsize = int(np.prod(batch, dtype=np.int64))
+    src = orient(low).reshape(-1, n, n)
+    src_idx = np.broadcast_to(np.arange(src.shape[0]).reshape(low.shape[:-2]), batch).reshape(-1)
+    w = np.broadcast_to(pb.w, (*batch, m)).reshape(bsize, m)
+    order = np.argsort(w < 0, axis=-1, kind="stable")  # updates first: stays PD
+    w = np.take_along_axis(w, order, -1)
+    x_all = np.broadcast_to(pb.u, (*batch, n, m)).reshape(bsize, n, m)
+    x_all = np.take_along_axis(x_all, order[:, None, :], -1) * np.sqrt(np.abs(w))[:, None, :]
+    direct = target is not None and (m == 1 or not (w < 0).any())
+    if direct:
+        if check_finite:
+            _check_triangle_finite(pb)
+        out = target
+        dst = src
+    else:
+        out = np.empty((*batch, n, n), dtype=low.dtype)
+        out = out if rows else out.mT
+        dst = orient(out).reshape(bsize, n, n)
+    ok = np.ones(bsize, dtype=bool)
+    for j in range(m):
+        ok_j = np.ones(bsize, dtype=bool)
+        x = np.ascontiguousarray(x_all[:, :, j])
+        first = j == 0
+        _rank1.sweep(src if first else dst, src_idx if first else np.arange(bsize), dst, x,
+                     w[:, j] < 0, ok_j, direct or not first, rows)  # fmt: skip
+        ok &= ok_j
+    if check_finite and not direct:
+        bad = ~ok | ~np.isfinite(dst.diagonal(0, -2, -1)).all(-1)
+        if bad.any() and not _rank1.tri_all_finite(src[src_idx[bad]], rows).all():
+            raise ValueError("'factor' contains NaN or Inf (pass check_finite=False to skip)")
+    return out, ok.reshape(batch)
+
+
+def _blocked_path(pb: _Problem, target: Array | None, check_finite: bool, chunk: int | None):
+    """W = L^-1 U, the chunked Schur recursion and the block-column product."""
+    ops, low, n, m = pb.ops, pb.lower, pb.n, pb.m
+    if check_finite:
+        _check_triangle_finite(pb)
+    c0 = pb.w[..., :, None] * ops.eye(m, pb.w)
+    may_fail = bool((pb.w < 0).any())
+    steps = None
+    bsize = int(np.prod(pb.batch, dtype=np.int64))
+    threads = panel_threads(n, m, bsize)
+    if target is not None and may_fail:
+        # Check before touching the caller's memory: W, then the Schur recursion.
+        with _blas_threads(pb, threads):
+            w_mat = _kernels.solve_lower_dense(ops, low, pb.u)
+        _, _, ok, steps = _kernels.lowrank_cholesky(ops, w_mat, c0, chunk_size=chunk)
+        if not bool(ok.all()):
+            return None, _expand(ops, ok, pb.batch)
+    if target is not None:
+        out = target
+    elif pb.prep.torch:
+        out = ops.zeros((*pb.batch, n, n), low)
+    else:  # the memory order of the input
+        out = np.zeros((*pb.batch, n, n), dtype=low.dtype)
+        out = out if low.strides[-1] <= low.strides[-2] else out.mT
+    with np.errstate(all="ignore"):  # failed entries may overflow; they are discarded
+        ok, _ = _kernels.lowrank_cholesky_product(
+            ops, low, pb.u, c0, out, chunk_size=chunk, steps=steps,
+            clean=target is not None, panel_threads=None if pb.prep.torch else threads,
+        )  # fmt: skip
+    if ok is None:
+        ok = ops.zeros(pb.batch, low) == 0
+    return out, _expand(ops, ok, pb.batch)
+
+
+def _refactor_path(pb: _Problem) -> tuple[Array, Array]:
+    """Form ``L L^T + U diag(w) U^T`` and factor it again: O(N^3)."""
+    ops = pb.ops
+    with _blas_threads(pb, 1 if pb.n < 1000 else 0):
+        low = _kernels._tril_block(ops, pb.lower)
+        b = low @ low.mT + (pb.u * pb.w[..., None, :]) @ pb.u.mT
+        lt, ok = _kernels.cholesky_flagged(ops, b)
+    return lt, _expand(ops, ok, pb.batch)
+
+
+def _expand(ops, ok, batch):
+    return ops.broadcast_to(ok, batch) if tuple(ok.shape) != tuple(batch) else ok
+
+
+def _blas_threads(pb: _Problem, threads: int | None):
+    if pb.prep.torch or threads != 1:
+        return contextlib.nullcontext()
+    return single_threaded_blas()
+
+
+# ---------------------------------------------------------------- dispatching
+def _failure(ok: Array, what: str) -> NotPositiveDefiniteError:
+    bad = np.argwhere(~np.asarray(ok.cpu() if is_torch(ok) else ok))
+    indices = tuple(tuple(int(i) for i in row) for row in bad)
+    shown = ", ".join(str(i) for i in indices[:10]) + (", ..." if len(indices) > 10 else "")
+    where = "" if indices == ((),) else f" at batch entries {shown}"
+    return NotPositiveDefiniteError(
+        f"{what} is not positive definite{where}; the input factor is unchanged "
+        "(pass errors='flag' to get a per-entry mask instead)",
+        indices,
+    )
+
+
+def _finish(pb: _Problem, out, ok, target, errors: str):
+    """Raise or flag failures, restore failed entries, write into the target."""
+    ops = pb.ops
+    all_ok = bool(ok.all())
+    if not all_ok and errors == "raise":
+        raise _failure(ok, "the modified matrix")
+    if out is not target:
+        if not all_ok:
+            full = ops.broadcast_to(pb.lower, (*pb.batch, pb.n, pb.n))
+            out[~ok] = _kernels._tril_block(ops, full[~ok])
+        if target is not None:
+            target[ok] = out[ok]
+            out = target
+    result = out if pb.is_lower else out.mT
+    result = to_output(result, pb.prep)
+    return (result, ok) if errors == "flag" else result
+
+
+def _modify(factor, u, multiplier, sign, *, lower, method, errors, overwrite, check_finite,
+            chunk_size=None):  # fmt: skip
+    _check_choice("method", method, _METHODS)
+    _check_choice("errors", errors, _ERRORS)
+    pb = _problem(factor, u, multiplier, sign, lower, check_finite)
+    target = _writable_target(pb) if overwrite else None
+    bsize = int(np.prod(pb.batch, dtype=np.int64))
+    if method == "auto":
+        method = choose_method(pb.n, pb.m, bsize, pb.prep.torch)
+    if method == "rank1":
+        out, ok = _rank1_path(pb, target, check_finite)
+    elif method == "blocked":
+        out, ok = _blocked_path(pb, target, check_finite, chunk_size)
+        if out is None:  # the check before writing failed somewhere
+            if errors == "raise":
+                raise _failure(ok, "the modified matrix")
+            out, ok = _blocked_path(pb, None, False, chunk_size)
+    else:
+        if check_finite:
+            _check_triangle_finite(pb)
+        out, ok = _refactor_path(pb)
+    return _finish(pb, out, ok, target, errors)
+
+
+# ------------------------------------------------------------------ public API
+def cholesky_update(
+    factor: Any, u: Any, multiplier: Any = 1.0, *, lower: bool = True, method: str = "auto",
+    errors: str = "raise", overwrite: bool = False, check_finite: bool = True,
+) -> Any:  # fmt: skip
+    """Cholesky factor of ``A + U diag(multiplier) U^T`` from a factor of ``A``.
+
+    Parameters
+    ----------
+    factor : (..., N, N) array_like
+        Cholesky factor of A: lower (``A = L L^T``) or, with ``lower=False``,
+        upper (``A = R^T R``).  Only that triangle is read.  NumPy array or
+        torch tensor (any device).
+    u : (..., N) or (..., N, M) array_like
+        The update vector (rank 1) or its M columns.  An array whose
+        second-to-last axis has length N is read as (..., N, M).
+    multiplier : float or array_like, default 1.0
+        Weights of the columns: a scalar, an array broadcastable to the batch
+        shape (...), or one weight per column, (..., M) (a trailing axis of
+        length M is read this way).  Negative weights downdate; signs may mix.
+    lower : bool, default True
+        Whether ``factor`` (and the result) is lower or upper triangular.
+    method : {"auto", "rank1", "blocked", "refactor"}, default "auto"
+        ``"rank1"``: M compiled rotation sweeps (NumPy only); ``"blocked"``:
+        ``W = L^-1 U`` and the chunked Schur recursion, all matrix products;
+        ``"refactor"``: form the modified matrix and factor it (O(N^3));
+        ``"auto"`` picks one from N, M and the batch size (measured policy).
+    errors : {"raise", "flag"}, default "raise"
+        On a result that is not positive definite: raise
+        :class:`NotPositiveDefiniteError`, or return ``(new_factor, ok)``
+        with ``ok`` a boolean array of the batch shape; failed entries then
+        hold the input factor.
+    overwrite : bool, default False
+        Allow a successful call to write the result into ``factor``'s memory
+        (only when no dtype conversion or batch broadcasting is needed).
+        On failure the caller's arrays are never modified.
+    check_finite : bool, default True
+        Raise if an input holds NaN or Inf.
+
+    Returns
+    -------
+    new_factor : (..., N, N) array
+        The factor of the modified matrix, same kind (lower/upper) as the
+        input, positive diagonal, zeros in the other triangle; same library,
+        device and promoted dtype as the inputs.
+    ok : (...) bool array
+        Only with ``errors="flag"``.
+
+    Raises
+    ------
+    NotPositiveDefiniteError
+        With ``errors="raise"``, if the modified matrix is not positive
+        definite for some batch entries (listed in ``.batch_indices``).
+    ValueError
+        Non-square ``factor``, shapes that do not match or broadcast, a
+        diagonal entry of ``factor`` that is not positive, NaN or Inf, an
+        unknown ``method`` or ``errors``, or ``method="rank1"`` with torch.
+    TypeError
+        Complex input, or NumPy and torch mixed.
+
+    Notes
+    -----
+    Rank 1: LINPACK's rotations, O(N^2), one sweep that reads the input and
+    writes the result; a downdate first solves ``L p = u`` and is positive
+    definite iff ``||p|| < 1``.  Rank M, blocked: with ``W = L^-1 U`` and
+    ``C = diag(multiplier)``, ``chol(I + W C W^T)`` is exactly
+    ``diag(lam) + tril(W P^T, -1)`` (a :class:`LowRankTril`), whose chunks
+    come from a Schur recursion on an M x M matrix; the result is ``L``
+    times it, about ``N^2 (2 M + 64)`` flops in matrix products.  Failure is
+    detected before the caller's memory is written.  Not differentiable
+    (torch autograd does not track it).  See ``docs/cholesky.md``.
+
+    Examples
+    --------
+    >>> import numpy as np, dplr
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((50, 50)); a = x @ x.T + 50 * np.eye(50)
+    >>> u = rng.standard_normal((50, 3))
+    >>> new = dplr.cholesky_update(np.linalg.cholesky(a), u)
+    >>> np.allclose(new, np.linalg.cholesky(a + u @ u.T))
+    True
+    """
+    return _modify(factor, u, multiplier, 1.0, lower=lower, method=method, errors=errors,
+                   overwrite=overwrite, check_finite=check_finite)  # fmt: skip
+
+
+def cholesky_downdate(
+    factor: Any, u: Any, multiplier: Any = 1.0, *, lower: bool = True, method: str = "auto",
+    errors: str = "raise", overwrite: bool = False, check_finite: bool = True,
+) -> Any:  # fmt: skip
+    """Cholesky factor of ``A - U diag(multiplier) U^T``; see :func:`cholesky_update`.
+
+    Same arguments, results and errors as :func:`cholesky_update` with the
+    multiplier negated.  Raises :class:`NotPositiveDefiniteError` (or flags
+    the entry) when the result would not be positive definite, e.g. when
+    ``||L^-1 u|| >= 1`` for a rank-1 downdate; the input is then untouched,
+    also with ``overwrite=True``.
+
+    Examples
+    --------
+    >>> import numpy as np, dplr
+    >>> a = np.array([[4.0, 2.0], [2.0, 3.0]]); u = np.array([1.0, 1.0])
+    >>> new = dplr.cholesky_downdate(np.linalg.cholesky(a), u)
+    >>> np.allclose(new @ new.T, a - np.outer(u, u))
+    True
+    >>> dplr.cholesky_downdate(np.linalg.cholesky(a), 3 * u, errors="flag")[1]
+    array(False)
+    """
+    return _modify(factor, u, multiplier, -1.0, lower=lower, method=method, errors=errors,
+                   overwrite=overwrite, check_finite=check_finite)  # fmt: skip
+
+
+def _factor_only(factor: Any, lower: bool, check_finite: bool, extra: dict | None = None):
+    prep = prepare({"factor": factor, **(extra or {})}, check_finite=False)
+    f = prep["factor"]
+    require_ndim("factor", f, 2, "(..., N, N)")
+    if f.shape[-1] != f.shape[-2] or f.shape[-1] == 0:
+        raise ValueError(f"'factor' must be square, (..., N, N) with N > 0; got {tuple(f.shape)}")
+    low = f if lower else f.mT
+    pb = _Problem(low, low[..., :1], low[..., 0, :1], tuple(f.shape[:-2]), prep, factor, lower)
+    if check_finite:
+        _check_triangle_finite(pb)
+    _check_diagonal(low, check_finite)
+    return pb
+
+
+def _index(name: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name!r} must be an integer; got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name!r} must be in [{lo}, {hi}]; got {value}")
+    return int(value)
+
+
+def cholesky_delete(
+    factor: Any, index: int, count: int = 1, *, lower: bool = True, check_finite: bool = True
+) -> Any:
+    """Factor of A with rows and columns ``index .. index+count-1`` removed.
+
+    Parameters
+    ----------
+    factor : (..., N, N) array_like
+        Lower (or, with ``lower=False``, upper) Cholesky factor of A.
+    index : int
+        First row/column to remove, ``0 <= index <= N - count``.
+    count : int, default 1
+        Number of consecutive rows/columns to remove, ``1 <= count < N``.
+    lower, check_finite : bool
+        As in :func:`cholesky_update`.
+
+    Returns
+    -------
+    new_factor : (..., N - count, N - count) array
+        Same kind, library, device and dtype as the input.
+
+    Raises
+    ------
+    ValueError
+        ``index`` or ``count`` out of range, bad ``factor`` (see
+        :func:`cholesky_update`).
+
+    Notes
+    -----
+    With ``L = [[L11, 0, 0], [L21, L22, 0], [L31, L32, L33]]`` split at the
+    removed block, the new factor is ``[[L11, 0], [L31, L33']]`` where
+    ``L33' L33'^T = L33 L33^T + L32 L32^T``: a rank-``count`` update of the
+    trailing block (:func:`cholesky_update`), O((N - index)^2 count).  A
+    sum of positive semidefinite terms cannot fail.
+
+    Examples
+    --------
+    >>> import numpy as np, dplr
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((6, 6)); a = x @ x.T + 6 * np.eye(6)
+    >>> new = dplr.cholesky_delete(np.linalg.cholesky(a), 2, count=2)
+    >>> keep = [0, 1, 4, 5]
+    >>> np.allclose(new, np.linalg.cholesky(a[np.ix_(keep, keep)]))
+    True
+    """
+    pb = _factor_only(factor, lower, check_finite)
+    n, low, ops = pb.n, pb.lower, pb.ops
+    count = _index("count", count, 1, n - 1)
+    k = _index("index", index, 0, n - count)
+    e = k + count
+    new = ops.zeros((*pb.batch, n - count, n - count), low)
+    new[..., :k, :k] = _kernels._tril_block(ops, low[..., :k, :k])
+    new[..., k:, :k] = low[..., e:, :k]
+    if e < n:
+        new[..., k:, k:] = cholesky_update(low[..., e:, e:], low[..., e:, k:e], check_finite=False)
+    return to_output(new if lower else new.mT, pb.prep)
+
+
+def cholesky_insert(
+    factor: Any, index: int, cols: Any, *, lower: bool = True, errors: str = "raise",
+    check_finite: bool = True,
+) -> Any:  # fmt: skip
+    """Factor of the matrix A enlarged by p rows and columns at ``index``.
+
+    Parameters
+    ----------
+    factor : (..., N, N) array_like
+        Lower (or, with ``lower=False``, upper) Cholesky factor of A.
+    index : int
+        Position of the first new row/column in the enlarged matrix,
+        ``0 <= index <= N``.
+    cols : (..., N + p, p) array_like
+        The p new columns of the enlarged (N + p) x (N + p) matrix, rows in
+        their final order (rows ``index .. index+p-1`` hold the new p x p
+        diagonal block, of which the lower triangle is read).
+    lower, check_finite : bool
+        As in :func:`cholesky_update`.
+    errors : {"raise", "flag"}, default "raise"
+        As in :func:`cholesky_update`; failed entries of a flagged result are
+        NaN (there is no input factor of the new size to fall back to).
+
+    Returns
+    -------
+    new_factor : (..., N + p, N + p) array
+    ok : (...) bool array
+        Only with ``errors="flag"``.
+
+    Raises
+    ------
+    NotPositiveDefiniteError
+        If the enlarged matrix is not positive definite (``errors="raise"``).
+    ValueError
+        ``index`` out of range, ``cols`` of the wrong shape, bad ``factor``.
+
+    Notes
+    -----
+    Split the old factor at ``index``: ``L = [[L11, 0], [L31, L33]]``.  The
+    new rows are ``L21 = (L11^-1 a12)^T``, ``L22 = chol(a22 - L21 L21^T)``,
+    ``L32 = (a32 - L31 L21^T) L22^-T``, and the trailing block is the
+    downdate ``L33' L33'^T = L33 L33^T - L32 L32^T``
+    (:func:`cholesky_downdate`).  O(N^2 p).
+
+    Examples
+    --------
+    >>> import numpy as np, dplr
+    >>> rng = np.random.default_rng(1)
+    >>> x = rng.standard_normal((7, 7)); big = x @ x.T + 7 * np.eye(7)
+    >>> keep = [0, 1, 2, 5, 6]
+    >>> small = np.linalg.cholesky(big[np.ix_(keep, keep)])
+    >>> new = dplr.cholesky_insert(small, 3, big[:, 3:5])
+    >>> np.allclose(new, np.linalg.cholesky(big))
+    True
+    """
+    _check_choice("errors", errors, _ERRORS)
+    pb = _factor_only(factor, lower, check_finite, {"cols": cols})
+    n, low, ops = pb.n, pb.lower, pb.ops
+    c = pb.prep["cols"]
+    require_ndim("cols", c, 2, "(..., N + p, p)")
+    p = c.shape[-1]
+    if p == 0 or c.shape[-2] != n + p:
+        raise ValueError(
+            f"'cols' must have shape (..., {n} + p, p) with p >= 1 to match 'factor' "
+            f"{tuple(pb.lower.shape)}; got {tuple(c.shape)}"
+        )
+    if check_finite and not _finite(c):
+        raise ValueError("'cols' contains NaN or Inf (pass check_finite=False to skip)")
+    k = _index("index", index, 0, n)
+    batch = broadcast_batch({"factor": pb.batch, "cols": tuple(c.shape[:-2])})
+    a12, a22, a32 = c[..., :k, :], c[..., k : k + p, :], c[..., k + p :, :]
+    l11, l31 = low[..., :k, :k], low[..., k:, :k]
+    x = _kernels.solve_lower_dense(ops, l11, a12)  # (..., k, p): L21 = x^T
+    l22, ok = _kernels.cholesky_flagged(ops, a22 - x.mT @ x)
+    l32 = _kernels.solve_lower_dense(ops, l22, (a32 - l31 @ x).mT).mT
+    new = ops.zeros((*batch, n + p, n + p), low)
+    if k < n:
+        l33, ok33 = cholesky_downdate(low[..., k:, k:], l32, errors="flag", check_finite=False)
+        ok = ok & ok33
+        new[..., k + p :, k + p :] = l33
+    new[..., :k, :k] = _kernels._tril_block(ops, l11)
+    new[..., k : k + p, :k] = x.mT
+    new[..., k : k + p, k : k + p] = l22
+    new[..., k + p :, :k] = l31
+    new[..., k + p :, k : k + p] = l32
+    ok = _expand(ops, ok, batch)
+    if not bool(ok.all()):
+        if errors == "raise":
+            raise _failure(ok, "the enlarged matrix")
+        new[~ok] = float("nan")
+    result = to_output(new if lower else new.mT, pb.prep)
+    return (result, ok) if errors == "flag" else result

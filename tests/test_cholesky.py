@@ -1,0 +1,406 @@
+"""Tests of dplr.cholesky against numpy.linalg.cholesky of the modified matrix.
+
+Matrices are from a well-conditioned family, ``A = X X^T / n + I`` with
+eigenvalues in [1, ~5], and update vectors of norm <= ~1, so that forward
+errors are a small multiple of backward errors.  Tolerances (see ``tol``):
+Cholesky and each rotation sweep have a backward error of a few ``n * eps``
+(Higham, Accuracy and Stability, Thm 10.3; rotations are orthogonal), and a
+rank-M modification accumulates up to M such sweeps, so we allow
+``20 * (n + m) * eps`` relative to ``||B||``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dplr
+from dplr import _kernels
+from dplr._backend import NumpyOps
+
+METHODS = ["rank1", "blocked", "refactor", "auto"]
+DTYPES = [np.float32, np.float64]
+
+
+def tol(dtype, n, m=1):
+    """Relative backward-error bound: 20 (n + m) eps (see the module docstring)."""
+    return 20 * (n + m) * float(np.finfo(dtype).eps)
+
+
+def spd(rng, n, batch=(), dtype=np.float64):
+    x = rng.standard_normal((*batch, n, n))
+    return (x @ np.swapaxes(x, -1, -2) / n + np.eye(n)).astype(dtype)
+
+
+def chol(a):
+    return np.linalg.cholesky(a.astype(np.float64))
+
+
+def check_factor(new, b, lower=True, m=1):
+    """Lower/upper structure, positive diagonal, and backward error vs B."""
+    dtype = new.dtype
+    n = b.shape[-1]
+    low = new if lower else np.swapaxes(new, -1, -2)
+    assert np.all(np.triu(low, 1) == 0)
+    assert np.all(np.diagonal(low, 0, -2, -1) > 0)
+    low = low.astype(np.float64)
+    err = np.linalg.norm(low @ np.swapaxes(low, -1, -2) - b, axis=(-2, -1))
+    assert np.all(err <= tol(dtype, n, m) * np.linalg.norm(b, axis=(-2, -1))), err
+    ref = chol(b)
+    assert np.allclose(low, ref, rtol=0, atol=5 * tol(dtype, n, m) * np.abs(ref).max())
+
+
+def orient(L, lower):
+    return L if lower else np.ascontiguousarray(np.swapaxes(L, -1, -2))
+
+
+SIZES = [(1, 1), (1, 3), (2, 1), (2, 3), (5, 9), (67, 1), (67, 5), (130, 4)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("lower", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "m"), SIZES)
+def test_update_downdate_mixed(method, lower, dtype, n, m):
+    rng = np.random.default_rng(n * 100 + m)
+    a = spd(rng, n)
+    u = rng.standard_normal((n, m)) / np.sqrt(n * m)
+    L = orient(chol(a), lower).astype(dtype)
+    b = a + u @ u.T
+    new = dplr.cholesky_update(L, u.astype(dtype), lower=lower, method=method)
+    assert new.dtype == dtype
+    check_factor(new, b, lower, m)
+    # downdate the factor of B back to A
+    Lb = orient(chol(b), lower).astype(dtype)
+    back = dplr.cholesky_downdate(Lb, u.astype(dtype), lower=lower, method=method)
+    check_factor(back, a, lower, m)
+    # mixed signs, one weight per column
+    w = np.where(np.arange(m) % 2 == 0, 2.0, -0.5)
+    mixed = dplr.cholesky_update(L, u.astype(dtype), w.astype(dtype), lower=lower, method=method)
+    check_factor(mixed, a + (u * w) @ u.T, lower, m)
+
+
+def test_rank1_vector_and_scalar_multiplier():
+    rng = np.random.default_rng(0)
+    a = spd(rng, 9)
+    u = rng.standard_normal(9) / 3
+    new = dplr.cholesky_update(chol(a), u, 0.7)
+    check_factor(new, a + 0.7 * np.outer(u, u))
+    down = dplr.cholesky_downdate(chol(a), u, 0.7)
+    check_factor(down, a - 0.7 * np.outer(u, u))
+
+
+def test_one_by_one_downdate_edge():
+    L = np.array([[2.0]])
+    np.testing.assert_allclose(dplr.cholesky_downdate(L, np.array([1.0])), [[np.sqrt(3.0)]])
+    for method in ["rank1", "blocked", "refactor"]:
+        for x in (2.0, 3.0):  # exactly singular, then indefinite
+            with pytest.raises(dplr.NotPositiveDefiniteError):
+                dplr.cholesky_downdate(L, np.array([x]), method=method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_broadcasting(method):
+    rng = np.random.default_rng(1)
+    n, m = 12, 3
+    a = spd(rng, n, (3, 1))
+    u = rng.standard_normal((1, 4, n, m)) / 6
+    w = rng.uniform(0.5, 2.0, (3, 4, m))
+    new = dplr.cholesky_update(chol(a), u, w, method=method)
+    assert new.shape == (3, 4, n, n)
+    check_factor(new, a + (u * w[..., None, :]) @ np.swapaxes(u, -1, -2), m=m)
+    # rank 1 batch of vectors, multiplier per batch entry
+    v = rng.standard_normal((4, n)) / 4
+    new1 = dplr.cholesky_update(chol(a), v, np.array([1.0, 2.0, 0.5, 1.0]), method=method)
+    mult = np.array([1.0, 2.0, 0.5, 1.0])[:, None, None]
+    check_factor(new1, a + mult * v[:, :, None] * v[:, None, :])
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_structured_factor_is_cholesky_of_identity_plus_lowrank(chunk):
+    rng = np.random.default_rng(2)
+    n, m = 45, 4
+    w = rng.standard_normal((n, m)) / 5
+    c0 = np.diag([1.0, -0.3, 2.0, -0.1])
+    lam, p, ok, _ = _kernels.lowrank_cholesky(NumpyOps, w, c0, chunk_size=chunk)
+    assert bool(ok)
+    dense = dplr.LowRankTril(w, p, diag=lam).to_dense()
+    ref = np.linalg.cholesky(np.eye(n) + w @ c0 @ w.T)
+    np.testing.assert_allclose(dense, ref, atol=tol(np.float64, n, m))
+
+
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_product_kernel_in_place_and_out_of_place(chunk):
+    rng = np.random.default_rng(3)
+    n, m = 70, 6
+    a = spd(rng, n)
+    L = chol(a)
+    u = rng.standard_normal((n, m)) / 10
+    c0 = np.diag(np.linspace(-1, 1, m))
+    ref = chol(a + u @ c0 @ u.T)
+    out = np.full((n, n), 7.0)
+    ok, _ = _kernels.lowrank_cholesky_product(NumpyOps, L, u, c0, out, chunk_size=chunk)
+    assert bool(ok)
+    np.testing.assert_allclose(out, ref, atol=tol(np.float64, n, m))
+    L2 = L + np.triu(np.ones((n, n)), 1)  # garbage above the diagonal is ignored
+    _kernels.lowrank_cholesky_product(NumpyOps, L2, u, c0, L2, chunk_size=chunk)
+    np.testing.assert_allclose(L2, ref, atol=tol(np.float64, n, m))
+
+
+def test_backward_error_larger_blocked_and_rank1():
+    rng = np.random.default_rng(4)
+    n, m = 300, 24
+    a = spd(rng, n)
+    u = rng.standard_normal((n, m)) / np.sqrt(n)
+    for dtype in DTYPES:
+        for method in ["blocked", "rank1"]:
+            new = dplr.cholesky_update(chol(a).astype(dtype), u.astype(dtype), method=method)
+            check_factor(new, a + u @ u.T, m=m)
+
+
+# ------------------------------------------------------------- failure handling
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("m", [1, 3])
+def test_indefinite_downdate_raises_and_leaves_input(method, overwrite, m):
+    rng = np.random.default_rng(5)
+    n = 40
+    L = chol(spd(rng, n))
+    u = rng.standard_normal((n, m)) * 3  # clearly too large
+    L_before, u_before = L.copy(), u.copy()
+    with pytest.raises(dplr.NotPositiveDefiniteError) as info:
+        dplr.cholesky_downdate(L, u, method=method, overwrite=overwrite)
+    assert info.value.batch_indices == ((),)
+    assert isinstance(info.value, np.linalg.LinAlgError)
+    assert L.tobytes() == L_before.tobytes() and u.tobytes() == u_before.tobytes()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("m", [1, 3])
+def test_flag_with_some_entries_failing(method, overwrite, m):
+    rng = np.random.default_rng(6)
+    n = 30
+    a = spd(rng, n, (5,))
+    L = chol(a)
+    u = rng.standard_normal((5, n, m)) / (4 * np.sqrt(n * m))
+    bad = np.array([False, True, False, False, True])
+    u[bad] *= 40
+    L_before = L.copy()
+    new, ok = dplr.cholesky_downdate(L, u, method=method, errors="flag", overwrite=overwrite)
+    np.testing.assert_array_equal(ok, ~bad)
+    check_factor(new[~bad], a[~bad] - u[~bad] @ np.swapaxes(u[~bad], -1, -2), m=m)
+    assert new[bad].tobytes() == L_before[bad].tobytes()
+    if overwrite:
+        assert np.shares_memory(new, L)
+        assert L[bad].tobytes() == L_before[bad].tobytes()
+    else:
+        assert L.tobytes() == L_before.tobytes()
+    with pytest.raises(dplr.NotPositiveDefiniteError) as info:
+        dplr.cholesky_downdate(L_before, u, method=method)
+    assert info.value.batch_indices == ((1,), (4,))
+    assert "(1,), (4,)" in str(info.value)
+
+
+# ------------------------------------------------------- memory and layouts
+@pytest.mark.parametrize("method", ["rank1", "blocked", "refactor"])
+def test_inputs_never_modified_without_overwrite(method):
+    rng = np.random.default_rng(7)
+    n, m = 20, 2
+    a = spd(rng, n)
+    L = chol(a) + np.triu(rng.standard_normal((n, n)), 1)  # garbage in the other triangle
+    u = rng.standard_normal((n, m)) / 10
+    w = np.array([1.0, -0.5])
+    copies = [x.copy() for x in (L, u, w)]
+    new = dplr.cholesky_update(L, u, w, method=method)
+    for x, c in zip((L, u, w), copies, strict=True):
+        assert x.tobytes() == c.tobytes()
+    check_factor(new, a + (u * w) @ u.T, m=m)
+
+
+@pytest.mark.parametrize("method", ["rank1", "blocked"])
+@pytest.mark.parametrize("layout", ["C", "F", "strided"])
+@pytest.mark.parametrize("lower", [True, False])
+def test_layouts(method, layout, lower):
+    rng = np.random.default_rng(8)
+    n, m = 33, 3
+    a = spd(rng, n)
+    L = orient(chol(a), lower)
+    if layout == "F":
+        L = np.asfortranarray(L)
+    elif layout == "strided":
+        big = np.zeros((2 * n, 3 * n))
+        big[::2, ::3] = L
+        L = big[::2, ::3]
+    u_big = rng.standard_normal((n, 2 * m)) / 10
+    u = u_big[:, ::2]
+    new = dplr.cholesky_update(L, u, method=method, lower=lower)
+    check_factor(new, a + u @ u.T, lower, m)
+
+
+@pytest.mark.parametrize("method", ["rank1", "blocked", "refactor"])
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize(("m", "sign"), [(1, 1), (1, -1), (4, 1), (4, -1)])
+def test_overwrite_success_shares_memory(method, order, m, sign):
+    rng = np.random.default_rng(9)
+    n = 70
+    a = spd(rng, n)
+    u = rng.standard_normal((n, m)) / (3 * np.sqrt(n * m))
+    L = np.array(chol(a), order=order)
+    new = dplr.cholesky_update(L, u, float(sign), method=method, overwrite=True)
+    assert np.shares_memory(new, L)
+    check_factor(new, a + sign * u @ u.T, m=m)
+    # no overwrite without permission, nor when a conversion is needed
+    L32 = chol(a).astype(np.float32)
+    out = dplr.cholesky_update(L32, u, overwrite=False, method=method)
+    assert not np.shares_memory(out, L32)
+
+
+# ----------------------------------------------------------------- bad input
+def test_bad_input_messages():
+    L = chol(spd(np.random.default_rng(10), 4))
+    u = np.ones(4) / 10
+    with pytest.raises(ValueError, match="'factor' must be square"):
+        dplr.cholesky_update(np.ones((4, 3)), u)
+    with pytest.raises(ValueError, match="'u' must have shape"):
+        dplr.cholesky_update(L, np.ones(5))
+    for d in (0.0, -1.0):
+        bad = L.copy()
+        bad[2, 2] = d
+        with pytest.raises(ValueError, match=r"positive diagonal.*diagonal entry \[2\]"):
+            dplr.cholesky_update(bad, u)
+    for method in ("rank1", "blocked", "refactor"):
+        for overwrite in (False, True):
+            bad = L.copy()
+            bad[3, 1] = np.nan
+            before = bad.tobytes()
+            with pytest.raises(ValueError, match="'factor' contains NaN"):
+                dplr.cholesky_update(bad, u, method=method, overwrite=overwrite)
+            assert bad.tobytes() == before
+    with pytest.raises(ValueError, match="'u' contains NaN"):
+        dplr.cholesky_update(L, np.full(4, np.inf))
+    with pytest.raises(ValueError, match="'method'"):
+        dplr.cholesky_update(L, u, method="qr")
+    with pytest.raises(ValueError, match="'errors'"):
+        dplr.cholesky_update(L, u, errors="ignore")
+    with pytest.raises(ValueError, match="batch dimensions do not broadcast"):
+        dplr.cholesky_update(np.stack([L, L]), np.ones((3, 4)) / 10)
+    with pytest.raises(TypeError):
+        dplr.cholesky_update(L, u, multiplier="x")
+    # the other triangle is not read, not even for NaN
+    junk = L + np.triu(np.full((4, 4), np.nan), 1)
+    check_factor(dplr.cholesky_update(junk, u), L @ L.T + np.outer(u, u))
+
+
+def test_integers_promote_to_float64():
+    L = np.array([[2, 0], [1, 3]])
+    new = dplr.cholesky_update(L, np.array([1, 1]))
+    assert new.dtype == np.float64
+    check_factor(new, (L @ L.T + 1).astype(np.float64))
+
+
+# ----------------------------------------------------------- insert / delete
+@pytest.mark.parametrize("lower", [True, False])
+@pytest.mark.parametrize(
+    ("n", "index", "p"), [(5, 0, 1), (5, 2, 2), (5, 5, 1), (1, 1, 3), (70, 30, 3)]
+)
+def test_insert(lower, n, index, p):
+    rng = np.random.default_rng(11)
+    big = spd(rng, n + p)
+    keep = [i for i in range(n + p) if not index <= i < index + p]
+    small = orient(chol(big[np.ix_(keep, keep)]), lower)
+    new = dplr.cholesky_insert(small, index, big[:, index : index + p], lower=lower)
+    check_factor(new, big, lower, p)
+
+
+@pytest.mark.parametrize("lower", [True, False])
+@pytest.mark.parametrize(
+    ("n", "index", "count"), [(5, 0, 1), (5, 2, 2), (5, 4, 1), (2, 0, 1), (70, 3, 5)]
+)
+def test_delete(lower, n, index, count):
+    rng = np.random.default_rng(12)
+    a = spd(rng, n)
+    keep = [i for i in range(n) if not index <= i < index + count]
+    new = dplr.cholesky_delete(orient(chol(a), lower), index, count, lower=lower)
+    check_factor(new, a[np.ix_(keep, keep)], lower, count)
+
+
+def test_insert_delete_errors():
+    rng = np.random.default_rng(13)
+    L = chol(spd(rng, 4))
+    with pytest.raises(ValueError, match="'index' must be in"):
+        dplr.cholesky_delete(L, 4)
+    with pytest.raises(ValueError, match="'count' must be in"):
+        dplr.cholesky_delete(L, 0, 4)
+    with pytest.raises(ValueError, match="'index' must be in"):
+        dplr.cholesky_insert(L, 5, np.ones((5, 1)))
+    with pytest.raises(ValueError, match="'cols' must have shape"):
+        dplr.cholesky_insert(L, 0, np.ones((4, 1)))
+    cols = np.zeros((5, 1))
+    cols[0, 0] = -1.0  # a negative new diagonal entry: not positive definite
+    with pytest.raises(dplr.NotPositiveDefiniteError):
+        dplr.cholesky_insert(L, 0, cols)
+    good = np.full((5, 1), 0.1)
+    good[0, 0] = 10.0
+    new, ok = dplr.cholesky_insert(np.stack([L, L]), 0, np.stack([cols, good]), errors="flag")
+    np.testing.assert_array_equal(ok, [False, True])
+    assert np.isnan(new[0]).all() and np.isfinite(new[1]).all()
+
+
+# ------------------------------------------------------------ property tests
+_sizes = st.tuples(st.integers(1, 12), st.integers(1, 4), st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=25, deadline=None)
+@given(_sizes, st.sampled_from(["rank1", "blocked"]), st.booleans())
+def test_property_update_then_downdate(sizes, method, lower):
+    n, m, seed = sizes
+    rng = np.random.default_rng(seed)
+    L = orient(chol(spd(rng, n)), lower)
+    u = rng.standard_normal((n, m))
+    up = dplr.cholesky_update(L, u, method=method, lower=lower)
+    back = dplr.cholesky_downdate(up, u, method=method, lower=lower)
+    # downdating by u loses digits in proportion to cond(A + u u^T) / cond(A)
+    scale = 1 + np.linalg.norm(u) ** 2
+    np.testing.assert_allclose(back, L, atol=50 * scale * tol(np.float64, n, m))
+
+
+@settings(max_examples=25, deadline=None)
+@given(_sizes, st.data())
+def test_property_insert_then_delete_and_delete_is_submatrix(sizes, data):
+    n, p, seed = sizes
+    rng = np.random.default_rng(seed)
+    big = spd(rng, n + p)
+    index = data.draw(st.integers(0, n))
+    L = chol(big)
+    removed = dplr.cholesky_delete(L, index, p)
+    keep = [i for i in range(n + p) if not index <= i < index + p]
+    np.testing.assert_allclose(removed, chol(big[np.ix_(keep, keep)]), atol=tol(np.float64, n, p))
+    again = dplr.cholesky_insert(removed, index, big[:, index : index + p])
+    np.testing.assert_allclose(again, L, atol=5 * tol(np.float64, n, p))
+
+
+# --------------------------------------------------------------------- torch
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("lower", [True, False])
+def test_torch_blocked_and_auto(dtype, lower):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(14)
+    n, m = 70, 3
+    a = spd(rng, n, (2,))
+    u = rng.standard_normal((2, n, m)) / 10
+    L = torch.tensor(orient(chol(a), lower), dtype=getattr(torch, dtype))
+    ut = torch.tensor(u, dtype=getattr(torch, dtype))
+    for method in ("blocked", "auto", "refactor"):
+        new = dplr.cholesky_update(L, ut, lower=lower, method=method)
+        assert isinstance(new, torch.Tensor) and new.dtype == L.dtype
+        check_factor(new.numpy(), a + u @ np.swapaxes(u, -1, -2), lower, m)
+    new, ok = dplr.cholesky_downdate(L, ut * 50, lower=lower, errors="flag")
+    assert isinstance(ok, torch.Tensor) and not bool(ok.any())
+    assert torch.equal(new, L)  # failed entries hold the input factor
+    with pytest.raises(ValueError, match="rank1"):
+        dplr.cholesky_update(L, ut, method="rank1")
+    with pytest.raises(dplr.NotPositiveDefiniteError):
+        dplr.cholesky_downdate(L, ut * 50, lower=lower)
