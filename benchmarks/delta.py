@@ -15,8 +15,10 @@ Run ``python -m dplr_bench.delta`` (or ``python benchmarks/delta.py``).
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
-import resource
+import statistics
+import time
 
 import numpy as np
 
@@ -102,22 +104,34 @@ def _rel(a, b) -> float:
 
 
 # ---------------------------------------------------------------- peak memory
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def _peak_child(which: str, T: int, conn) -> None:
-    """In a fresh process: peak RSS growth (MiB) of one forward + backward."""
+    """In a fresh process: growth of the peak RSS (MiB) over one forward + backward.
+
+    The peak (VmHWM) is reset after the imports and inputs (``clear_refs``
+    5, Linux), so that neither torch's import nor compilation counts.
+    """
     import torch
 
-    torch.set_num_threads(2)
     q, k, v, beta = (x.requires_grad_() for x in make_inputs(T))
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    hq, hk, hv, hb = (x.transpose(1, 2) for x in (q, k, v, beta))
+    dplr.delta_rule(q[:, :64], k[:, :64], v[:, :64], beta[:, :64])  # warm up the code paths
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_mib("VmRSS")
     if which == "chunked":
         o, _ = dplr.delta_rule(q, k, v, beta)
     else:
-        hq, hk, hv, hb = (x.transpose(1, 2) for x in (q, k, v, beta))
         o, _ = recurrent(hq, hk, hv, hb, K**-0.5)
-    o.sum().backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-    conn.send(peak - before)
+    torch.autograd.grad((o.sum(),), (q, k, v, beta))
+    conn.send(_status_mib("VmHWM") - before)
     conn.close()
 
 
@@ -132,10 +146,142 @@ def peak_memory_mib(which: str, T: int) -> float:
 
 
 # ---------------------------------------------------------------------- suite
-def _matmul_gflops(torch, repeats: int) -> float:
-    a = torch.randn(1024, 1024)
-    b = torch.randn(1024, 1024)
-    return 2 * 1024**3 / median_time(lambda: a @ b, repeats) / 1e9
+def paired_medians(fns: dict, repeats: int) -> dict:
+    """Median seconds of each function, timed in turns (one run of each per round).
+
+    On a shared machine the load drifts; taking turns exposes every method to
+    the same drift, so the ratios of the medians are fairer than those of
+    medians taken one method after the other.
+    """
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            gc.collect()
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _matmul_gflops(torch, repeats: int) -> tuple[float, float]:
+    """GFLOP/s of one 1024^2 float32 product and of 512 batched 64^3 products."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    big = 2 * 1024**3 / median_time(lambda: a @ b, repeats) / 1e9
+    x, y = torch.randn(512, 64, 64), torch.randn(512, 64, 64)
+    small = 2 * 512 * 64**3 / median_time(lambda: x @ y, repeats) / 1e9
+    return big, small
+
+
+def _loss_grads(torch, o, s, inputs):
+    return torch.autograd.grad((o.sum() + s.sum(),), inputs)
+
+
+def _forward_rows(torch, T: int, reps: int, quick: bool) -> list[Row]:
+    size = f"B=1 T={T} H={H} K=V={K}"
+    q, k, v, beta = make_inputs(T)
+    hq, hk, hv, hb = _heads_first(q, k, v, beta)
+    scale = K**-0.5
+    with torch.no_grad():
+        o, _ = dplr.delta_rule(q, k, v, beta)
+        o_rec, _ = recurrent(hq, hk, hv, hb, scale)
+        o_naive, _ = naive_chunked(hq, hk, hv, hb, scale)
+        t = paired_medians(
+            {"ours": lambda: dplr.delta_rule(q, k, v, beta),
+             "rec": lambda: recurrent(hq, hk, hv, hb, scale),
+             "naive": lambda: naive_chunked(hq, hk, hv, hb, scale)}, reps,
+        )  # fmt: skip
+        t_ours, t_rec, t_naive = t["ours"], t["rec"], t["naive"]
+        big, small = _matmul_gflops(torch, reps)
+    gflops = chunked_flops(T) / t_ours / 1e9
+    note = (
+        f"{gflops:.0f} GFLOP/s = {gflops / big:.0%} of a 1024^2 matmul ({big:.0f} GFLOP/s); "
+        f"batched 64^3 products: {small:.0f} GFLOP/s"
+    )
+    params = {"T": T, "tokens_per_s": T / t_ours, "method": "chunked", "gflops": gflops,
+              "matmul_gflops": big, "bmm64_gflops": small}  # fmt: skip
+    o = o.transpose(1, 2)
+    return [
+        Row(SUITE, "forward float32", size, "token recurrence", t_rec, t_ours,
+            _rel(o, o_rec), 15.0, note, params),
+        Row(SUITE, "forward float32", size, "naive chunked (row-by-row inverse)", t_naive,
+            t_ours, _rel(o, o_naive), 3.0, "", params),
+    ]  # fmt: skip
+
+
+def _backward_rows(torch, T: int, reps: int, quick: bool) -> list[Row]:
+    size = f"B=1 T={T} H={H} K=V={K}"
+    ours_in = [x.requires_grad_() for x in make_inputs(T)]
+    rec_in = [x.detach().transpose(1, 2).contiguous().requires_grad_() for x in ours_in]
+
+    def ours():
+        o, s = dplr.delta_rule(*ours_in, output_final_state=True)
+        return _loss_grads(torch, o, s, ours_in)
+
+    def rec():
+        o, s = recurrent(*rec_in, K**-0.5)
+        return _loss_grads(torch, o, s, rec_in)
+
+    got, want = ours(), rec()
+    err = max(_rel(a.transpose(1, 2), b) for a, b in zip(got, want, strict=True))
+
+    def forward():
+        with torch.no_grad():
+            return dplr.delta_rule(*ours_in, output_final_state=True)
+
+    t = paired_medians({"fwd": forward, "fb": ours}, 2 * reps)
+    t_fwd, t_fb = t["fwd"], t["fb"]
+    t_rec = median_time(rec, 1, warmup=0)
+    ratio = t_fb / t_fwd
+    rows = [
+        Row(SUITE, "fwd+bwd float32 vs 3.5 x forward", size, "3.5 x dplr forward", 3.5 * t_fwd,
+            t_fb, err, 1.0, f"fwd+bwd = {ratio:.2f} x forward",
+            {"T": T, "fwd_bwd_over_fwd": ratio, "method": "chunked"}),
+    ]  # fmt: skip
+    note, mem = "", {}
+    if not quick:
+        mem = {"peak_mib": peak_memory_mib("chunked", T),
+               "baseline_peak_mib": peak_memory_mib("recurrent", T)}  # fmt: skip
+        note = (
+            f"peak memory (RSS growth) {mem['peak_mib']:.0f} MiB vs "
+            f"{mem['baseline_peak_mib']:.0f} MiB for the recurrence"
+        )
+    rows.append(Row(SUITE, "fwd+bwd float32", size, "token recurrence under autograd", t_rec,
+                    t_fb, err, None, note, {"T": T, "method": "chunked", **mem}))  # fmt: skip
+    return rows
+
+
+def _throughput_rows(torch, lengths) -> list[Row]:
+    rows = []
+    for n in lengths:
+        q, k, v, beta = make_inputs(n)
+        hq, hk, hv, hb = _heads_first(q, k, v, beta)
+        with torch.no_grad():
+            t_c = median_time(lambda q=q, k=k, v=v, b=beta: dplr.delta_rule(q, k, v, b), 3)
+            t_r = median_time(
+                lambda q=hq, k=hk, v=hv, b=hb: recurrent(q, k, v, b, K**-0.5), 1, warmup=0
+            )  # one run: the recurrence alone takes seconds at T = 65536
+        size = f"B=1 T={n} H={H} K=V={K}"
+        for method, t in (("chunked", t_c), ("recurrent", t_r)):
+            rows.append(Row(SUITE, f"throughput ({method})", size, "token recurrence", t_r, t,
+                            float("nan"), None, f"{n / t:,.0f} tokens/s",
+                            {"T": n, "tokens_per_s": n / t, "method": method}))  # fmt: skip
+    return rows
+
+
+def _numpy_row(torch, T: int, reps: int) -> Row:
+    q, k, v, beta = make_inputs(T, "float64")
+    arrays = [x.numpy() for x in (q, k, v, beta)]
+    with torch.no_grad():
+        o_torch, _ = dplr.delta_rule(q, k, v, beta)
+        t = paired_medians({"torch": lambda: dplr.delta_rule(q, k, v, beta),
+                            "numpy": lambda: dplr.delta_rule(*arrays)}, reps)  # fmt: skip
+    t_torch, t_np = t["torch"], t["numpy"]
+    err = _rel(dplr.delta_rule(*arrays)[0], o_torch)
+    return Row(SUITE, "forward float64, NumPy", f"B=1 T={T} H={H} K=V={K}",
+               "dplr PyTorch float64", t_torch, t_np, err, None, "",
+               {"T": T, "method": "chunked"})  # fmt: skip
 
 
 def run(quick: bool = False, progress: Progress | None = None) -> list[Row]:
@@ -146,94 +292,22 @@ def run(quick: bool = False, progress: Progress | None = None) -> list[Row]:
     except ImportError:
         progress("torch is not installed: skipping the delta-rule benchmarks (all use torch)")
         return []
-    rows: list[Row] = []
     reps = 3 if quick else 5
     T = 1024 if quick else 4096
-    size = f"B=1 T={T} H={H} K=V={K}"
-    q, k, v, beta = make_inputs(T)
-    hq, hk, hv, hb = _heads_first(q, k, v, beta)
-    scale = K**-0.5
-
-    def ours():
-        return dplr.delta_rule(q, k, v, beta, output_final_state=True)
-
-    with torch.no_grad():
-        progress("delta: forward against the recurrence and the naive chunked form")
-        o, s = ours()
-        o_rec, s_rec = recurrent(hq, hk, hv, hb, scale)
-        o_naive, _ = naive_chunked(hq, hk, hv, hb, scale)
-        t_ours = median_time(ours, reps)
-        t_rec = median_time(lambda: recurrent(hq, hk, hv, hb, scale), 1 if quick else 3)
-        t_naive = median_time(lambda: naive_chunked(hq, hk, hv, hb, scale), reps)
-        peak = _matmul_gflops(torch, reps)
-    gflops = chunked_flops(T) / t_ours / 1e9
-    err = _rel(o.transpose(1, 2), o_rec)
-    rate = f"{gflops:.0f} GFLOP/s = {gflops / peak:.0%} of a 1024^2 matmul ({peak:.0f} GFLOP/s)"
-    params = {"T": T, "tokens_per_s": T / t_ours, "gflops": gflops, "matmul_gflops": peak}
-    rows.append(Row(SUITE, "forward float32", size, "token recurrence", t_rec, t_ours, err,
-                    15.0, rate, {**params, "method": "chunked"}))  # fmt: skip
-    rows.append(Row(SUITE, "forward float32", size, "naive chunked (row-by-row inverse)",
-                    t_naive, t_ours, _rel(o.transpose(1, 2), o_naive), 3.0, "",
-                    {**params, "method": "chunked"}))  # fmt: skip
-
-    progress("delta: forward + backward")
-    qg, kg, vg, bg = (x.clone().requires_grad_() for x in (q, k, v, beta))
-
-    def ours_fb():
-        o, s = dplr.delta_rule(qg, kg, vg, bg, output_final_state=True)
-        torch.autograd.grad((o.sum() + s.sum(),), (qg, kg, vg, bg))
-
-    hqg, hkg, hvg, hbg = (x.clone().requires_grad_() for x in (hq, hk, hv, hb))
-
-    def rec_fb():
-        o, s = recurrent(hqg, hkg, hvg, hbg, scale)
-        return torch.autograd.grad((o.sum() + s.sum(),), (hqg, hkg, hvg, hbg))
-
-    t_fb = median_time(ours_fb, reps)
-    grads = dict(zip("qkvb", torch.autograd.grad(
-        (lambda o, s: o.sum() + s.sum())(*dplr.delta_rule(qg, kg, vg, bg, output_final_state=True)),
-        (qg, kg, vg, bg)), strict=True))  # fmt: skip
-    ref_grads = rec_fb()
-    g_err = max(_rel(grads["q"], ref_grads[0].transpose(1, 2)),
-                _rel(grads["v"], ref_grads[2].transpose(1, 2)))  # fmt: skip
-    ratio = t_fb / t_ours
-    rows.append(Row(SUITE, "fwd+bwd float32 vs 3.5 x forward", size, "3.5 x dplr forward",
-                    3.5 * t_ours, t_fb, g_err, 1.0, f"fwd+bwd = {ratio:.2f} x forward",
-                    {"T": T, "fwd_bwd_over_fwd": ratio, "method": "chunked"}))  # fmt: skip
-    t_rec_fb = median_time(rec_fb, 1)
-    note, mem = "", {}
-    if not quick:
-        progress("delta: peak memory of forward + backward (fresh processes)")
-        mem = {"peak_mib": peak_memory_mib("chunked", T),
-               "baseline_peak_mib": peak_memory_mib("recurrent", T)}  # fmt: skip
-        note = f"peak RSS growth {mem['peak_mib']:.0f} MiB vs {mem['baseline_peak_mib']:.0f} MiB"
-    rows.append(Row(SUITE, "fwd+bwd float32", size, "token recurrence under autograd",
-                    t_rec_fb, t_fb, g_err, None, note, {"T": T, **mem}))  # fmt: skip
-
+    progress("delta: forward against the recurrence and the naive chunked form")
+    rows = _forward_rows(torch, T, reps, quick)
+    progress("delta: forward + backward" + ("" if quick else ", peak memory in fresh processes"))
+    rows += _backward_rows(torch, T, reps, quick)
     progress("delta: throughput against T")
-    for n in (1024, 4096) if quick else (1024, 4096, 16384, 65536):
-        q2, k2, v2, b2 = make_inputs(n)
-        hq2, hk2, hv2, hb2 = _heads_first(q2, k2, v2, b2)
-        with torch.no_grad():
-            t_c = median_time(lambda: dplr.delta_rule(q2, k2, v2, b2), 3)
-            t_r = median_time(lambda: recurrent(hq2, hk2, hv2, hb2, scale), 1, warmup=0)
-        sz = f"B=1 T={n} H={H} K=V={K}"
-        for method, t in (("chunked", t_c), ("recurrent", t_r)):
-            rows.append(Row(SUITE, f"throughput {method}", sz, "token recurrence", t_r, t,
-                            float("nan"), None, f"{n / t:,.0f} tokens/s",
-                            {"T": n, "tokens_per_s": n / t, "method": method}))  # fmt: skip
-
+    rows += _throughput_rows(torch, (1024, 4096) if quick else (1024, 4096, 16384, 65536))
     progress("delta: NumPy float64 against PyTorch float64")
-    q64, k64, v64, b64 = make_inputs(T, "float64")
-    nq, nk, nv, nb = (x.numpy() for x in (q64, k64, v64, b64))
-    with torch.no_grad():
-        t_torch = median_time(lambda: dplr.delta_rule(q64, k64, v64, b64), reps)
-    t_np = median_time(lambda: dplr.delta_rule(nq, nk, nv, nb), reps)
-    err = _rel(dplr.delta_rule(nq, nk, nv, nb)[0], dplr.delta_rule(q64, k64, v64, b64)[0])
-    rows.append(Row(SUITE, "forward float64, NumPy", size, "dplr PyTorch float64", t_torch, t_np,
-                    err, None, "", {"T": T, "method": "chunked"}))  # fmt: skip
+    rows.append(_numpy_row(torch, T, reps))
     return rows
 
 
 if __name__ == "__main__":
-    print(format_table(run(progress=print)))
+    _rows = run(progress=print)
+    print(format_table(_rows))
+    for _row in _rows:
+        if _row.note:
+            print(f"- {_row.case} ({_row.size}, vs {_row.baseline}): {_row.note}")

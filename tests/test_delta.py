@@ -167,6 +167,22 @@ def test_final_state_only_on_request_and_empty_sequence():
     assert o.shape == (1, 0, 1, 2) and np.array_equal(sn, s0)
 
 
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_l2norm_keeps_zero_rows_zero(lib):
+    if lib == "torch" and torch is None:
+        pytest.skip("torch is not installed")
+    rng = np.random.default_rng(14)
+    q, k, v, beta, _, _ = make_inputs(rng, 1, 20, 1, 3, 2, l2norm=True)
+    q[:, 3] = 0.0
+    k[:, 5] = 0.0
+    args = [x.astype(np.float32) for x in (q, k, v, beta)]
+    if lib == "torch":
+        args = [torch.tensor(x) for x in args]
+    o, _ = dplr.delta_rule(*args, use_qk_l2norm=True)
+    o = np.asarray(o)
+    assert np.isfinite(o).all() and np.all(o[:, 3] == 0)
+
+
 def test_strided_float32_input():
     rng = np.random.default_rng(5)
     q, k, v, beta, g, s0 = make_inputs(rng, 1, 50, 2, 4, 4, gated=True, state=True)
@@ -263,6 +279,16 @@ def test_bad_cu_seqlens(cu, match):
         dplr.delta_rule(args["q"], args["k"], args["v"], args["beta"], cu_seqlens=np.array(cu))
 
 
+def test_large_finite_values_are_not_mistaken_for_inf():
+    """The finiteness check must not trip on a sum that overflows."""
+    args, _ = _good()
+    big = {n: x.astype(np.float32) for n, x in args.items()}
+    big["q"] = np.full_like(big["q"], 1e38)  # the sum overflows float32, o does not
+    big["v"] = big["v"] * 1e-10
+    o, _ = dplr.gated_delta_rule(big["q"], big["k"], big["v"], big["g"], big["beta"])
+    assert np.isfinite(o).all()
+
+
 def test_cu_seqlens_needs_one_batch_and_matching_states():
     args, s0 = _good()
     two = {n: np.concatenate([x, x]) for n, x in args.items()}
@@ -340,6 +366,37 @@ def test_gradients_match_autograd_through_recurrence(gated, l2norm, chunk, T):
     tol = 10 * tolerance(torch.float64, T, K, V, chunk or 64)  # a backward pass is ~2 forwards
     for name in got:
         assert rel_err(got[name], want[name]) < tol, f"gradient of {name!r}"
+
+
+@needs_torch
+@pytest.mark.parametrize("gated", [False, True])
+def test_several_passes_match_recurrence(gated, monkeypatch):
+    """Long inputs run in passes of whole chunks; force several on a short one."""
+    import dplr._delta_grad as grad_module
+
+    monkeypatch.setattr(grad_module, "PASS_ROWS", 24)  # 2 x 1 heads: 12 tokens, 3 chunks
+    rng = np.random.default_rng(15)
+    B, T, H, K, V = 2, 37, 1, 3, 2
+    arrays = make_inputs(rng, B, T, H, K, V, gated=gated, state=True)
+    assert grad_module.pass_length((B, T, H, K), 4) == 12
+    o_np, s_np = run(*arrays[:5], initial_state=arrays[5], output_final_state=True, chunk_size=4)
+    inputs = dict(zip(GRAD_NAMES, _torch(*arrays, grad=True), strict=True))
+    wo = torch.tensor(rng.standard_normal((B, T, H, V)))
+    ws = torch.tensor(rng.standard_normal((B, H, K, V)))
+
+    def ours(x):
+        return run(x["q"], x["k"], x["v"], x["beta"], x["g"], initial_state=x["initial_state"],
+                   output_final_state=True, chunk_size=4)  # fmt: skip
+
+    def reference(x):
+        return recurrence(x["q"], x["k"], x["v"], x["beta"], x["g"], s0=x["initial_state"])
+
+    o_ref, s_ref = reference(inputs)
+    tol = tolerance(np.float64, T, K, V, 4)
+    assert rel_err(o_np, o_ref) < tol and rel_err(s_np, s_ref) < tol
+    got, want = _grads(ours, inputs, wo, ws), _grads(reference, inputs, wo, ws)
+    for name in got:
+        assert rel_err(got[name], want[name]) < 10 * tol, f"gradient of {name!r}"
 
 
 @needs_torch

@@ -1,9 +1,12 @@
 """The delta rule as one solve and one product with the core structure, and its gradient.
 
-Batch-first layout throughout (the public wrapper in :mod:`dplr.delta` does the
-transposes)::
+:func:`delta_forward` and :func:`delta_backward` work on one pass in the
+kernels' batch-first layout::
 
     q, k : (..., n, dk)    v : (..., n, dv)    beta, g : (..., n)    s0 : (..., dk, dv)
+
+:func:`delta_forward_passes` and :func:`delta_backward_passes` take the public
+layout (B, T, H, .) and run long sequences in passes of whole chunks.
 
 With ``T = I + tril(diag(beta) K K^T ⊙ D, -1)`` (the core structure with
 ``q := beta k``, unit diagonal, ``log_decay := g``):
@@ -21,8 +24,10 @@ each chunk, O(n (dk + dv) + (n / c) dk dv) numbers, never the graph of a loop.
 
 from __future__ import annotations
 
+import numpy as np
+
 from . import _kernels
-from ._backend import Array, TorchOps
+from ._backend import Array, TorchOps, is_torch
 from ._kernels import Ops
 
 
@@ -71,13 +76,16 @@ def _decay_masks(ops: Ops, gc: Array | None, c: int, like: Array) -> tuple[Array
     return low + eye, low
 
 
-def _pull_back(dm: Array, mask: Array, m: Array, x: Array, y: Array):
+def _pull_back(dm: Array, mask: Array, m: Array, x: Array, y: Array, decay: bool):
     """Gradients of a masked block ``M = (x y^T) ⊙ mask`` given ``dM`` (dense per chunk).
 
-    Returns ``dx = E y``, ``dy = E^T x`` (``E = dM ⊙ mask``) and the gradient
-    of the cumulative log decay, ``rowsum(dM ⊙ M) - colsum(dM ⊙ M)``.
+    Returns ``dx = E y``, ``dy = E^T x`` (``E = dM ⊙ mask``) and, with decay,
+    the gradient of the cumulative log decay, ``rowsum(dM ⊙ M) - colsum(dM ⊙ M)``
+    (None without).
     """
     e = dm * mask
+    if not decay:
+        return e @ y, e.mT @ x, None
     f = dm * m
     return e @ y, e.mT @ x, f.sum(-1) - f.sum(-2)
 
@@ -101,12 +109,12 @@ def delta_backward(
     ``A = tril(kb k^T ⊙ D, -1)``, ``W = L^-1 (kb ⊙ e^g)``, ``Ũ = L^-1 (beta v)``,
     ``U = Ũ - W H`` and ``O = P U + (q ⊙ e^g) H``, one reverse pass over the
     chunks carries ``dH`` (two small products per chunk, like the forward);
-    everything else is batched over all chunks: dU -> dW, then one transposed
-    block solve gives ``[dR_w, dR_v] = L^-T [dW, dU]`` and ``dA``.
+    everything else is batched over all chunks: dU -> dW, then
+    ``[dR_w, dR_v] = L^-T [dW, dU]`` and ``dA``, with ``L^-1`` from one block solve.
     O(n c (dk + dv) + n dk dv) flops; the saved states make a forward state
     pass unnecessary.  ``ds0`` is always returned (zeros-initial state).
     """
-    n, d = k.shape[-2:]
+    n = k.shape[-2]
     c = _kernels.effective_chunk(n, chunk_size)
     kb = beta[..., None] * k
     ones = ops.zeros(beta.shape, beta) + 1.0
@@ -119,9 +127,14 @@ def delta_backward(
     eye = ops.eye(c, q)
     p_full = out.strict_blocks + out.lam[..., None] * eye
     l_blocks = sol.strict_blocks + eye
-    h = states[..., :-1, :, :]
+    # A copy, not a view: a view's batch dimensions do not flatten, and every
+    # batched product with it would copy it again.
+    h = ops.copy(states[..., :-1, :, :])
     uc, doc = _kernels.chunk_rows(ops, u, c), _kernels.chunk_rows(ops, do, c)
-    w = ops.solve_lower_blocks(l_blocks, sol.q_in)
+    # L^-1 explicitly (one block solve with c columns): it gives W here and
+    # L^-T below by products, cheaper than a second, transposed block solve.
+    l_inv = ops.solve_lower_blocks(l_blocks, ops.broadcast_to(eye, l_blocks.shape))
+    w = l_inv @ sol.q_in
     ut = uc + w @ h
 
     # Reverse pass over the chunks: dU_J and dH_J (gradient of the state entering J).
@@ -139,7 +152,8 @@ def delta_backward(
     ds0 = dh
 
     # The output product O = P U + (q ⊙ e^g) H.
-    dq, dk, dgam = _pull_back(doc @ uc.mT, mask_full, p_full, out.q, out.k)
+    decay = gc is not None
+    dq, dk, dgam = _pull_back(doc @ uc.mT, mask_full, p_full, out.q, out.k, decay)
     do_h = doc @ h.mT  # (..., nc, c, d)
     if gc is None:
         dq = dq + do_h
@@ -159,18 +173,16 @@ def delta_backward(
         dgam[..., -1] = dgam[..., -1] + last
     # U = Ũ - W H with [W, Ũ] = L^-1 [R_w, R_v]: one transposed block solve.
     dw = -(du @ h.mT)
-    dr = _solve_upper_blocks(ops, l_blocks, ops.concat([dw, du], -1))
-    dr_w, dr_v = dr[..., :d], dr[..., d:]
+    dr_w, dr_v = l_inv.mT @ dw, l_inv.mT @ du
     dkb, dk_a, dgam_a = _pull_back(
-        -(dr @ ops.concat([w, ut], -1).mT), mask_strict, sol.strict_blocks, sol.q, sol.k
+        -(dr_w @ w.mT + dr_v @ ut.mT), mask_strict, sol.strict_blocks, sol.q, sol.k, decay
     )
     dk = dk + dk_a
-    dgam = dgam + dgam_a
     if gc is None:
         dkb = dkb + dr_w
     else:
         dkb = dkb + e_g * dr_w
-        dgam = dgam + _rowdot(dr_w, sol.q_in)
+        dgam = dgam + dgam_a + _rowdot(dr_w, sol.q_in)
     # Back from chunks to rows, and from kb = beta k, R_v = beta v.
     dq, dk, dkb, dr_v = (_kernels.unchunk_rows(x, n) for x in (dq, dk, dkb, dr_v))
     dk = dk + beta[..., None] * dkb
@@ -183,10 +195,93 @@ def delta_backward(
     return dq, dk, dv, dbeta, dg, ds0
 
 
-def _solve_upper_blocks(ops: Ops, l_blocks: Array, x: Array) -> Array:
-    """``L^-T X`` for lower-triangular blocks L, as a lower solve in reversed order."""
-    rev = ops.flip(ops.flip(l_blocks.mT, -1), -2)
-    return ops.flip(ops.solve_lower_blocks(rev, ops.flip(x, -2)), -2)
+#: Rows (batch x heads x tokens) per pass over the sequence.  Longer inputs are
+#: run in consecutive passes of whole chunks with the state carried between
+#: them: the same chunks and the same arithmetic, but the per-pass arrays stay
+#: a few MiB instead of growing with T (on the development machine a single
+#: pass over T = 65536 ran at half the tokens per second of T = 4096).
+PASS_ROWS = 16384
+
+
+def pass_length(shape: tuple[int, ...], chunk_size: int | None) -> int:
+    """Tokens per pass for operands of public ``shape`` (B, T, H, d): whole chunks."""
+    B, n, H = shape[:3]
+    c = _kernels.effective_chunk(n, chunk_size)
+    return max(c, PASS_ROWS // max(B * H, 1) // c * c)
+
+
+def heads_first(x: Array | None) -> Array | None:
+    """(B, T, H, ...) -> (B, H, T, ...), contiguous (batched products of a
+    strided operand would copy it again and again)."""
+    if x is None:
+        return None
+    if is_torch(x):
+        return x.transpose(1, 2).contiguous()
+    return np.ascontiguousarray(np.swapaxes(x, 1, 2))
+
+
+def _tokens_first(x: Array) -> Array:
+    """(B, H, T, ...) -> (B, T, H, ...), a view."""
+    return x.transpose(1, 2) if is_torch(x) else np.swapaxes(x, 1, 2)
+
+
+def _passes(n: int, step: int) -> list[tuple[int, int]]:
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def delta_forward_passes(ops, q, k, v, beta, g, s0, chunk_size, *, for_backward=True):
+    """:func:`delta_forward` in the public layout, in passes of :func:`pass_length` tokens.
+
+    q, k (B, T, H, dk), v (B, T, H, dv), beta, g (B, T, H), s0 (B, H, dk, dv).
+    Each pass is moved to the kernels' batch-first layout on its own, and its
+    output written straight into O (B, T, H, dv).  Returns O, the final state
+    and, with ``for_backward``, U (B, H, T, dv) and the chunk states
+    (B, H, nc + 1, dk, dv) (else None, None).
+    """
+    B, n, H = q.shape[:3]
+    out = ops.zeros((B, n, H, v.shape[-1]), v)
+    us, states = [], []
+    s = s0
+    for a, b in _passes(n, pass_length(q.shape, chunk_size)):
+        o, s, u, st = delta_forward(
+            ops, *(heads_first(None if x is None else x[:, a:b]) for x in (q, k, v, beta, g)),
+            s, chunk_size,
+        )  # fmt: skip
+        out[:, a:b] = _tokens_first(o)
+        if for_backward:
+            us.append(u)
+            states.append(st[..., :-1, :, :])
+    if not for_backward:
+        return out, s, None, None
+    states.append(st[..., -1:, :, :])
+    return out, s, _cat(ops, us, -2), _cat(ops, states, -3)
+
+
+def _cat(ops: Ops, xs: list[Array], axis: int) -> Array:
+    return xs[0] if len(xs) == 1 else ops.concat(xs, axis)
+
+
+def delta_backward_passes(ops, q, k, v, beta, g, u, states, do, dsn, chunk_size):
+    """:func:`delta_backward` over the passes of :func:`delta_forward_passes`, last first.
+
+    Inputs and ``do`` in the public layout, u and states as the forward pass
+    returned them; the gradients come back in the public layout.
+    """
+    n = q.shape[1]
+    c = _kernels.effective_chunk(n, chunk_size)
+    grads = [ops.zeros(x.shape, x) for x in (q, k, v, beta)]
+    grads.append(None if g is None else ops.zeros(g.shape, g))
+    for a, b in reversed(_passes(n, pass_length(q.shape, chunk_size))):
+        rows = (heads_first(None if x is None else x[:, a:b]) for x in (q, k, v, beta, g))
+        # Chunk size as in the forward pass, whose passes are whole chunks.
+        *part, dsn = delta_backward(
+            ops, *rows, u[..., a:b, :], states[..., a // c : -(-b // c) + 1, :, :],
+            heads_first(do[:, a:b]), dsn, c,
+        )  # fmt: skip
+        for full, piece in zip(grads, part, strict=True):
+            if full is not None:
+                full[:, a:b] = _tokens_first(piece)
+    return (*grads, dsn)
 
 
 def _torch_function_class():
@@ -198,7 +293,7 @@ def _torch_function_class():
 
         @staticmethod
         def forward(ctx, q, k, v, beta, g, s0, chunk_size):
-            o, sn, u, states = delta_forward(TorchOps, q, k, v, beta, g, s0, chunk_size)
+            o, sn, u, states = delta_forward_passes(TorchOps, q, k, v, beta, g, s0, chunk_size)
             ctx.save_for_backward(q, k, v, beta, g, u, states)
             ctx.has_s0 = s0 is not None
             ctx.chunk_size = chunk_size
@@ -209,8 +304,8 @@ def _torch_function_class():
         def backward(ctx, do, dsn):
             q, k, v, beta, g, u, states = ctx.saved_tensors
             if do is None:
-                do = torch.zeros_like(u)
-            dq, dk, dv, dbeta, dg, ds0 = delta_backward(
+                do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=v.device)
+            dq, dk, dv, dbeta, dg, ds0 = delta_backward_passes(
                 TorchOps, q, k, v, beta, g, u, states, do, dsn, ctx.chunk_size
             )
             return dq, dk, dv, dbeta, dg, ds0 if ctx.has_s0 else None, None

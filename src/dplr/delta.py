@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ._backend import Array, backend_of, is_torch, single_threaded_blas
-from ._delta_grad import delta_forward, delta_function
+from ._delta_grad import delta_forward_passes, delta_function
 from ._validate import Prepared, positive_int, prepare, to_output
 
 __all__ = ["delta_rule", "gated_delta_rule"]
@@ -79,7 +79,8 @@ def delta_rule(
     O(T c (K + V) + T K V) flops per head and O(T (K + V + c)) memory; no
     T x T matrix is formed.  float16 and bfloat16 compute in float32.  With
     torch, gradients flow to q, k, v, beta and ``initial_state`` through a
-    hand-written backward of the same cost that stores only the inputs and U.
+    hand-written backward of about twice the cost that stores only the inputs,
+    U and the state entering each chunk.
 
     Examples
     --------
@@ -179,6 +180,28 @@ def _check_shapes(p: Prepared, gated: bool) -> tuple[int, int, int, int, int]:
     return B, T, H, K, int(v.shape[-1])
 
 
+def _require_finite(p: Prepared) -> None:
+    """``ValueError`` naming the first argument with NaN or Inf.
+
+    One reduction per argument decides almost always: a sum is finite unless
+    an entry is NaN or Inf or the sum overflows, and only then is the
+    elementwise test (several passes over the array) run to tell which.
+    """
+    for name, x in p.arrays.items():
+        if x is None:
+            continue
+        if p.torch:
+            if bool(x.sum().isfinite()):
+                continue
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):
+                if np.isfinite(x.sum()):
+                    continue
+        ok = bool(x.isfinite().all()) if p.torch else bool(np.isfinite(x).all())
+        if not ok:
+            raise ValueError(f"{name!r} contains NaN or Inf")
+
+
 def _check_cu_seqlens(cu_seqlens: Any, B: int, T: int) -> np.ndarray | None:
     if cu_seqlens is None:
         return None
@@ -202,8 +225,10 @@ def _check_cu_seqlens(cu_seqlens: Any, B: int, T: int) -> np.ndarray | None:
 def _l2norm(x: Array, torch: bool) -> Array:
     """Rows of unit L2 norm over the last axis; zero rows stay zero."""
     if torch:
+        import torch as _torch
+
         sq = (x * x).sum(-1, keepdim=True)
-        return x * sq.clamp_min(float(np.finfo(np.float64).tiny)).rsqrt()
+        return x * sq.clamp_min(_torch.finfo(x.dtype).tiny).rsqrt()
     sq = (x * x).sum(-1, keepdims=True)
     return x / np.sqrt(np.maximum(sq, np.finfo(x.dtype).tiny))
 
@@ -213,7 +238,11 @@ def _delta(q, k, v, beta, g, *, scale, initial_state, output_final_state, cu_seq
            chunk_size, use_qk_l2norm):  # fmt: skip
     gated = g is not None
     chunk_size = positive_int("chunk_size", chunk_size)
-    p = prepare({"q": q, "k": k, "v": v, "beta": beta, "g": g, "initial_state": initial_state})
+    p = prepare(
+        {"q": q, "k": k, "v": v, "beta": beta, "g": g, "initial_state": initial_state},
+        check_finite=False,
+    )
+    _require_finite(p)
     B, T, H, K, V = _check_shapes(p, gated)
     cu = _check_cu_seqlens(cu_seqlens, B, T)
     N = B if cu is None else len(cu) - 1
@@ -228,36 +257,31 @@ def _delta(q, k, v, beta, g, *, scale, initial_state, output_final_state, cu_seq
     q = q * scale
     if cu is not None:
         q, k, v, beta, g, valid = _pack(p.torch, cu, q, k, v, beta, g)
-    o, sn = _run(p, _batch_first(q), _batch_first(k), _batch_first(v), _heads_first(beta),
-                 None if g is None else _heads_first(g), s0, chunk_size)  # fmt: skip
-    o = o.transpose(1, 2) if p.torch else np.swapaxes(o, 1, 2)  # back to (B, T, H, V)
+    o, sn = _run(p, q, k, v, beta, g, s0, chunk_size)
     if cu is not None:
         o = o[valid][None]
     o = to_output(o, p)
     return o, (to_output(sn, p) if output_final_state else None)
 
 
-def _batch_first(x: Array) -> Array:
-    """(B, T, H, d) -> (B, H, T, d)."""
-    return x.transpose(1, 2) if is_torch(x) else np.swapaxes(x, 1, 2)
-
-
-def _heads_first(x: Array) -> Array:
-    """(B, T, H) -> (B, H, T)."""
-    return x.transpose(1, 2) if is_torch(x) else np.swapaxes(x, 1, 2)
-
-
 def _run(p: Prepared, q, k, v, beta, g, s0, chunk_size) -> tuple[Array, Array]:
-    """Batch-first forward (and torch autograd): O (B, H, T, V) and S_T (B, H, K, V)."""
-    B, H, T, K = k.shape
+    """The forward pass (and torch autograd): O (B, T, H, V) and S_T (B, H, K, V)."""
+    B, T, H, K = k.shape
     ops = backend_of(k)
     if T == 0:
         state = ops.zeros((B, H, K, v.shape[-1]), v) if s0 is None else s0
         return ops.zeros(v.shape, v), state
     if p.torch:
-        return delta_function().apply(q, k, v, beta, g, s0, chunk_size)
+        import torch
+
+        inputs = (q, k, v, beta, g, s0)
+        if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
+            return delta_function().apply(q, k, v, beta, g, s0, chunk_size)
+        o, sn, _, _ = delta_forward_passes(ops, *inputs, chunk_size, for_backward=False)
+        return o, sn
     with single_threaded_blas():
-        o, sn, _, _ = delta_forward(ops, q, k, v, beta, g, s0, chunk_size)
+        o, sn, _, _ = delta_forward_passes(ops, q, k, v, beta, g, s0, chunk_size,
+                                           for_backward=False)  # fmt: skip
     return o, sn
 
 
