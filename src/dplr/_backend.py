@@ -75,7 +75,8 @@ class NumpyOps:
     Kernels call these inside :func:`single_threaded_blas`: the small
     products of the chunked algorithms run faster in one BLAS thread, and
     the work is spread over the cores here instead, by splitting stacks of
-    independent products (``matmul``) and independent lanes (``map``)
+    independent products (``matmul``) and independent batch entries
+    (``state_pass``, ``map``)
     between threads (NumPy releases the GIL inside BLAS).
     """
 
@@ -99,17 +100,32 @@ class NumpyOps:
         return out.reshape(*batch, p, r)
 
     @staticmethod
-    def lanes(batch: int, columns: int) -> tuple[str, list[slice]]:
-        """How to split a sequential pass into independent lanes for the threads.
+    def state_pass(
+        w: Array, u: Array, k_out: Array, decay: Array | None, z0: Array
+    ) -> tuple[Array, Array]:
+        """The sequential pass of the chunked solve (see :func:`dplr._jit.state_pass`).
 
-        Returns ``("batch", slices)`` or ``("columns", slices)``.
+        w, k_out: (B, nc, c, d); u: (B, nc, c, m); decay: (B, nc) or None;
+        z0: (B, d, m).  Returns y (B, nc, c, m) and states (B, nc + 1, d, m).
+        Batch entries run on the threads.  (Splitting a single problem's
+        columns between threads was measured: no faster here, as the
+        products get smaller and the threads share one BLAS.)
         """
-        workers = num_workers()
-        if workers == 1 or (batch < 2 and columns < 16):
-            return "batch", [slice(None)]
-        if batch >= 2:
-            return "batch", _split(batch, min(workers, batch))
-        return "columns", _split(columns, min(workers, columns // 8))
+        from ._jit import state_pass
+
+        count, nc, c, m = u.shape
+        d = w.shape[-1]
+        w, k_out, u = (np.ascontiguousarray(x) for x in (w, k_out, u))
+        dec = np.ones((count, nc), u.dtype) if decay is None else np.ascontiguousarray(decay)
+        y = np.empty((count, nc, c, m), u.dtype)
+        states = np.empty((count, nc + 1, d, m), u.dtype)
+        z0 = np.ascontiguousarray(z0)
+
+        def lane(rows: slice) -> None:
+            state_pass(w[rows], u[rows], k_out[rows], dec[rows], z0[rows], y[rows], states[rows])
+
+        NumpyOps.map(lane, _split(count, min(num_workers(), max(count, 1))))
+        return y, states
 
     @staticmethod
     def map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
@@ -149,9 +165,7 @@ class NumpyOps:
     @staticmethod
     def keep_strict_lower(x: Array) -> Array:
         """Zero the diagonal and upper triangle of every matrix of a fresh stack, in place."""
-        rows, cols = np.triu_indices(x.shape[-1])
-        x[..., rows, cols] = 0.0
-        return x
+        return np.multiply(x, np.tri(x.shape[-1], x.shape[-1], -1, dtype=x.dtype), out=x)
 
     @staticmethod
     def multiply_(x: Array, y: Array) -> Array:
@@ -218,8 +232,25 @@ class TorchOps:
         return a @ b
 
     @staticmethod
-    def lanes(batch: int, columns: int) -> tuple[str, list[slice]]:
-        return "batch", [slice(None)]
+    def state_pass(
+        w: Array, u: Array, k_out: Array, decay: Array | None, z: Array
+    ) -> tuple[Array, Array]:
+        """As :meth:`NumpyOps.state_pass`.  CPU tensors share their memory with
+        NumPy views and use the compiled loop; other devices loop in torch."""
+        if _all_cpu(w, u, k_out, z):
+            out = NumpyOps.state_pass(*(None if x is None else _numpy_view(x)
+                                        for x in (w, u, k_out, decay, z)))  # fmt: skip
+            return tuple(_from_numpy(x) for x in out)
+        import torch
+
+        y = torch.empty_like(u)
+        states = u.new_empty((z.shape[0], u.shape[1] + 1, *z.shape[1:]))
+        states[:, 0] = z
+        for j in range(u.shape[1]):
+            y[:, j] = u[:, j] - w[:, j] @ z
+            z = k_out[:, j].mT @ y[:, j] + (z if decay is None else decay[:, j, None, None] * z)
+            states[:, j + 1] = z
+        return y, states
 
     @staticmethod
     def map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
@@ -297,6 +328,10 @@ class TorchOps:
 
     @staticmethod
     def solve_lower_blocks(L: Array, B: Array) -> Array:
+        """As :meth:`NumpyOps.solve_lower_blocks` (the compiled loop for CPU tensors,
+        which is several times faster there than ``torch.linalg.solve_triangular``)."""
+        if _all_cpu(L, B):
+            return _from_numpy(NumpyOps.solve_lower_blocks(_numpy_view(L), _numpy_view(B)))
         import torch
 
         return torch.linalg.solve_triangular(L, B, upper=False)
@@ -306,6 +341,21 @@ class TorchOps:
         import torch
 
         return torch.linalg.cholesky(a)
+
+
+def _all_cpu(*xs: Array) -> bool:
+    return all(x.device.type == "cpu" for x in xs)
+
+
+def _numpy_view(x: Array) -> np.ndarray:
+    """A NumPy array sharing the memory of a CPU tensor (no copy, no autograd)."""
+    return x.detach().numpy()
+
+
+def _from_numpy(x: np.ndarray) -> Array:
+    import torch
+
+    return torch.from_numpy(x)
 
 
 def backend_of(x: Array) -> type[NumpyOps] | type[TorchOps]:

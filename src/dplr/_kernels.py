@@ -89,7 +89,7 @@ def make_chunked(
     strict = ops.strict_lower_mask(c, q)
     blocks = ops.matmul(qc, kc.mT)
     if log_decay is None:
-        return Chunked(qc, kc, lamc, ops.where(strict, blocks, 0.0), qc, kc, None, n, c)
+        return Chunked(qc, kc, lamc, ops.keep_strict_lower(blocks), qc, kc, None, n, c)
     g = chunk_rows(ops, log_decay[..., None], c)[..., 0].cumsum(-1)
     # D inside a chunk: exp(g_i - g_j) for i > j, the exponent masked *before* exp.
     rel = g[..., :, None] - g[..., None, :]
@@ -220,50 +220,18 @@ def solve(
 def _state_pass(
     ops: Ops, w: Array, u: Array, k_out: Array, chunk_decay: Array | None, h0: Array | None
 ) -> tuple[Array, Array]:
-    """The sequential part of the solve, split into independent lanes.
+    """The sequential part of the solve (the backend runs it, see ``state_pass``).
 
     ``Y_J = U_J - W_J Z_J`` and ``Z_{J+1} = a_J Z_J + k_out_J^T Y_J`` with
-    ``Z_0 = h0``.  Batch entries are independent, and so are the columns of
-    Y and Z; the backend decides how many lanes to run at once.
-    Returns Y (..., nc, c, m) and the states (..., nc + 1, d, m).
+    ``Z_0 = h0``.  Returns Y (..., nc, c, m) and the states (..., nc + 1, d, m).
     """
     batch, (nc, c, m), d = u.shape[:-3], u.shape[-3:], w.shape[-1]
     count = int(np.prod(batch))
     w, u, k_out = (x.reshape(count, nc, c, x.shape[-1]) for x in (w, u, k_out))
     decay = None if chunk_decay is None else chunk_decay.reshape(count, nc)
     z0 = ops.zeros((count, d, m), u) if h0 is None else h0.reshape(count, d, m)
-    axis, parts = ops.lanes(count, m)
-
-    def lane(part: slice) -> tuple[Array, Array]:
-        if axis == "batch":
-            dec = None if decay is None else decay[part]
-            return _state_pass_lane(ops, w[part], u[part], k_out[part], dec, z0[part])
-        return _state_pass_lane(ops, w, u[..., part], k_out, decay, z0[..., part])
-
-    results = ops.map(lane, parts)
-    cat_axis = 0 if axis == "batch" else -1
-    yc = ops.concat([r[0] for r in results], cat_axis) if len(results) > 1 else results[0][0]
-    st = ops.concat([r[1] for r in results], cat_axis) if len(results) > 1 else results[0][1]
+    yc, st = ops.state_pass(w, u, k_out, decay, z0)
     return yc.reshape(*batch, nc, c, m), st.reshape(*batch, nc + 1, d, m)
-
-
-def _state_pass_lane(
-    ops: Ops, w: Array, u: Array, k_out: Array, decay: Array | None, z: Array
-) -> tuple[Array, Array]:
-    """One lane of :func:`_state_pass`: a plain loop over the chunks.
-
-    Results go into arrays allocated once: keeping hundreds of fresh small
-    arrays alive costs more in page faults than the products themselves.
-    """
-    nc = u.shape[1]
-    y = ops.zeros(u.shape, u)
-    states = ops.zeros((z.shape[0], nc + 1, *z.shape[1:]), z)
-    states[:, 0] = z
-    for j in range(nc):
-        y[:, j] = u[:, j] - w[:, j] @ z
-        z = k_out[:, j].mT @ y[:, j] + (z if decay is None else decay[:, j, None, None] * z)
-        states[:, j + 1] = z
-    return y, states
 
 
 def inverse(

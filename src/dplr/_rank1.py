@@ -28,32 +28,15 @@ in ``dst``.
 from __future__ import annotations
 
 import math
-import warnings
 
 import numba as nb
 import numpy as np
 
+from ._jit import jit as _jit
+
 #: Rows of the lower factor advanced together by the row-oriented update, so
 #: that GROUP independent rotation chains overlap in the floating-point units.
 GROUP = 8
-
-
-def _jit(**options):
-    """``numba.njit`` with an on-disk cache when some cache directory is writable.
-
-    Numba caches next to this file, or in the user-wide cache directory
-    (``NUMBA_CACHE_DIR`` overrides both) when the package is read-only; if no
-    location is writable, compile in memory instead of failing at import.
-    """
-
-    def wrap(fn):
-        try:
-            return nb.njit(cache=True, **options)(fn)
-        except RuntimeError as exc:  # "no locator available": nowhere to cache
-            warnings.warn(f"dplr: numba cache disabled ({exc})", RuntimeWarning, stacklevel=2)
-            return nb.njit(cache=False, **options)(fn)
-
-    return wrap
 
 
 _SERIAL = {"nogil": True, "fastmath": {"contract"}}

@@ -98,6 +98,19 @@ def prepare(
     return _prepare_numpy(named, present, check_finite, like)
 
 
+def all_finite(x: Array) -> bool:
+    """True if no entry of a NumPy array or torch tensor is NaN or Inf.
+
+    One reduction decides almost always: a sum is finite unless an entry is
+    NaN or Inf or the sum overflows, and only then is the elementwise test
+    (several passes over the array) run to tell which.
+    """
+    if is_torch(x):
+        return bool(x.sum().isfinite()) or bool(x.isfinite().all())
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(x.sum())) or bool(np.isfinite(x).all())
+
+
 def _finite_or_raise(name: str, ok: bool) -> None:
     if not ok:
         raise ValueError(
@@ -119,7 +132,7 @@ def _prepare_numpy(named, present, check_finite, like) -> Prepared:
             continue
         a = arrays[k].astype(compute, copy=False)
         if check_finite:
-            _finite_or_raise(k, bool(np.isfinite(a).all()))
+            _finite_or_raise(k, all_finite(a))
         result[k] = a
     return Prepared(result, False, compute, out)
 
@@ -148,7 +161,7 @@ def _prepare_torch(named, present, check_finite, like) -> Prepared:
             continue
         a = present[k].to(compute)
         if check_finite:
-            _finite_or_raise(k, bool(torch.isfinite(a).all()))
+            _finite_or_raise(k, all_finite(a))
         result[k] = a
     return Prepared(result, True, compute, out)
 

@@ -17,7 +17,7 @@ from . import _kernels, _rank1
 from ._backend import Array, backend_of, is_torch, single_threaded_blas
 from ._cholesky_policy import choose_method, panel_threads
 from ._errors import NotPositiveDefiniteError
-from ._validate import broadcast_batch, prepare, require_ndim, to_output
+from ._validate import all_finite, broadcast_batch, prepare, require_ndim, to_output
 
 __all__ = ["cholesky_delete", "cholesky_downdate", "cholesky_insert", "cholesky_update"]
 
@@ -68,7 +68,7 @@ def _weights(multiplier: Any, prep: Any, m: int, rank_m: bool) -> Array:
         if w.dtype.is_complex or w.dtype == torch.bool:
             raise TypeError(f"'multiplier' must be real; got dtype {w.dtype}")
         w = w.to(prep.compute_dtype)
-        finite = bool(torch.isfinite(w).all())
+        finite = all_finite(w)
     else:
         if is_torch(multiplier):
             raise TypeError("'multiplier' is a torch tensor but the factor is a NumPy array")
@@ -76,7 +76,7 @@ def _weights(multiplier: Any, prep: Any, m: int, rank_m: bool) -> Array:
         if w.dtype.kind not in "iuf":
             raise TypeError(f"'multiplier' must be a real number or array; got dtype {w.dtype}")
         w = w.astype(prep.compute_dtype)
-        finite = bool(np.isfinite(w).all())
+        finite = all_finite(w)
     if not finite:
         raise ValueError("'multiplier' contains NaN or Inf")
     if rank_m and w.ndim >= 1 and w.shape[-1] == m:
@@ -103,15 +103,11 @@ def _problem(factor, u, multiplier, sign, lower, check_finite) -> _Problem:
     w = sign * _weights(multiplier, prep, u_.shape[-1], rank_m)
     shapes = {"factor": f.shape[:-2], "u": u_.shape[:-2], "multiplier": w.shape[:-1]}
     batch = broadcast_batch({k: tuple(v) for k, v in shapes.items()})
-    if check_finite and not _finite(u_):
+    if check_finite and not all_finite(u_):
         raise ValueError("'u' contains NaN or Inf (pass check_finite=False to skip)")
     low = f if lower else f.mT
     _check_diagonal(low, check_finite)
     return _Problem(low, u_, w, batch, prep, factor, lower)
-
-
-def _finite(x: Array) -> bool:
-    return bool((x.isfinite() if is_torch(x) else np.isfinite(x)).all())
 
 
 def _check_diagonal(low: Array, check_finite: bool) -> None:
@@ -569,7 +565,7 @@ def cholesky_insert(
             f"'cols' must have shape (..., {n} + p, p) with p >= 1 to match 'factor' "
             f"{tuple(pb.lower.shape)}; got {tuple(c.shape)}"
         )
-    if check_finite and not _finite(c):
+    if check_finite and not all_finite(c):
         raise ValueError("'cols' contains NaN or Inf (pass check_finite=False to skip)")
     k = _index("index", index, 0, n)
     batch = broadcast_batch({"factor": pb.batch, "cols": tuple(c.shape[:-2])})
