@@ -57,16 +57,10 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> 
 
 
 def format_table(rows: list[Row]) -> str:
-    """A Markdown table of rows: case, size, baseline, times, ratio, target, error."""
-    head = "| case | size | baseline | baseline (ms) | dplr (ms) | ratio | target | error |"
-    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        target = f">= {r.target:g}x" if r.target is not None else "report"
-        lines.append(
-            f"| {r.case} | {r.size} | {r.baseline} | {1e3 * r.baseline_s:.2f} | "
-            f"{1e3 * r.dplr_s:.2f} | {r.ratio:.2f}x | {target} | {r.error:.1e} |"
-        )
-    return "\n".join(lines)
+    """A Markdown table of rows (the same table ``python -m dplr bench`` writes)."""
+    from dplr._bench import format_markdown_table
+
+    return format_markdown_table(r.as_dict() for r in rows)
 
 
 def noop_progress(message: str) -> None:

@@ -108,6 +108,9 @@ def test_bench_all_writes_tables_json_and_plots(fake_suites, tmp_path, capsys):
     for row in doc["rows"]:
         for key in ("baseline_s", "dplr_s", "error", "ratio"):
             assert math.isfinite(row[key])
+    markdown = (tmp_path / "results.md").read_text()
+    assert markdown.startswith("Measured on ") and "(`--quick`)" in markdown
+    assert markdown.count("| case | size | baseline |") == 3  # one Markdown table per suite
     for name in PNGS:
         path = tmp_path / name
         assert path.stat().st_size > 1000

@@ -26,6 +26,7 @@ SUITES: tuple[str, ...] = ("core", "cholesky", "delta")
 """The suite names, in the order ``--suite all`` runs them."""
 
 RESULTS_FILE = "results.json"
+MARKDOWN_FILE = "results.md"
 
 
 @dataclass
@@ -243,10 +244,33 @@ def results_document(
 
 
 def write_results(document: dict[str, Any], out: Path) -> Path:
-    """Write ``document`` to ``out / results.json`` (strict JSON) and return the path."""
+    """Write ``document`` to ``out / results.json`` (strict JSON) and ``out / results.md``
+    (the same tables in Markdown, for pasting into documentation); return the JSON path."""
     path = out / RESULTS_FILE
     path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    (out / MARKDOWN_FILE).write_text(markdown_report(document), encoding="utf-8")
     return path
+
+
+def format_markdown_table(rows: Iterable[dict[str, Any]]) -> str:
+    """A Markdown table of row dicts: the columns of :func:`format_text_table` and the note."""
+    lines = ["| " + " | ".join((*HEADER, "note")) + " |", "|---|---|---|" + "---:|" * 5 + "---|"]
+    for row in rows:
+        lines.append("| " + " | ".join([*_cells(row), str(row.get("note") or "")]) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(document: dict[str, Any]) -> str:
+    """The machine line and one Markdown table per suite that ran."""
+    parts = [f"Measured on {machine_line(document['machine'])}"
+             + (" (`--quick`)" if document.get("quick") else "") + "."]  # fmt: skip
+    for name, info in document["suites"].items():
+        rows = [r for r in document["rows"] if r.get("suite") == name]
+        if rows:
+            parts.append(f"**{name}**\n\n{format_markdown_table(rows)}")
+        else:
+            parts.append(f"**{name}**: {info['status']}. {info.get('note') or ''}".rstrip())
+    return "\n\n".join(parts) + "\n"
 
 
 def _ms(seconds: Any) -> str:
