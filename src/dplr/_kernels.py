@@ -124,6 +124,13 @@ def reversed_operands(
     return rq, rk, rlam, rdecay
 
 
+def _through_reversal(op, ops: Ops, q, k, lam, log_decay, v, chunk_size) -> tuple[Array, Array]:
+    """``op`` with ``T^T`` as ``P op(P T^T P) P``: reverse the rows, apply, reverse back."""
+    rq, rk, rlam, rdecay = reversed_operands(ops, q, k, lam, log_decay)
+    y, hn = op(ops, rq, rk, rlam, rdecay, ops.flip(v, -2), chunk_size=chunk_size)
+    return ops.flip(y, -2), hn
+
+
 def _state_sequence(ops: Ops, ch: Chunked, contrib: Array, h0: Array | None) -> Array:
     """States entering each chunk: ``H[0] = h0``, ``H[J+1] = a_J H[J] + contrib[J]``.
 
@@ -160,9 +167,7 @@ def matmul(
     if transpose:
         if h0 is not None:
             raise NotImplementedError("an initial state is only defined for T, not T^T")
-        rq, rk, rlam, rdecay = reversed_operands(ops, q, k, lam, log_decay)
-        y, hn = matmul(ops, rq, rk, rlam, rdecay, ops.flip(v, -2), chunk_size=chunk_size)
-        return ops.flip(y, -2), hn
+        return _through_reversal(matmul, ops, q, k, lam, log_decay, v, chunk_size)
     ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
     vc = chunk_rows(ops, v, ch.c)
     states = _state_sequence(ops, ch, ops.matmul(ch.k_out.mT, vc), h0)
@@ -204,9 +209,7 @@ def solve(
     if transpose:
         if h0 is not None or return_states:
             raise NotImplementedError("states are only defined for T, not T^T")
-        rq, rk, rlam, rdecay = reversed_operands(ops, q, k, lam, log_decay)
-        y, hn = solve(ops, rq, rk, rlam, rdecay, ops.flip(v, -2), chunk_size=chunk_size)
-        return ops.flip(y, -2), hn
+        return _through_reversal(solve, ops, q, k, lam, log_decay, v, chunk_size)
     ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
     vc = chunk_rows(ops, v, ch.c)
     diag_blocks = ch.strict_blocks + ch.lam[..., :, None] * ops.eye(ch.c, q)

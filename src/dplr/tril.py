@@ -224,7 +224,23 @@ class LowRankTril:
                 "iff its diagonal has no zero)"
             )
 
-    def _finish(self, y: Array, vector: bool, pv: Prepared) -> Array:
+    def _apply(
+        self, op: str, v: Any, transpose: bool, chunk_size: int | None, check_finite: bool
+    ) -> Array:
+        """Run the ``"matmul"`` or ``"solve"`` kernel (torch: through its autograd Function)."""
+        chunk_size = positive_int("chunk_size", chunk_size)
+        (q, k, lam, ld, v), _, vector, pv = self._operands(v, check_finite)
+        if pv.torch:
+            tril_solve_fn, tril_matmul_fn = torch_functions()
+            fn = tril_solve_fn if op == "solve" else tril_matmul_fn
+            y = fn.apply(q, k, lam, ld, v, None, transpose, chunk_size)
+            y = y[0] if op == "solve" else y
+        else:
+            kernel = _kernels.solve if op == "solve" else _kernels.matmul
+            with single_threaded_blas():
+                y, _ = kernel(
+                    backend_of(v), q, k, lam, ld, v, transpose=transpose, chunk_size=chunk_size
+                )
         return to_output(y[..., 0] if vector else y, pv)
 
     # ------------------------------------------------------------ operations
@@ -254,17 +270,7 @@ class LowRankTril:
         -----
         O(n c (d + m) + n d m) flops for chunk size c; no n x n intermediate.
         """
-        chunk_size = positive_int("chunk_size", chunk_size)
-        (q, k, lam, ld, v), _, vector, pv = self._operands(v, check_finite)
-        if pv.torch:
-            _, tril_matmul_fn = torch_functions()
-            y = tril_matmul_fn.apply(q, k, lam, ld, v, None, transpose, chunk_size)
-        else:
-            with single_threaded_blas():
-                y, _ = _kernels.matmul(
-                    backend_of(v), q, k, lam, ld, v, transpose=transpose, chunk_size=chunk_size
-                )
-        return self._finish(y, vector, pv)
+        return self._apply("matmul", v, transpose, chunk_size, check_finite)
 
     def __matmul__(self, v: Any) -> Array:
         return self.matmul(v)
@@ -315,18 +321,8 @@ class LowRankTril:
         >>> np.allclose(T.to_dense().T @ x, b)
         True
         """
-        chunk_size = positive_int("chunk_size", chunk_size)
         self._check_nonsingular()
-        (q, k, lam, ld, v), _, vector, pv = self._operands(v, check_finite)
-        if pv.torch:
-            tril_solve_fn, _ = torch_functions()
-            y, _ = tril_solve_fn.apply(q, k, lam, ld, v, None, transpose, chunk_size)
-        else:
-            with single_threaded_blas():
-                y, _ = _kernels.solve(
-                    backend_of(v), q, k, lam, ld, v, transpose=transpose, chunk_size=chunk_size
-                )
-        return self._finish(y, vector, pv)
+        return self._apply("solve", v, transpose, chunk_size, check_finite)
 
     def inv(self, chunk_size: int | None = None) -> Array:
         """The dense inverse ``T^-1``, (..., n, n).
