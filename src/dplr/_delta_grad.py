@@ -71,8 +71,7 @@ def _decay_masks(ops: Ops, gc: Array | None, c: int, like: Array) -> tuple[Array
     if gc is None:
         low = ops.where(strict, ops.zeros((c, c), like) + 1.0, 0.0)
         return low + eye, low
-    rel = gc[..., :, None] - gc[..., None, :]
-    low = ops.exp(ops.where(strict, rel, -float("inf")))
+    low = _kernels.decay_mask(ops, gc, strict)
     return low + eye, low
 
 

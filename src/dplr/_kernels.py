@@ -91,9 +91,7 @@ def make_chunked(
     if log_decay is None:
         return Chunked(qc, kc, lamc, ops.keep_strict_lower(blocks), qc, kc, None, n, c)
     g = chunk_rows(ops, log_decay[..., None], c)[..., 0].cumsum(-1)
-    # D inside a chunk: exp(g_i - g_j) for i > j, the exponent masked *before* exp.
-    rel = g[..., :, None] - g[..., None, :]
-    mask = ops.exp(ops.where(strict, rel, -float("inf")))
+    mask = decay_mask(ops, g, strict)
     g_last = g[..., -1:]
     return Chunked(
         q=qc,
@@ -106,6 +104,16 @@ def make_chunked(
         n=n,
         c=c,
     )
+
+
+def decay_mask(ops: Ops, g: Array, strict: Array) -> Array:
+    """``exp(g_i - g_j)`` where ``strict`` holds (i > j), else 0, for cumulative log decay g.
+
+    The exponent is masked *before* ``exp``: above the diagonal ``g_i - g_j``
+    is positive and could overflow.  g: (..., c) -> (..., c, c).
+    """
+    rel = g[..., :, None] - g[..., None, :]
+    return ops.exp(ops.where(strict, rel, -float("inf")))
 
 
 def reversed_operands(
@@ -281,9 +289,7 @@ def dense(ops: Ops, q: Array, k: Array, lam: Array, log_decay: Array | None) -> 
     strict = ops.strict_lower_mask(n, q)
     low = q @ k.mT
     if log_decay is not None:
-        big_g = log_decay.cumsum(-1)
-        rel = big_g[..., :, None] - big_g[..., None, :]
-        low = low * ops.exp(ops.where(strict, rel, -float("inf")))
+        low = low * decay_mask(ops, log_decay.cumsum(-1), strict)
     out = ops.where(strict, low, 0.0)
     return out + lam[..., :, None] * ops.eye(n, q)
 
