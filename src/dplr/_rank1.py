@@ -40,7 +40,6 @@ GROUP = 8
 
 
 _SERIAL = {"nogil": True, "fastmath": {"contract"}}
-_PARALLEL = {"nogil": True, "fastmath": {"contract"}, "parallel": True}
 
 
 # --------------------------------------------------------------- row order
@@ -91,6 +90,46 @@ def _update_rows_one(src, dst, x, cs, sn, xs):
             dst[i, i] = rr
             for j in range(i + 1, n):
                 dst[i, j] = 0.0
+
+
+#: Largest order for which the row-order update runs on a scratch copy, column
+#: by column: the factor then sits in L1, so the strided column reads are
+#: cheap, rotation k+1 can start while step k still updates the rows below,
+#: and the caller's memory is read and written once, row by row.
+SMALL = 64
+
+
+@_jit(**_SERIAL)
+def _update_rows_small(src, dst, x, buf):
+    """Givens update of a small lower factor read by rows; ``buf`` (>= n, >= n) scratch.
+
+    ``sqrt(d^2 + x^2)``, with a fallback to ``hypot`` outside the range where
+    the squares can neither overflow nor underflow.
+    """
+    n = src.shape[0]
+    for i in range(n):
+        for j in range(i + 1):
+            buf[i, j] = src[i, j]
+    for k in range(n):
+        d = buf[k, k]
+        xk = x[k]
+        rr = math.sqrt(d * d + xk * xk)
+        if not 1e-150 < rr < 1e150:
+            rr = math.hypot(d, xk)
+        inv = 1.0 / rr
+        c = d * inv
+        s = xk * inv
+        buf[k, k] = rr
+        for i in range(k + 1, n):
+            a = buf[i, k]
+            xi = x[i]
+            buf[i, k] = c * a + s * xi
+            x[i] = c * xi - s * a
+    for i in range(n):
+        for j in range(i + 1):
+            dst[i, j] = buf[i, j]
+        for j in range(i + 1, n):
+            dst[i, j] = 0.0
 
 
 @_jit(**_SERIAL)
@@ -212,12 +251,15 @@ def _copy_tri(src, dst, rows):
 
 
 @_jit(**_SERIAL)
-def _sweep_rows_one(s, d, x, work, down, inplace):
+def _sweep_rows_one(s, d, x, work, buf, down, inplace):
     """One rank-1 update or downdate of one lower factor read by rows; False if not PD."""
     n = s.shape[0]
     cs, sn, p = work[0, :n], work[1, :n], work[2, :n]
     if not down:
-        _update_rows_one(s, d, x, cs, sn, work[2])
+        if n <= SMALL:
+            _update_rows_small(s, d, x, buf)
+        else:
+            _update_rows_one(s, d, x, cs, sn, work[2])
         return True
     _forward_rows_one(s, x, p)
     if _downdate_rotations(p, cs, sn):
@@ -246,38 +288,69 @@ def _sweep_cols_one(s, d, x, work, down, inplace):
 
 
 @_jit(**_SERIAL)
-def _sweep_serial(src, src_idx, dst, x, work, down, ok, inplace, rows):
-    for b in range(dst.shape[0]):
+def _diag_finite(d):
+    acc = 0.0
+    for i in range(d.shape[0]):
+        acc += d[i, i] * 0.0
+    return acc == 0.0
+
+
+@_jit(**_SERIAL)
+def _diag_positive(s):
+    for i in range(s.shape[0]):
+        if not s[i, i] > 0.0:
+            return False
+    return True
+
+
+@_jit(**_SERIAL)
+def _sweep_range(src, src_idx, dst, x, down, ok, fin, pos, inplace, rows, lo, hi):
+    """Entries lo..hi-1 of :func:`sweep`; releases the GIL (threads split the batch)."""
+    n = dst.shape[-1]
+    work = np.empty((3, max(n, GROUP)), dtype=x.dtype)
+    buf = np.empty((min(n, SMALL), min(n, SMALL)), dtype=x.dtype)
+    for b in range(lo, hi):
+        s, d = src[src_idx[b]], dst[b]
+        pos[b] = _diag_positive(s)
+        if not pos[b]:  # not a Cholesky factor: the caller raises
+            ok[b] = False
+            fin[b] = False
+            continue
         if rows:
-            ok[b] = _sweep_rows_one(src[src_idx[b]], dst[b], x[b], work[b], down[b], inplace)
+            ok[b] = _sweep_rows_one(s, d, x[b], work, buf, down[b], inplace)
         else:
-            ok[b] = _sweep_cols_one(src[src_idx[b]], dst[b], x[b], work[b], down[b], inplace)
+            ok[b] = _sweep_cols_one(s, d, x[b], work, down[b], inplace)
+        fin[b] = _diag_finite(d)
 
 
-@_jit(**_PARALLEL)
-def _sweep_parallel(src, src_idx, dst, x, work, down, ok, inplace, rows):
-    for b in nb.prange(dst.shape[0]):
-        if rows:
-            ok[b] = _sweep_rows_one(src[src_idx[b]], dst[b], x[b], work[b], down[b], inplace)
-        else:
-            ok[b] = _sweep_cols_one(src[src_idx[b]], dst[b], x[b], work[b], down[b], inplace)
-
-
-#: Batch size from which the sweeps run in numba's thread pool.  Below it they
-#: stay in the calling thread: an OpenMP pool that has just run keeps spinning
-#: and was measured to slow the caller's next multi-threaded BLAS call up to 20x.
+#: Batch size from which the sweeps are split between the threads of
+#: :meth:`dplr._backend.NumpyOps.map` (plain Python threads running a nogil
+#: kernel: nothing keeps spinning afterwards, unlike an OpenMP pool, which was
+#: measured to slow the caller's next multi-threaded BLAS call up to 20x).
 PARALLEL_BATCH = 64
 
 
-def sweep(src, src_idx, dst, x, down, ok, inplace: bool, rows: bool) -> None:
+def sweep(src, src_idx, dst, x, down, ok, inplace: bool, rows: bool):
     """One rank-1 update or downdate of every factor (see the module docstring).
 
     ``rows`` selects the memory order: the lower factor addressed by rows, or
-    through ``R = L^T``.
+    through ``R = L^T``.  Returns two boolean arrays, per factor: whether
+    the result's diagonal is finite, and whether the input's diagonal is
+    positive (factors where it is not are skipped: not written, ``ok`` false).
     """
-    work = np.empty((dst.shape[0], 3, max(dst.shape[-1], GROUP)), dtype=x.dtype)
-    fn = _sweep_parallel if dst.shape[0] >= PARALLEL_BATCH else _sweep_serial
-    fn(src, src_idx, dst, x, work, down, ok, inplace, rows)
+    from ._backend import NumpyOps, _split, num_workers
+
+    count = dst.shape[0]
+    fin = np.empty(count, dtype=bool)
+    pos = np.empty(count, dtype=bool)
+    parts = num_workers() if count >= PARALLEL_BATCH else 1
+
+    def run(part: slice) -> None:
+        args = (src, src_idx, dst, x, down, ok, fin, pos, inplace, rows)
+        _sweep_range(*args, part.start, part.stop)
+
+    NumpyOps.map(run, _split(count, parts) or [slice(0, 0)])
+    return fin, pos
 
 
 @_jit(nogil=True, fastmath={"reassoc"})

@@ -106,8 +106,7 @@ def _problem(factor, u, multiplier, sign, lower, check_finite) -> _Problem:
     if check_finite and not all_finite(u_):
         raise ValueError("'u' contains NaN or Inf (pass check_finite=False to skip)")
     low = f if lower else f.mT
-    _check_diagonal(low, check_finite)
-    return _Problem(low, u_, w, batch, prep, factor, lower)
+    return _Problem(low, u_, w, batch, prep, factor, lower)  # diagonal: checked by the path
 
 
 def _check_diagonal(low: Array, check_finite: bool) -> None:
@@ -169,12 +168,15 @@ def _rank1_path(pb: _Problem, target: Array | None, check_finite: bool) -> tuple
     src = orient(low).reshape(-1, n, n)
     src_idx = np.broadcast_to(np.arange(src.shape[0]).reshape(low.shape[:-2]), batch).reshape(-1)
     w = np.broadcast_to(pb.w, (*batch, m)).reshape(bsize, m)
-    order = np.argsort(w < 0, axis=-1, kind="stable")  # updates first: stays PD
-    w = np.take_along_axis(w, order, -1)
     x_all = np.broadcast_to(pb.u, (*batch, n, m)).reshape(bsize, n, m)
-    x_all = np.take_along_axis(x_all, order[:, None, :], -1) * np.sqrt(np.abs(w))[:, None, :]
+    if m > 1:  # updates first: every partial result stays positive definite
+        order = np.argsort(w < 0, axis=-1, kind="stable")
+        w = np.take_along_axis(w, order, -1)
+        x_all = np.take_along_axis(x_all, order[:, None, :], -1)
+    x_all = x_all * np.sqrt(np.abs(w))[:, None, :]
     direct = target is not None and (m == 1 or not (w < 0).any())
-    if direct:
+    if direct:  # the kernels skip factors without a positive diagonal; check first here
+        _check_diagonal(low, check_finite)
         if check_finite:
             _check_triangle_finite(pb)
         out = target
@@ -184,15 +186,17 @@ def _rank1_path(pb: _Problem, target: Array | None, check_finite: bool) -> tuple
         out = out if rows else out.mT
         dst = orient(out).reshape(bsize, n, n)
     ok = np.ones(bsize, dtype=bool)
+    ok_j = np.empty(bsize, dtype=bool)
     for j in range(m):
-        ok_j = np.ones(bsize, dtype=bool)
         x = np.ascontiguousarray(x_all[:, :, j])
         first = j == 0
-        _rank1.sweep(src if first else dst, src_idx if first else np.arange(bsize), dst, x,
-                     w[:, j] < 0, ok_j, direct or not first, rows)  # fmt: skip
+        fin, pos = _rank1.sweep(src if first else dst, src_idx if first else np.arange(bsize),
+                                dst, x, w[:, j] < 0, ok_j, direct or not first, rows)  # fmt: skip
+        if first and not pos.all():  # the input's diagonal, read by the kernel
+            _check_diagonal(low, check_finite)
         ok &= ok_j
     if check_finite and not direct:
-        bad = ~ok | ~np.isfinite(dst.diagonal(0, -2, -1)).all(-1)
+        bad = ~ok | ~fin
         if bad.any() and not _rank1.tri_all_finite(src[src_idx[bad]], rows).all():
             raise ValueError("'factor' contains NaN or Inf (pass check_finite=False to skip)")
     return out, ok.reshape(batch)
@@ -292,6 +296,8 @@ def _modify(factor, u, multiplier, sign, *, lower, method, errors, overwrite, ch
     bsize = int(np.prod(pb.batch, dtype=np.int64))
     if method == "auto":
         method = choose_method(pb.n, pb.m, bsize, pb.prep.torch)
+    if method != "rank1":
+        _check_diagonal(pb.lower, check_finite)
     if method == "rank1":
         out, ok = _rank1_path(pb, target, check_finite)
     elif method == "blocked":
