@@ -241,7 +241,7 @@ def _downdate_rotations(p, cs, sn):
 
 
 @_jit(**_SERIAL)
-def _copy_tri(src, dst, rows):
+def copy_tri(src, dst, rows):
     """dst = the factor's triangle of src, zero elsewhere (a failed entry)."""
     n = src.shape[0]
     for i in range(n):
@@ -266,7 +266,7 @@ def _sweep_rows_one(s, d, x, work, buf, down, inplace):
         _downdate_rows_one(s, d, cs, sn)
         return True
     if not inplace:
-        _copy_tri(s, d, True)
+        copy_tri(s, d, True)
     return False
 
 
@@ -283,7 +283,7 @@ def _sweep_cols_one(s, d, x, work, down, inplace):
         _downdate_cols_one(s, d, cs, sn, p)
         return True
     if not inplace:
-        _copy_tri(s, d, False)
+        copy_tri(s, d, False)
     return False
 
 

@@ -497,12 +497,32 @@ def cholesky_delete(
     count = _index("count", count, 1, n - 1)
     k = _index("index", index, 0, n - count)
     e = k + count
-    new = ops.zeros((*pb.batch, n - count, n - count), low)
-    new[..., :k, :k] = _kernels._tril_block(ops, low[..., :k, :k])
+    if k == 0:  # only the trailing block: the update reads it and writes its result once
+        new = cholesky_update(low[..., e:, e:], low[..., e:, :e], check_finite=False)
+        return to_output(new if lower else new.mT, pb.prep)
+    new = _uninitialised(ops, (*pb.batch, n - count, n - count), low)
+    _lower_into(ops, new[..., :k, :k], low[..., :k, :k])
+    new[..., :k, k:] = 0.0
     new[..., k:, :k] = low[..., e:, :k]
-    if e < n:
-        new[..., k:, k:] = cholesky_update(low[..., e:, e:], low[..., e:, k:e], check_finite=False)
+    if e < n:  # the update runs in place on the copied block (it zeroes the upper part)
+        new[..., k:, k:] = low[..., e:, e:]
+        cholesky_update(new[..., k:, k:], low[..., e:, k:e], overwrite=True, check_finite=False)
     return to_output(new if lower else new.mT, pb.prep)
+
+
+def _uninitialised(ops, shape: tuple[int, ...], like: Array) -> Array:
+    """A new array every element of which the caller writes (no zero-filling pass)."""
+    return ops.zeros(shape, like) if ops.name == "torch" else np.empty(shape, like.dtype)
+
+
+def _lower_into(ops, dst: Array, src: Array) -> None:
+    """``dst`` = the lower triangle of ``src``, zeros above, without a temporary."""
+    if ops.name == "torch":
+        dst[...] = _kernels._tril_block(ops, src)
+        return
+    src = np.broadcast_to(src, dst.shape)
+    for idx in np.ndindex(*dst.shape[:-2]):
+        _rank1.copy_tri(src[idx], dst[idx], True)
 
 
 def cholesky_insert(
@@ -580,14 +600,17 @@ def cholesky_insert(
     x = _kernels.solve_lower_dense(ops, l11, a12)  # (..., k, p): L21 = x^T
     l22, ok = _kernels.cholesky_flagged(ops, a22 - x.mT @ x)
     l32 = _kernels.solve_lower_dense(ops, l22, (a32 - l31 @ x).mT).mT
-    new = ops.zeros((*batch, n + p, n + p), low)
-    if k < n:
-        l33, ok33 = cholesky_downdate(low[..., k:, k:], l32, errors="flag", check_finite=False)
+    new = _uninitialised(ops, (*batch, n + p, n + p), low)
+    if k < n:  # in place on the copied block; a failed entry is left as copied
+        new[..., k + p :, k + p :] = low[..., k:, k:]
+        _, ok33 = cholesky_downdate(new[..., k + p :, k + p :], l32, errors="flag",
+                                    overwrite=True, check_finite=False)  # fmt: skip
         ok = ok & ok33
-        new[..., k + p :, k + p :] = l33
-    new[..., :k, :k] = _kernels._tril_block(ops, l11)
+    _lower_into(ops, new[..., :k, :k], l11)
+    new[..., :k, k:] = 0.0
     new[..., k : k + p, :k] = x.mT
     new[..., k : k + p, k : k + p] = l22
+    new[..., k : k + p, k + p :] = 0.0
     new[..., k + p :, :k] = l31
     new[..., k + p :, k : k + p] = l32
     ok = _expand(ops, ok, batch)
