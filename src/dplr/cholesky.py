@@ -223,13 +223,13 @@ def _blocked_path(pb: _Problem, target: Array | None, check_finite: bool, chunk:
         out = target
     elif pb.prep.torch:
         out = ops.zeros((*pb.batch, n, n), low)
-    else:  # the memory order of the input; every element is written (clean=True)
-        out = np.empty((*pb.batch, n, n), dtype=low.dtype)
+    else:  # the memory order of the input; zero pages of the upper triangle stay untouched
+        out = np.zeros((*pb.batch, n, n), dtype=low.dtype)
         out = out if low.strides[-1] <= low.strides[-2] else out.mT
     with np.errstate(all="ignore"):  # failed entries may overflow; they are discarded
         ok, _ = _kernels.lowrank_cholesky_product(
             ops, low, pb.u, c0, out, chunk_size=chunk, steps=steps,
-            clean=target is not None or not pb.prep.torch,
+            clean=target is not None,
             panel_threads=None if pb.prep.torch else threads,
         )  # fmt: skip
     if ok is None:
