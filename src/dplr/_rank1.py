@@ -104,12 +104,19 @@ def _update_rows_small(src, dst, x, buf):
     """Givens update of a small lower factor read by rows; ``buf`` (>= n, >= n) scratch.
 
     ``sqrt(d^2 + x^2)``, with a fallback to ``hypot`` outside the range where
-    the squares can neither overflow nor underflow.
+    the squares can neither overflow nor underflow.  Returns -1 (``dst`` not
+    written) if the input's diagonal is not positive, else 1 if the result's
+    diagonal is finite, 0 if not.  (The diagonal is checked on the scratch
+    copy: read first from the caller's memory, its scattered entries cost
+    about as much as the whole update.)
     """
     n = src.shape[0]
     for i in range(n):
         for j in range(i + 1):
             buf[i, j] = src[i, j]
+    if not _diag_positive(buf[:n, :n]):
+        return -1
+    acc = 0.0
     for k in range(n):
         d = buf[k, k]
         xk = x[k]
@@ -120,6 +127,7 @@ def _update_rows_small(src, dst, x, buf):
         c = d * inv
         s = xk * inv
         buf[k, k] = rr
+        acc += rr * 0.0
         for i in range(k + 1, n):
             a = buf[i, k]
             xi = x[i]
@@ -130,6 +138,7 @@ def _update_rows_small(src, dst, x, buf):
             dst[i, j] = buf[i, j]
         for j in range(i + 1, n):
             dst[i, j] = 0.0
+    return 1 if acc == 0.0 else 0
 
 
 @_jit(**_SERIAL)
@@ -251,15 +260,12 @@ def copy_tri(src, dst, rows):
 
 
 @_jit(**_SERIAL)
-def _sweep_rows_one(s, d, x, work, buf, down, inplace):
+def _sweep_rows_one(s, d, x, work, down, inplace):
     """One rank-1 update or downdate of one lower factor read by rows; False if not PD."""
     n = s.shape[0]
     cs, sn, p = work[0, :n], work[1, :n], work[2, :n]
     if not down:
-        if n <= SMALL:
-            _update_rows_small(s, d, x, buf)
-        else:
-            _update_rows_one(s, d, x, cs, sn, work[2])
+        _update_rows_one(s, d, x, cs, sn, work[2])
         return True
     _forward_rows_one(s, x, p)
     if _downdate_rotations(p, cs, sn):
@@ -297,10 +303,11 @@ def _diag_finite(d):
 
 @_jit(**_SERIAL)
 def _diag_positive(s):
+    """All diagonal entries > 0 (NaN is not); no early exit, so the loads overlap."""
+    count = 0
     for i in range(s.shape[0]):
-        if not s[i, i] > 0.0:
-            return False
-    return True
+        count += s[i, i] > 0.0
+    return count == s.shape[0]
 
 
 @_jit(**_SERIAL)
@@ -311,13 +318,19 @@ def _sweep_range(src, src_idx, dst, x, down, ok, fin, pos, inplace, rows, lo, hi
     buf = np.empty((min(n, SMALL), min(n, SMALL)), dtype=x.dtype)
     for b in range(lo, hi):
         s, d = src[src_idx[b]], dst[b]
+        if rows and n <= SMALL and not down[b]:
+            status = _update_rows_small(s, d, x[b], buf)
+            pos[b] = status >= 0
+            ok[b] = status >= 0
+            fin[b] = status == 1
+            continue
         pos[b] = _diag_positive(s)
         if not pos[b]:  # not a Cholesky factor: the caller raises
             ok[b] = False
             fin[b] = False
             continue
         if rows:
-            ok[b] = _sweep_rows_one(s, d, x[b], work, buf, down[b], inplace)
+            ok[b] = _sweep_rows_one(s, d, x[b], work, down[b], inplace)
         else:
             ok[b] = _sweep_cols_one(s, d, x[b], work, down[b], inplace)
         fin[b] = _diag_finite(d)
