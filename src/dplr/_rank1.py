@@ -251,12 +251,17 @@ def _downdate_rotations(p, cs, sn):
 
 @_jit(**_SERIAL)
 def copy_tri(src, dst, rows):
-    """dst = the factor's triangle of src, zero elsewhere (a failed entry)."""
+    """dst = the factor's triangle of src, zero elsewhere (contiguous runs, no branches)."""
     n = src.shape[0]
     for i in range(n):
-        for j in range(n):
-            keep = j <= i if rows else j >= i
-            dst[i, j] = src[i, j] if keep else 0.0
+        lo = 0 if rows else i
+        hi = i + 1 if rows else n
+        for j in range(lo):
+            dst[i, j] = 0.0
+        for j in range(lo, hi):
+            dst[i, j] = src[i, j]
+        for j in range(hi, n):
+            dst[i, j] = 0.0
 
 
 @_jit(**_SERIAL)
@@ -362,7 +367,10 @@ def sweep(src, src_idx, dst, x, down, ok, inplace: bool, rows: bool):
         args = (src, src_idx, dst, x, down, ok, fin, pos, inplace, rows)
         _sweep_range(*args, part.start, part.stop)
 
-    NumpyOps.map(run, _split(count, parts) or [slice(0, 0)])
+    if parts == 1:
+        run(slice(0, count))
+    else:
+        NumpyOps.map(run, _split(count, parts))
     return fin, pos
 
 
