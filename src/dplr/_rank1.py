@@ -361,7 +361,8 @@ def sweep(src, src_idx, dst, x, down, ok, inplace: bool, rows: bool):
     count = dst.shape[0]
     fin = np.empty(count, dtype=bool)
     pos = np.empty(count, dtype=bool)
-    parts = num_workers() if count >= PARALLEL_BATCH else 1
+    # several parts per thread: a thread slowed by another process takes fewer
+    parts = min(4 * num_workers(), count // 16) if count >= PARALLEL_BATCH else 1
 
     def run(part: slice) -> None:
         args = (src, src_idx, dst, x, down, ok, fin, pos, inplace, rows)
