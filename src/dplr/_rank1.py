@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 
-import numba as nb
 import numpy as np
 
 from ._jit import jit as _jit
@@ -264,6 +263,13 @@ def copy_tri(src, dst, rows):
             dst[i, j] = 0.0
 
 
+def copy_lower(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst`` (..., n, n) = the lower triangle of ``src`` (broadcast), zeros above."""
+    src = np.broadcast_to(src, dst.shape)
+    for idx in np.ndindex(*dst.shape[:-2]):
+        copy_tri(src[idx], dst[idx], True)
+
+
 @_jit(**_SERIAL)
 def _sweep_rows_one(s, d, x, work, down, inplace):
     """One rank-1 update or downdate of one lower factor read by rows; False if not PD."""
@@ -393,20 +399,26 @@ def _tri_finite_one(s, rows):
     return acc == 0.0
 
 
-@_jit(nogil=True, parallel=True)
-def _tri_finite_batch(src, rows):
-    out = np.empty(src.shape[0], dtype=np.bool_)
-    for b in nb.prange(src.shape[0]):
+@_jit(nogil=True)
+def _tri_finite_range(src, rows, out, lo, hi):
+    for b in range(lo, hi):
         out[b] = _tri_finite_one(src[b], rows)
-    return out
 
 
 def tri_all_finite(src: np.ndarray, rows: bool) -> np.ndarray:
     """Per factor of src (B, n, n): True if its triangle (lower if ``rows``) is finite.
 
-    The other triangle is not read.  Parallel over a large batch (see
-    :data:`PARALLEL_BATCH`).
+    The other triangle is not read.  Split over dplr's threads for a large
+    batch, like :func:`sweep`.
     """
-    if src.shape[0] < PARALLEL_BATCH:
-        return np.array([_tri_finite_one(src[b], rows) for b in range(src.shape[0])])
-    return _tri_finite_batch(src, rows)
+    from ._backend import NumpyOps, _split, num_workers
+
+    count = src.shape[0]
+    out = np.empty(count, dtype=bool)
+    parts = min(4 * num_workers(), count // 16) if count >= PARALLEL_BATCH else 1
+    if parts <= 1:
+        _tri_finite_range(src, rows, out, 0, count)
+    else:
+        NumpyOps.map(lambda sl: _tri_finite_range(src, rows, out, sl.start, sl.stop),
+                     _split(count, parts))  # fmt: skip
+    return out

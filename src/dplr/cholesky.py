@@ -17,7 +17,15 @@ from . import _kernels, _rank1
 from ._backend import Array, backend_of, is_torch, single_threaded_blas
 from ._cholesky_policy import choose_method, panel_threads
 from ._errors import NotPositiveDefiniteError
-from ._validate import all_finite, broadcast_batch, prepare, require_ndim, to_output
+from ._validate import (
+    all_finite,
+    broadcast_batch,
+    check_cholesky_diagonal,
+    cholesky_weights,
+    prepare,
+    require_ndim,
+    to_output,
+)
 
 __all__ = ["cholesky_delete", "cholesky_downdate", "cholesky_insert", "cholesky_update"]
 
@@ -56,34 +64,6 @@ def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name!r} must be one of {allowed}; got {value!r}")
 
 
-def _weights(multiplier: Any, prep: Any, m: int, rank_m: bool) -> Array:
-    """The multiplier as a (..., M) array of the compute dtype."""
-    if prep.torch:
-        import torch
-
-        ref = prep["factor"]
-        if isinstance(multiplier, np.ndarray):
-            raise TypeError("'multiplier' is a NumPy array but the factor is a torch tensor")
-        w = torch.as_tensor(multiplier, device=ref.device)
-        if w.dtype.is_complex or w.dtype == torch.bool:
-            raise TypeError(f"'multiplier' must be real; got dtype {w.dtype}")
-        w = w.to(prep.compute_dtype)
-        finite = all_finite(w)
-    else:
-        if is_torch(multiplier):
-            raise TypeError("'multiplier' is a torch tensor but the factor is a NumPy array")
-        w = np.asarray(multiplier)
-        if w.dtype.kind not in "iuf":
-            raise TypeError(f"'multiplier' must be a real number or array; got dtype {w.dtype}")
-        w = w.astype(prep.compute_dtype)
-        finite = all_finite(w)
-    if not finite:
-        raise ValueError("'multiplier' contains NaN or Inf")
-    if rank_m and w.ndim >= 1 and w.shape[-1] == m:
-        return w
-    return w[..., None]
-
-
 def _problem(factor, u, multiplier, sign, lower, check_finite) -> _Problem:
     prep = prepare({"factor": factor, "u": u}, check_finite=False)
     f, u_ = prep["factor"], prep["u"]
@@ -100,30 +80,13 @@ def _problem(factor, u, multiplier, sign, lower, check_finite) -> _Problem:
                 f"{tuple(f.shape)}; got {tuple(u_.shape)}"
             )
         u_ = u_[..., None]
-    w = sign * _weights(multiplier, prep, u_.shape[-1], rank_m)
+    w = sign * cholesky_weights(multiplier, prep, u_.shape[-1], rank_m)
     shapes = {"factor": f.shape[:-2], "u": u_.shape[:-2], "multiplier": w.shape[:-1]}
     batch = broadcast_batch({k: tuple(v) for k, v in shapes.items()})
     if check_finite and not all_finite(u_):
         raise ValueError("'u' contains NaN or Inf (pass check_finite=False to skip)")
     low = f if lower else f.mT
     return _Problem(low, u_, w, batch, prep, factor, lower)  # diagonal: checked by the path
-
-
-def _check_diagonal(low: Array, check_finite: bool) -> None:
-    """A Cholesky factor has a positive diagonal; report the first entry that is not."""
-    diag = low.diagonal(0, -2, -1)
-    good = diag > 0
-    if bool(good.all()):
-        return
-    bad = (~good).nonzero()
-    where = tuple(int(b[0]) for b in bad)
-    value = float(diag[where])
-    if check_finite and not np.isfinite(value):
-        raise ValueError("'factor' contains NaN or Inf (pass check_finite=False to skip)")
-    raise ValueError(
-        f"'factor' must have a positive diagonal (a Cholesky factor); "
-        f"diagonal entry {list(where)} is {value}"
-    )
 
 
 def _check_triangle_finite(pb: _Problem) -> None:
@@ -176,7 +139,7 @@ def _rank1_path(pb: _Problem, target: Array | None, check_finite: bool) -> tuple
     x_all = x_all * np.sqrt(np.abs(w))[:, None, :]
     direct = target is not None and (m == 1 or not (w < 0).any())
     if direct:  # the kernels skip factors without a positive diagonal; check first here
-        _check_diagonal(low, check_finite)
+        check_cholesky_diagonal(low, check_finite)
         if check_finite:
             _check_triangle_finite(pb)
         out = target
@@ -193,7 +156,7 @@ def _rank1_path(pb: _Problem, target: Array | None, check_finite: bool) -> tuple
         fin, pos = _rank1.sweep(src if first else dst, src_idx if first else np.arange(bsize),
                                 dst, x, w[:, j] < 0, ok_j, direct or not first, rows)  # fmt: skip
         if first and not pos.all():  # the input's diagonal, read by the kernel
-            _check_diagonal(low, check_finite)
+            check_cholesky_diagonal(low, check_finite)
         ok &= ok_j
     if check_finite and not direct:
         bad = ~ok | ~fin
@@ -298,7 +261,7 @@ def _modify(factor, u, multiplier, sign, *, lower, method, errors, overwrite, ch
     if method == "auto":
         method = choose_method(pb.n, pb.m, bsize, pb.prep.torch)
     if method != "rank1":
-        _check_diagonal(pb.lower, check_finite)
+        check_cholesky_diagonal(pb.lower, check_finite)
     if method == "rank1":
         out, ok = _rank1_path(pb, target, check_finite)
     elif method == "blocked":
@@ -436,7 +399,7 @@ def _factor_only(factor: Any, lower: bool, check_finite: bool, extra: dict | Non
     pb = _Problem(low, low[..., :1], low[..., 0, :1], tuple(f.shape[:-2]), prep, factor, lower)
     if check_finite:
         _check_triangle_finite(pb)
-    _check_diagonal(low, check_finite)
+    check_cholesky_diagonal(low, check_finite)
     return pb
 
 
@@ -501,29 +464,32 @@ def cholesky_delete(
     if k == 0:  # only the trailing block: the update reads it and writes its result once
         new = cholesky_update(low[..., e:, e:], low[..., e:, :e], check_finite=False)
         return to_output(new if lower else new.mT, pb.prep)
-    new = _uninitialised(ops, (*pb.batch, n - count, n - count), low)
+    new = ops.empty((*pb.batch, n - count, n - count), low)
     _lower_into(ops, new[..., :k, :k], low[..., :k, :k])
     new[..., :k, k:] = 0.0
     new[..., k:, :k] = low[..., e:, :k]
     if e < n:  # the update runs in place on the copied block (it zeroes the upper part)
         new[..., k:, k:] = low[..., e:, e:]
-        cholesky_update(new[..., k:, k:], low[..., e:, k:e], overwrite=True, check_finite=False)
+        _in_place(cholesky_update, new[..., k:, k:], low[..., e:, k:e])
     return to_output(new if lower else new.mT, pb.prep)
-
-
-def _uninitialised(ops, shape: tuple[int, ...], like: Array) -> Array:
-    """A new array every element of which the caller writes (no zero-filling pass)."""
-    return ops.zeros(shape, like) if ops.name == "torch" else np.empty(shape, like.dtype)
 
 
 def _lower_into(ops, dst: Array, src: Array) -> None:
     """``dst`` = the lower triangle of ``src``, zeros above, without a temporary."""
     if ops.name == "torch":
         dst[...] = _kernels._tril_block(ops, src)
-        return
-    src = np.broadcast_to(src, dst.shape)
-    for idx in np.ndindex(*dst.shape[:-2]):
-        _rank1.copy_tri(src[idx], dst[idx], True)
+    else:
+        _rank1.copy_lower(dst, src)
+
+
+def _in_place(fn, block: Array, u: Array, **kwargs) -> Array:
+    """``fn(block, u, overwrite=True)``; the flags (or None), the result always in ``block``."""
+    out = fn(block, u, overwrite=True, check_finite=False, **kwargs)
+    res, ok = out if isinstance(out, tuple) else (out, None)
+    same = res.data_ptr() == block.data_ptr() if is_torch(res) else res is block
+    if not same and not (isinstance(res, np.ndarray) and np.may_share_memory(res, block)):
+        block[...] = res  # not expected: the call could not write in place
+    return ok
 
 
 def cholesky_insert(
@@ -601,12 +567,10 @@ def cholesky_insert(
     x = _kernels.solve_lower_dense(ops, l11, a12)  # (..., k, p): L21 = x^T
     l22, ok = _kernels.cholesky_flagged(ops, a22 - x.mT @ x)
     l32 = _kernels.solve_lower_dense(ops, l22, (a32 - l31 @ x).mT).mT
-    new = _uninitialised(ops, (*batch, n + p, n + p), low)
+    new = ops.empty((*batch, n + p, n + p), low)
     if k < n:  # in place on the copied block; a failed entry is left as copied
         new[..., k + p :, k + p :] = low[..., k:, k:]
-        _, ok33 = cholesky_downdate(new[..., k + p :, k + p :], l32, errors="flag",
-                                    overwrite=True, check_finite=False)  # fmt: skip
-        ok = ok & ok33
+        ok = ok & _in_place(cholesky_downdate, new[..., k + p :, k + p :], l32, errors="flag")
     _lower_into(ops, new[..., :k, :k], l11)
     new[..., :k, k:] = 0.0
     new[..., k : k + p, :k] = x.mT
