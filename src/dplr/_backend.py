@@ -151,6 +151,11 @@ class NumpyOps:
         return np.zeros(shape, dtype=like.dtype)
 
     @staticmethod
+    def empty(shape: tuple[int, ...], like: Array) -> Array:
+        """Uninitialised (no zero-filling pass): for arrays the caller writes in full."""
+        return np.empty(shape, dtype=like.dtype)
+
+    @staticmethod
     def eye(n: int, like: Array) -> Array:
         return np.eye(n, dtype=like.dtype)
 
@@ -273,6 +278,10 @@ class TorchOps:
     @staticmethod
     def zeros(shape: tuple[int, ...], like: Array) -> Array:
         return like.new_zeros(shape)
+
+    @staticmethod
+    def empty(shape: tuple[int, ...], like: Array) -> Array:
+        return like.new_empty(shape)
 
     @staticmethod
     def eye(n: int, like: Array) -> Array:

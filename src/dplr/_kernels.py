@@ -456,8 +456,15 @@ def lowrank_cholesky_product(
     steps = steps if given else []
     z = ops.zeros((*out.shape[:-2], n, c + m), out)
     z[..., c:] = u
-    c_state, ok = c0, None
-    small, big = _thread_scopes(ops, panel_threads)
+    whole, small, big = _thread_scopes(ops, panel_threads)
+    with whole():
+        ok = _product_loop(ops, lower, z, c0, out, c, steps, given, clean, small, big)
+    return ok, steps
+
+
+def _product_loop(ops, lower, z, c_state, out, c, steps, given, clean, small, big):
+    """The block columns of :func:`lowrank_cholesky_product`; returns ``ok``."""
+    n, ok = lower.shape[-1], None
     for j, s in enumerate(range(0, n, c)):
         e = min(s + c, n)
         with small():
@@ -476,18 +483,28 @@ def lowrank_cholesky_product(
                 zp = z[..., e:, :c]
                 zp[...] = lower[..., e:, s:e]
                 z[..., e:, c:] -= zp @ w_j
-                out[..., e:, s:e] = z[..., e:, :] @ ops.concat([lt, p.mT], -2)
+                _matmul_into(ops, z[..., e:, :], ops.concat([lt, p.mT], -2), out[..., e:, s:e])
         if clean and s:
             out[..., :s, s:e] = 0.0
-    return ok, steps
+    return ok
+
+
+def _matmul_into(ops: Ops, a: Array, b: Array, out: Array) -> None:
+    """``out[...] = a @ b``; NumPy writes into a strided ``out`` without a temporary."""
+    if ops.name == "numpy":
+        import numpy as np
+
+        np.matmul(a, b, out=out)
+    else:
+        out[...] = a @ b
 
 
 def _thread_scopes(ops: Ops, panel_threads: int | None):
-    """Context managers for one BLAS thread (small blocks) and ``panel_threads``."""
+    """Context managers: around the whole loop, for small blocks, for the panel products."""
     import contextlib
 
     if ops.name == "torch" or panel_threads is None:
-        return contextlib.nullcontext, contextlib.nullcontext
+        return contextlib.nullcontext, contextlib.nullcontext, contextlib.nullcontext
     from ._backend import _blas_controller
 
     libs = _blas_controller().select(user_api="blas").lib_controllers
@@ -503,7 +520,9 @@ def _thread_scopes(ops: Ops, panel_threads: int | None):
             for lib, d in zip(libs, default, strict=True):
                 lib.set_num_threads(d)
 
-    return (lambda: threads(1)), (lambda: threads(panel_threads or None))
+    if panel_threads == 1:  # one setting for the whole loop: no switching per chunk
+        return (lambda: threads(1)), contextlib.nullcontext, contextlib.nullcontext
+    return contextlib.nullcontext, (lambda: threads(1)), (lambda: threads(panel_threads or None))
 
 
 def _tril_block(ops: Ops, a: Array) -> Array:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 
-import numba as nb
 import numpy as np
 
 from ._jit import jit as _jit
@@ -40,7 +39,6 @@ GROUP = 8
 
 
 _SERIAL = {"nogil": True, "fastmath": {"contract"}}
-_PARALLEL = {"nogil": True, "fastmath": {"contract"}, "parallel": True}
 
 
 # --------------------------------------------------------------- row order
@@ -91,6 +89,55 @@ def _update_rows_one(src, dst, x, cs, sn, xs):
             dst[i, i] = rr
             for j in range(i + 1, n):
                 dst[i, j] = 0.0
+
+
+#: Largest order for which the row-order update runs on a scratch copy, column
+#: by column: the factor then sits in L1, so the strided column reads are
+#: cheap, rotation k+1 can start while step k still updates the rows below,
+#: and the caller's memory is read and written once, row by row.
+SMALL = 64
+
+
+@_jit(**_SERIAL)
+def _update_rows_small(src, dst, x, buf):
+    """Givens update of a small lower factor read by rows; ``buf`` (>= n, >= n) scratch.
+
+    ``sqrt(d^2 + x^2)``, with a fallback to ``hypot`` outside the range where
+    the squares can neither overflow nor underflow.  Returns -1 (``dst`` not
+    written) if the input's diagonal is not positive, else 1 if the result's
+    diagonal is finite, 0 if not.  (The diagonal is checked on the scratch
+    copy: read first from the caller's memory, its scattered entries cost
+    about as much as the whole update.)
+    """
+    n = src.shape[0]
+    for i in range(n):
+        for j in range(i + 1):
+            buf[i, j] = src[i, j]
+    if not _diag_positive(buf[:n, :n]):
+        return -1
+    acc = 0.0
+    for k in range(n):
+        d = buf[k, k]
+        xk = x[k]
+        rr = math.sqrt(d * d + xk * xk)
+        if not 1e-150 < rr < 1e150:
+            rr = math.hypot(d, xk)
+        inv = 1.0 / rr
+        c = d * inv
+        s = xk * inv
+        buf[k, k] = rr
+        acc += rr * 0.0
+        for i in range(k + 1, n):
+            a = buf[i, k]
+            xi = x[i]
+            buf[i, k] = c * a + s * xi
+            x[i] = c * xi - s * a
+    for i in range(n):
+        for j in range(i + 1):
+            dst[i, j] = buf[i, j]
+        for j in range(i + 1, n):
+            dst[i, j] = 0.0
+    return 1 if acc == 0.0 else 0
 
 
 @_jit(**_SERIAL)
@@ -202,13 +249,25 @@ def _downdate_rotations(p, cs, sn):
 
 
 @_jit(**_SERIAL)
-def _copy_tri(src, dst, rows):
-    """dst = the factor's triangle of src, zero elsewhere (a failed entry)."""
+def copy_tri(src, dst, rows):
+    """dst = the factor's triangle of src, zero elsewhere (contiguous runs, no branches)."""
     n = src.shape[0]
     for i in range(n):
-        for j in range(n):
-            keep = j <= i if rows else j >= i
-            dst[i, j] = src[i, j] if keep else 0.0
+        lo = 0 if rows else i
+        hi = i + 1 if rows else n
+        for j in range(lo):
+            dst[i, j] = 0.0
+        for j in range(lo, hi):
+            dst[i, j] = src[i, j]
+        for j in range(hi, n):
+            dst[i, j] = 0.0
+
+
+def copy_lower(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst`` (..., n, n) = the lower triangle of ``src`` (broadcast), zeros above."""
+    src = np.broadcast_to(src, dst.shape)
+    for idx in np.ndindex(*dst.shape[:-2]):
+        copy_tri(src[idx], dst[idx], True)
 
 
 @_jit(**_SERIAL)
@@ -224,7 +283,7 @@ def _sweep_rows_one(s, d, x, work, down, inplace):
         _downdate_rows_one(s, d, cs, sn)
         return True
     if not inplace:
-        _copy_tri(s, d, True)
+        copy_tri(s, d, True)
     return False
 
 
@@ -241,43 +300,85 @@ def _sweep_cols_one(s, d, x, work, down, inplace):
         _downdate_cols_one(s, d, cs, sn, p)
         return True
     if not inplace:
-        _copy_tri(s, d, False)
+        copy_tri(s, d, False)
     return False
 
 
 @_jit(**_SERIAL)
-def _sweep_serial(src, src_idx, dst, x, work, down, ok, inplace, rows):
-    for b in range(dst.shape[0]):
+def _diag_finite(d):
+    acc = 0.0
+    for i in range(d.shape[0]):
+        acc += d[i, i] * 0.0
+    return acc == 0.0
+
+
+@_jit(**_SERIAL)
+def _diag_positive(s):
+    """All diagonal entries > 0 (NaN is not); no early exit, so the loads overlap."""
+    count = 0
+    for i in range(s.shape[0]):
+        count += s[i, i] > 0.0
+    return count == s.shape[0]
+
+
+@_jit(**_SERIAL)
+def _sweep_range(src, src_idx, dst, x, down, ok, fin, pos, inplace, rows, lo, hi):
+    """Entries lo..hi-1 of :func:`sweep`; releases the GIL (threads split the batch)."""
+    n = dst.shape[-1]
+    work = np.empty((3, max(n, GROUP)), dtype=x.dtype)
+    buf = np.empty((min(n, SMALL), min(n, SMALL)), dtype=x.dtype)
+    for b in range(lo, hi):
+        s, d = src[src_idx[b]], dst[b]
+        if rows and n <= SMALL and not down[b]:
+            status = _update_rows_small(s, d, x[b], buf)
+            pos[b] = status >= 0
+            ok[b] = status >= 0
+            fin[b] = status == 1
+            continue
+        pos[b] = _diag_positive(s)
+        if not pos[b]:  # not a Cholesky factor: the caller raises
+            ok[b] = False
+            fin[b] = False
+            continue
         if rows:
-            ok[b] = _sweep_rows_one(src[src_idx[b]], dst[b], x[b], work[b], down[b], inplace)
+            ok[b] = _sweep_rows_one(s, d, x[b], work, down[b], inplace)
         else:
-            ok[b] = _sweep_cols_one(src[src_idx[b]], dst[b], x[b], work[b], down[b], inplace)
+            ok[b] = _sweep_cols_one(s, d, x[b], work, down[b], inplace)
+        fin[b] = _diag_finite(d)
 
 
-@_jit(**_PARALLEL)
-def _sweep_parallel(src, src_idx, dst, x, work, down, ok, inplace, rows):
-    for b in nb.prange(dst.shape[0]):
-        if rows:
-            ok[b] = _sweep_rows_one(src[src_idx[b]], dst[b], x[b], work[b], down[b], inplace)
-        else:
-            ok[b] = _sweep_cols_one(src[src_idx[b]], dst[b], x[b], work[b], down[b], inplace)
-
-
-#: Batch size from which the sweeps run in numba's thread pool.  Below it they
-#: stay in the calling thread: an OpenMP pool that has just run keeps spinning
-#: and was measured to slow the caller's next multi-threaded BLAS call up to 20x.
+#: Batch size from which the sweeps are split between the threads of
+#: :meth:`dplr._backend.NumpyOps.map` (plain Python threads running a nogil
+#: kernel: nothing keeps spinning afterwards, unlike an OpenMP pool, which was
+#: measured to slow the caller's next multi-threaded BLAS call up to 20x).
 PARALLEL_BATCH = 64
 
 
-def sweep(src, src_idx, dst, x, down, ok, inplace: bool, rows: bool) -> None:
+def sweep(src, src_idx, dst, x, down, ok, inplace: bool, rows: bool):
     """One rank-1 update or downdate of every factor (see the module docstring).
 
     ``rows`` selects the memory order: the lower factor addressed by rows, or
-    through ``R = L^T``.
+    through ``R = L^T``.  Returns two boolean arrays, per factor: whether
+    the result's diagonal is finite, and whether the input's diagonal is
+    positive (factors where it is not are skipped: not written, ``ok`` false).
     """
-    work = np.empty((dst.shape[0], 3, max(dst.shape[-1], GROUP)), dtype=x.dtype)
-    fn = _sweep_parallel if dst.shape[0] >= PARALLEL_BATCH else _sweep_serial
-    fn(src, src_idx, dst, x, work, down, ok, inplace, rows)
+    from ._backend import NumpyOps, _split, num_workers
+
+    count = dst.shape[0]
+    fin = np.empty(count, dtype=bool)
+    pos = np.empty(count, dtype=bool)
+    # several parts per thread: a thread slowed by another process takes fewer
+    parts = min(4 * num_workers(), count // 16) if count >= PARALLEL_BATCH else 1
+
+    def run(part: slice) -> None:
+        args = (src, src_idx, dst, x, down, ok, fin, pos, inplace, rows)
+        _sweep_range(*args, part.start, part.stop)
+
+    if parts == 1:
+        run(slice(0, count))
+    else:
+        NumpyOps.map(run, _split(count, parts))
+    return fin, pos
 
 
 @_jit(nogil=True, fastmath={"reassoc"})
@@ -298,20 +399,26 @@ def _tri_finite_one(s, rows):
     return acc == 0.0
 
 
-@_jit(nogil=True, parallel=True)
-def _tri_finite_batch(src, rows):
-    out = np.empty(src.shape[0], dtype=np.bool_)
-    for b in nb.prange(src.shape[0]):
+@_jit(nogil=True)
+def _tri_finite_range(src, rows, out, lo, hi):
+    for b in range(lo, hi):
         out[b] = _tri_finite_one(src[b], rows)
-    return out
 
 
 def tri_all_finite(src: np.ndarray, rows: bool) -> np.ndarray:
     """Per factor of src (B, n, n): True if its triangle (lower if ``rows``) is finite.
 
-    The other triangle is not read.  Parallel over a large batch (see
-    :data:`PARALLEL_BATCH`).
+    The other triangle is not read.  Split over dplr's threads for a large
+    batch, like :func:`sweep`.
     """
-    if src.shape[0] < PARALLEL_BATCH:
-        return np.array([_tri_finite_one(src[b], rows) for b in range(src.shape[0])])
-    return _tri_finite_batch(src, rows)
+    from ._backend import NumpyOps, _split, num_workers
+
+    count = src.shape[0]
+    out = np.empty(count, dtype=bool)
+    parts = min(4 * num_workers(), count // 16) if count >= PARALLEL_BATCH else 1
+    if parts <= 1:
+        _tri_finite_range(src, rows, out, 0, count)
+    else:
+        NumpyOps.map(lambda sl: _tri_finite_range(src, rows, out, sl.start, sl.stop),
+                     _split(count, parts))  # fmt: skip
+    return out

@@ -195,3 +195,49 @@ def positive_int(name: str, value: object, allow_none: bool = True) -> int | Non
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name!r} must be a positive integer; got {value!r}")
     return int(value)
+
+
+# ------------------------------------------------- Cholesky factors and weights
+def cholesky_weights(multiplier: Any, prep: Any, m: int, rank_m: bool) -> Array:
+    """The multiplier as a (..., M) array of the compute dtype."""
+    if prep.torch:
+        import torch
+
+        ref = prep["factor"]
+        if isinstance(multiplier, np.ndarray):
+            raise TypeError("'multiplier' is a NumPy array but the factor is a torch tensor")
+        w = torch.as_tensor(multiplier, device=ref.device)
+        if w.dtype.is_complex or w.dtype == torch.bool:
+            raise TypeError(f"'multiplier' must be real; got dtype {w.dtype}")
+        w = w.to(prep.compute_dtype)
+        finite = all_finite(w)
+    else:
+        if is_torch(multiplier):
+            raise TypeError("'multiplier' is a torch tensor but the factor is a NumPy array")
+        w = np.asarray(multiplier)
+        if w.dtype.kind not in "iuf":
+            raise TypeError(f"'multiplier' must be a real number or array; got dtype {w.dtype}")
+        w = w.astype(prep.compute_dtype)
+        finite = all_finite(w)
+    if not finite:
+        raise ValueError("'multiplier' contains NaN or Inf")
+    if rank_m and w.ndim >= 1 and w.shape[-1] == m:
+        return w
+    return w[..., None]
+
+
+def check_cholesky_diagonal(low: Array, check_finite: bool) -> None:
+    """A Cholesky factor has a positive diagonal; report the first entry that is not."""
+    diag = low.diagonal(0, -2, -1)
+    good = diag > 0
+    if bool(good.all()):
+        return
+    bad = (~good).nonzero()
+    where = tuple(int(b[0]) for b in bad)
+    value = float(diag[where])
+    if check_finite and not np.isfinite(value):
+        raise ValueError("'factor' contains NaN or Inf (pass check_finite=False to skip)")
+    raise ValueError(
+        f"'factor' must have a positive diagonal (a Cholesky factor); "
+        f"diagonal entry {list(where)} is {value}"
+    )

@@ -17,7 +17,15 @@ from . import _kernels, _rank1
 from ._backend import Array, backend_of, is_torch, single_threaded_blas
 from ._cholesky_policy import choose_method, panel_threads
 from ._errors import NotPositiveDefiniteError
-from ._validate import all_finite, broadcast_batch, prepare, require_ndim, to_output
+from ._validate import (
+    all_finite,
+    broadcast_batch,
+    check_cholesky_diagonal,
+    cholesky_weights,
+    prepare,
+    require_ndim,
+    to_output,
+)
 
 __all__ = ["cholesky_delete", "cholesky_downdate", "cholesky_insert", "cholesky_update"]
 
@@ -56,34 +64,6 @@ def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name!r} must be one of {allowed}; got {value!r}")
 
 
-def _weights(multiplier: Any, prep: Any, m: int, rank_m: bool) -> Array:
-    """The multiplier as a (..., M) array of the compute dtype."""
-    if prep.torch:
-        import torch
-
-        ref = prep["factor"]
-        if isinstance(multiplier, np.ndarray):
-            raise TypeError("'multiplier' is a NumPy array but the factor is a torch tensor")
-        w = torch.as_tensor(multiplier, device=ref.device)
-        if w.dtype.is_complex or w.dtype == torch.bool:
-            raise TypeError(f"'multiplier' must be real; got dtype {w.dtype}")
-        w = w.to(prep.compute_dtype)
-        finite = all_finite(w)
-    else:
-        if is_torch(multiplier):
-            raise TypeError("'multiplier' is a torch tensor but the factor is a NumPy array")
-        w = np.asarray(multiplier)
-        if w.dtype.kind not in "iuf":
-            raise TypeError(f"'multiplier' must be a real number or array; got dtype {w.dtype}")
-        w = w.astype(prep.compute_dtype)
-        finite = all_finite(w)
-    if not finite:
-        raise ValueError("'multiplier' contains NaN or Inf")
-    if rank_m and w.ndim >= 1 and w.shape[-1] == m:
-        return w
-    return w[..., None]
-
-
 def _problem(factor, u, multiplier, sign, lower, check_finite) -> _Problem:
     prep = prepare({"factor": factor, "u": u}, check_finite=False)
     f, u_ = prep["factor"], prep["u"]
@@ -100,31 +80,13 @@ def _problem(factor, u, multiplier, sign, lower, check_finite) -> _Problem:
                 f"{tuple(f.shape)}; got {tuple(u_.shape)}"
             )
         u_ = u_[..., None]
-    w = sign * _weights(multiplier, prep, u_.shape[-1], rank_m)
+    w = sign * cholesky_weights(multiplier, prep, u_.shape[-1], rank_m)
     shapes = {"factor": f.shape[:-2], "u": u_.shape[:-2], "multiplier": w.shape[:-1]}
     batch = broadcast_batch({k: tuple(v) for k, v in shapes.items()})
     if check_finite and not all_finite(u_):
         raise ValueError("'u' contains NaN or Inf (pass check_finite=False to skip)")
     low = f if lower else f.mT
-    _check_diagonal(low, check_finite)
-    return _Problem(low, u_, w, batch, prep, factor, lower)
-
-
-def _check_diagonal(low: Array, check_finite: bool) -> None:
-    """A Cholesky factor has a positive diagonal; report the first entry that is not."""
-    diag = low.diagonal(0, -2, -1)
-    good = diag > 0
-    if bool(good.all()):
-        return
-    bad = (~good).nonzero()
-    where = tuple(int(b[0]) for b in bad)
-    value = float(diag[where])
-    if check_finite and not np.isfinite(value):
-        raise ValueError("'factor' contains NaN or Inf (pass check_finite=False to skip)")
-    raise ValueError(
-        f"'factor' must have a positive diagonal (a Cholesky factor); "
-        f"diagonal entry {list(where)} is {value}"
-    )
+    return _Problem(low, u_, w, batch, prep, factor, lower)  # diagonal: checked by the path
 
 
 def _check_triangle_finite(pb: _Problem) -> None:
@@ -169,12 +131,15 @@ def _rank1_path(pb: _Problem, target: Array | None, check_finite: bool) -> tuple
     src = orient(low).reshape(-1, n, n)
     src_idx = np.broadcast_to(np.arange(src.shape[0]).reshape(low.shape[:-2]), batch).reshape(-1)
     w = np.broadcast_to(pb.w, (*batch, m)).reshape(bsize, m)
-    order = np.argsort(w < 0, axis=-1, kind="stable")  # updates first: stays PD
-    w = np.take_along_axis(w, order, -1)
     x_all = np.broadcast_to(pb.u, (*batch, n, m)).reshape(bsize, n, m)
-    x_all = np.take_along_axis(x_all, order[:, None, :], -1) * np.sqrt(np.abs(w))[:, None, :]
+    if m > 1:  # updates first: every partial result stays positive definite
+        order = np.argsort(w < 0, axis=-1, kind="stable")
+        w = np.take_along_axis(w, order, -1)
+        x_all = np.take_along_axis(x_all, order[:, None, :], -1)
+    x_all = x_all * np.sqrt(np.abs(w))[:, None, :]
     direct = target is not None and (m == 1 or not (w < 0).any())
-    if direct:
+    if direct:  # the kernels skip factors without a positive diagonal; check first here
+        check_cholesky_diagonal(low, check_finite)
         if check_finite:
             _check_triangle_finite(pb)
         out = target
@@ -184,15 +149,17 @@ def _rank1_path(pb: _Problem, target: Array | None, check_finite: bool) -> tuple
         out = out if rows else out.mT
         dst = orient(out).reshape(bsize, n, n)
     ok = np.ones(bsize, dtype=bool)
+    ok_j = np.empty(bsize, dtype=bool)
     for j in range(m):
-        ok_j = np.ones(bsize, dtype=bool)
         x = np.ascontiguousarray(x_all[:, :, j])
         first = j == 0
-        _rank1.sweep(src if first else dst, src_idx if first else np.arange(bsize), dst, x,
-                     w[:, j] < 0, ok_j, direct or not first, rows)  # fmt: skip
+        fin, pos = _rank1.sweep(src if first else dst, src_idx if first else np.arange(bsize),
+                                dst, x, w[:, j] < 0, ok_j, direct or not first, rows)  # fmt: skip
+        if first and not pos.all():  # the input's diagonal, read by the kernel
+            check_cholesky_diagonal(low, check_finite)
         ok &= ok_j
     if check_finite and not direct:
-        bad = ~ok | ~np.isfinite(dst.diagonal(0, -2, -1)).all(-1)
+        bad = ~ok | ~fin
         if bad.any() and not _rank1.tri_all_finite(src[src_idx[bad]], rows).all():
             raise ValueError("'factor' contains NaN or Inf (pass check_finite=False to skip)")
     return out, ok.reshape(batch)
@@ -219,13 +186,14 @@ def _blocked_path(pb: _Problem, target: Array | None, check_finite: bool, chunk:
         out = target
     elif pb.prep.torch:
         out = ops.zeros((*pb.batch, n, n), low)
-    else:  # the memory order of the input
+    else:  # the memory order of the input; zero pages of the upper triangle stay untouched
         out = np.zeros((*pb.batch, n, n), dtype=low.dtype)
         out = out if low.strides[-1] <= low.strides[-2] else out.mT
     with np.errstate(all="ignore"):  # failed entries may overflow; they are discarded
         ok, _ = _kernels.lowrank_cholesky_product(
             ops, low, pb.u, c0, out, chunk_size=chunk, steps=steps,
-            clean=target is not None, panel_threads=None if pb.prep.torch else threads,
+            clean=target is not None,
+            panel_threads=None if pb.prep.torch else threads,
         )  # fmt: skip
     if ok is None:
         ok = ops.zeros(pb.batch, low) == 0
@@ -292,6 +260,8 @@ def _modify(factor, u, multiplier, sign, *, lower, method, errors, overwrite, ch
     bsize = int(np.prod(pb.batch, dtype=np.int64))
     if method == "auto":
         method = choose_method(pb.n, pb.m, bsize, pb.prep.torch)
+    if method != "rank1":
+        check_cholesky_diagonal(pb.lower, check_finite)
     if method == "rank1":
         out, ok = _rank1_path(pb, target, check_finite)
     elif method == "blocked":
@@ -429,7 +399,7 @@ def _factor_only(factor: Any, lower: bool, check_finite: bool, extra: dict | Non
     pb = _Problem(low, low[..., :1], low[..., 0, :1], tuple(f.shape[:-2]), prep, factor, lower)
     if check_finite:
         _check_triangle_finite(pb)
-    _check_diagonal(low, check_finite)
+    check_cholesky_diagonal(low, check_finite)
     return pb
 
 
@@ -491,12 +461,35 @@ def cholesky_delete(
     count = _index("count", count, 1, n - 1)
     k = _index("index", index, 0, n - count)
     e = k + count
-    new = ops.zeros((*pb.batch, n - count, n - count), low)
-    new[..., :k, :k] = _kernels._tril_block(ops, low[..., :k, :k])
+    if k == 0:  # only the trailing block: the update reads it and writes its result once
+        new = cholesky_update(low[..., e:, e:], low[..., e:, :e], check_finite=False)
+        return to_output(new if lower else new.mT, pb.prep)
+    new = ops.empty((*pb.batch, n - count, n - count), low)
+    _lower_into(ops, new[..., :k, :k], low[..., :k, :k])
+    new[..., :k, k:] = 0.0
     new[..., k:, :k] = low[..., e:, :k]
-    if e < n:
-        new[..., k:, k:] = cholesky_update(low[..., e:, e:], low[..., e:, k:e], check_finite=False)
+    if e < n:  # the update runs in place on the copied block (it zeroes the upper part)
+        new[..., k:, k:] = low[..., e:, e:]
+        _in_place(cholesky_update, new[..., k:, k:], low[..., e:, k:e])
     return to_output(new if lower else new.mT, pb.prep)
+
+
+def _lower_into(ops, dst: Array, src: Array) -> None:
+    """``dst`` = the lower triangle of ``src``, zeros above, without a temporary."""
+    if ops.name == "torch":
+        dst[...] = _kernels._tril_block(ops, src)
+    else:
+        _rank1.copy_lower(dst, src)
+
+
+def _in_place(fn, block: Array, u: Array, **kwargs) -> Array:
+    """``fn(block, u, overwrite=True)``; the flags (or None), the result always in ``block``."""
+    out = fn(block, u, overwrite=True, check_finite=False, **kwargs)
+    res, ok = out if isinstance(out, tuple) else (out, None)
+    same = res.data_ptr() == block.data_ptr() if is_torch(res) else res is block
+    if not same and not (isinstance(res, np.ndarray) and np.may_share_memory(res, block)):
+        block[...] = res  # not expected: the call could not write in place
+    return ok
 
 
 def cholesky_insert(
@@ -574,14 +567,15 @@ def cholesky_insert(
     x = _kernels.solve_lower_dense(ops, l11, a12)  # (..., k, p): L21 = x^T
     l22, ok = _kernels.cholesky_flagged(ops, a22 - x.mT @ x)
     l32 = _kernels.solve_lower_dense(ops, l22, (a32 - l31 @ x).mT).mT
-    new = ops.zeros((*batch, n + p, n + p), low)
-    if k < n:
-        l33, ok33 = cholesky_downdate(low[..., k:, k:], l32, errors="flag", check_finite=False)
-        ok = ok & ok33
-        new[..., k + p :, k + p :] = l33
-    new[..., :k, :k] = _kernels._tril_block(ops, l11)
+    new = ops.empty((*batch, n + p, n + p), low)
+    if k < n:  # in place on the copied block; a failed entry is left as copied
+        new[..., k + p :, k + p :] = low[..., k:, k:]
+        ok = ok & _in_place(cholesky_downdate, new[..., k + p :, k + p :], l32, errors="flag")
+    _lower_into(ops, new[..., :k, :k], l11)
+    new[..., :k, k:] = 0.0
     new[..., k : k + p, :k] = x.mT
     new[..., k : k + p, k : k + p] = l22
+    new[..., k : k + p, k + p :] = 0.0
     new[..., k + p :, :k] = l31
     new[..., k + p :, k : k + p] = l32
     ok = _expand(ops, ok, batch)
