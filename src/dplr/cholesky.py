@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _kernels, _rank1
 from ._backend import Array, backend_of, is_torch, single_threaded_blas
-from ._cholesky_policy import choose_method, panel_threads
+from ._cholesky_policy import CHUNK, choose_method, panel_threads
 from ._errors import NotPositiveDefiniteError
 from ._validate import (
     all_finite,
@@ -168,6 +168,7 @@ def _rank1_path(pb: _Problem, target: Array | None, check_finite: bool) -> tuple
 def _blocked_path(pb: _Problem, target: Array | None, check_finite: bool, chunk: int | None):
     """W = L^-1 U, the chunked Schur recursion and the block-column product."""
     ops, low, n, m = pb.ops, pb.lower, pb.n, pb.m
+    chunk = chunk or CHUNK
     if check_finite:
         _check_triangle_finite(pb)
     c0 = pb.w[..., :, None] * ops.eye(m, pb.w)

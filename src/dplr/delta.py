@@ -51,7 +51,7 @@ def delta_rule(
         its own initial state.  Must start at 0, not decrease and end at T;
         empty sequences are allowed.
     chunk_size : int, optional
-        Tokens per chunk (default 64).  Only speed depends on it.
+        Tokens per chunk (default 32).  Only speed depends on it.
     use_qk_l2norm : bool, default False
         Normalise q and k to unit L2 norm over K first (zero rows stay zero);
         differentiable like the rest.

@@ -257,7 +257,7 @@ class LowRankTril:
         transpose : bool, default False
             Multiply by ``T^T`` instead.
         chunk_size : int, optional
-            Rows per chunk (default 64).  Only speed depends on it.
+            Rows per chunk (default 32).  Only speed depends on it.
         check_finite : bool, default True
             Raise if ``v`` holds NaN or Inf.
 
@@ -288,7 +288,7 @@ class LowRankTril:
         transpose : bool, default False
             Solve with ``T^T`` (an upper-triangular system) instead.
         chunk_size : int, optional
-            Rows per chunk c (default 64).  Only speed depends on it.
+            Rows per chunk c (default 32).  Only speed depends on it.
         check_finite : bool, default True
             Raise if ``v`` holds NaN or Inf.
 
