@@ -31,12 +31,14 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _time(fn, slow: float = 0.4) -> float:
-    """Median of 5 runs, or one run after a warm-up when a call takes over ``slow`` s."""
+    """Median of 7 runs after two warm-ups (the first calls pay for page faults of
+    new results and for starting BLAS threads), or one run after a warm-up when a
+    call takes over ``slow`` s."""
     start = time.perf_counter()
     fn()
     if time.perf_counter() - start > slow:
         return median_time(fn, repeats=1, warmup=0)
-    return median_time(fn, repeats=5, warmup=0)
+    return median_time(fn, repeats=7, warmup=1)
 
 
 def _rank1_rows(rng, n: int) -> list[Row]:
