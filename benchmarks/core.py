@@ -19,6 +19,14 @@ from ._common import Progress, Row, median_time, noop_progress
 
 SUITE = "core"
 
+#: Runs per median and warm-up runs: timings on a shared virtual machine are
+#: bimodal (fresh large allocations are sometimes slow), so more than usual.
+REPEATS, WARMUP = 9, 2
+
+
+def timed(fn, repeats: int = REPEATS) -> float:
+    return median_time(fn, repeats, WARMUP)
+
 
 def delta_family(rng: np.random.Generator, batch: tuple[int, ...], n: int, d: int, dtype=float):
     """q, k of the delta-rule family: ``T = I + tril(beta k k^T, -1)``."""
@@ -49,17 +57,16 @@ def seed_chunked_solve(q: np.ndarray, k: np.ndarray, v: np.ndarray, c: int) -> n
     return y
 
 
-def bench_solve_vs_dense(rng, n: int, d: int = 64, m: int = 64, repeats: int = 5) -> Row:
+def bench_solve_vs_dense(rng, n: int, d: int = 64, m: int = 64, repeats: int = REPEATS) -> Row:
     q, k = delta_family(rng, (), n, d)
     v = rng.standard_normal((n, m))
     T = dplr.LowRankTril(q, k)
     dense = T.to_dense()  # materialisation is not timed
     ref = sl.solve_triangular(dense, v, lower=True, check_finite=False)
     x = T.solve(v)
-    t_dense = median_time(
-        lambda: sl.solve_triangular(dense, v, lower=True, check_finite=False), repeats
-    )
-    t_dplr = median_time(lambda: T.solve(v), repeats)
+    t_dense = timed(lambda: sl.solve_triangular(dense, v, lower=True, check_finite=False), repeats)
+    del dense  # not kept alive (n = 16384: 2 GiB) while dplr is timed
+    t_dplr = timed(lambda: T.solve(v), repeats)
     return Row(
         SUITE, "solve, float64", f"n={n}, d={d}, m={m}", "scipy solve_triangular (dense T)",
         t_dense, t_dplr, rel_error(x, ref), target=20.0 if n >= 16384 else None,
@@ -76,13 +83,13 @@ def bench_solve_vs_seed(rng, n: int, heads: int = 8, d: int = 64, m: int = 64) -
     def seed(c: int) -> list[np.ndarray]:
         return [seed_chunked_solve(q[h], k[h], v[h], c) for h in range(heads)]
 
-    times = {c: median_time(lambda c=c: seed(c)) for c in sorted({200, 64, DEFAULT_CHUNK})}
+    times = {c: timed(lambda c=c: seed(c)) for c in sorted({200, 64, DEFAULT_CHUNK})}
     best = min(times, key=times.get)
     err = rel_error(T.solve(v), np.stack(seed(best)))
     return Row(
         SUITE, "solve, float64, batch of heads", f"{heads} heads, n={n}, d={d}, m={m}",
         f"seed chunked loop (np.linalg.inv per chunk, best c={best}), head by head",
-        times[best], median_time(lambda: T.solve(v)), err, target=1.5,
+        times[best], timed(lambda: T.solve(v)), err, target=1.5,
         note="seed loop: " + ", ".join(f"c={c} {1e3 * t:.1f} ms" for c, t in times.items()),
     )  # fmt: skip
 
@@ -109,8 +116,8 @@ def bench_gflops(rng, batch: int, n: int, d: int = 64, m: int = 64) -> Row:
     flops = batch * solve_flops(n, d, m, min(DEFAULT_CHUNK, n))
     size = round((flops / 2) ** (1 / 3))
     a = rng.standard_normal((size, size)).astype(np.float32)
-    t_gemm = median_time(lambda: a @ a)
-    t_solve = median_time(lambda: T.solve(v))
+    t_gemm = timed(lambda: a @ a)
+    t_solve = timed(lambda: T.solve(v))
     x = T.solve(v)
     ref = dplr.LowRankTril(q.astype(np.float64), k.astype(np.float64)).solve(v.astype(np.float64))
     return Row(
@@ -127,14 +134,14 @@ def bench_chunk_sizes(rng, n: int, sizes=(16, 32, 64, 128, 256), d: int = 64) ->
     q, k = delta_family(rng, (), n, d)
     v = rng.standard_normal((n, d))
     T = dplr.LowRankTril(q, k)
-    default = median_time(lambda: T.solve(v))
+    default = timed(lambda: T.solve(v))
     ref = T.solve(v)
     rows = []
     for c in sizes:
         rows.append(Row(
             SUITE, f"chunk sweep: chunk_size={c}", f"n={n}, d={d}, m={d}",
             f"default chunk_size={DEFAULT_CHUNK}", default,
-            median_time(lambda c=c: T.solve(v, chunk_size=c)),
+            timed(lambda c=c: T.solve(v, chunk_size=c)),
             rel_error(T.solve(v, chunk_size=c), ref), params={"chunk": c},
         ))  # fmt: skip
     return rows
