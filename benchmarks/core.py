@@ -64,14 +64,18 @@ def bench_solve_vs_dense(rng, n: int, d: int = 64, m: int = 64, repeats: int = R
     dense = T.to_dense()  # materialisation is not timed
     ref = sl.solve_triangular(dense, v, lower=True, check_finite=False)
     x = T.solve(v)
-    t_dense = timed(lambda: sl.solve_triangular(dense, v, lower=True, check_finite=False), repeats)
-    del dense  # not kept alive (n = 16384: 2 GiB) while dplr is timed
+    t_dense = _time_dense_solve(dense, v, repeats)
+    dense = None  # not kept alive (n = 16384: 2 GiB) while dplr is timed
     t_dplr = timed(lambda: T.solve(v), repeats)
     return Row(
         SUITE, "solve, float64", f"n={n}, d={d}, m={m}", "scipy solve_triangular (dense T)",
         t_dense, t_dplr, rel_error(x, ref), target=20.0 if n >= 16384 else None,
         params={"plot": "solve_vs_n", "n": n},
     )  # fmt: skip
+
+
+def _time_dense_solve(dense: np.ndarray, v: np.ndarray, repeats: int) -> float:
+    return timed(lambda: sl.solve_triangular(dense, v, lower=True, check_finite=False), repeats)
 
 
 def bench_solve_vs_seed(rng, n: int, heads: int = 8, d: int = 64, m: int = 64) -> Row:
