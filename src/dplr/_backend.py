@@ -101,12 +101,14 @@ class NumpyOps:
 
     @staticmethod
     def state_pass(
-        w: Array, u: Array, k_out: Array, decay: Array | None, z0: Array
+        w: Array, u: Array, k_out: Array, decay: Array | None, z0: Array, keep_states: bool
     ) -> tuple[Array, Array]:
         """The sequential pass of the chunked solve (see :func:`dplr._jit.state_pass`).
 
         w, k_out: (B, nc, c, d); u: (B, nc, c, m); decay: (B, nc) or None;
-        z0: (B, d, m).  Returns y (B, nc, c, m) and states (B, nc + 1, d, m).
+        z0: (B, d, m).  Returns y (B, nc, c, m) and the states (B, nc + 1, d, m)
+        entering every chunk and after the last, or (B, 1, d, m), the final
+        state only, unless ``keep_states`` (a large array not worth filling).
         Batch entries run on the threads.  (Splitting a single problem's
         columns between threads was measured: no faster here, as the
         products get smaller and the threads share one BLAS.)
@@ -118,7 +120,7 @@ class NumpyOps:
         w, k_out, u = (np.ascontiguousarray(x) for x in (w, k_out, u))
         dec = np.ones((count, nc), u.dtype) if decay is None else np.ascontiguousarray(decay)
         y = np.empty((count, nc, c, m), u.dtype)
-        states = np.empty((count, nc + 1, d, m), u.dtype)
+        states = np.empty((count, nc + 1 if keep_states else 1, d, m), u.dtype)
         z0 = np.ascontiguousarray(z0)
 
         def lane(rows: slice) -> None:
@@ -238,24 +240,24 @@ class TorchOps:
 
     @staticmethod
     def state_pass(
-        w: Array, u: Array, k_out: Array, decay: Array | None, z: Array
+        w: Array, u: Array, k_out: Array, decay: Array | None, z: Array, keep_states: bool
     ) -> tuple[Array, Array]:
         """As :meth:`NumpyOps.state_pass`.  CPU tensors share their memory with
         NumPy views and use the compiled loop; other devices loop in torch."""
         if _all_cpu(w, u, k_out, z):
-            out = NumpyOps.state_pass(*(None if x is None else _numpy_view(x)
-                                        for x in (w, u, k_out, decay, z)))  # fmt: skip
+            views = (None if x is None else _numpy_view(x) for x in (w, u, k_out, decay, z))
+            out = NumpyOps.state_pass(*views, keep_states)
             return tuple(_from_numpy(x) for x in out)
         import torch
 
         y = torch.empty_like(u)
-        states = u.new_empty((z.shape[0], u.shape[1] + 1, *z.shape[1:]))
-        states[:, 0] = z
+        states = [z]
         for j in range(u.shape[1]):
             y[:, j] = u[:, j] - w[:, j] @ z
             z = k_out[:, j].mT @ y[:, j] + (z if decay is None else decay[:, j, None, None] * z)
-            states[:, j + 1] = z
-        return y, states
+            if keep_states:
+                states.append(z)
+        return y, torch.stack(states if keep_states else [z], 1)
 
     @staticmethod
     def map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:

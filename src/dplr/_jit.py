@@ -90,7 +90,8 @@ def state_pass(
     """The sequential part of the chunked solve for a stack of B problems.
 
     w, k_out: (B, nc, c, d); u, y: (B, nc, c, m); decay: (B, nc);
-    z0: (B, d, m); states: (B, nc + 1, d, m).  Writes y and states::
+    z0: (B, d, m); states: (B, nc + 1, d, m), or (B, 1, d, m) to keep only the
+    final state.  Writes y and states::
 
         states[:, 0] = z0
         y[:, J] = u[:, J] - w[:, J] @ states[:, J]
@@ -103,6 +104,7 @@ def state_pass(
     c, d, m = w.shape[2], w.shape[3], u.shape[3]
     wz = np.empty((c, m), u.dtype)
     ky = np.empty((d, m), u.dtype)
+    keep = states.shape[1] > 1
     for b in range(u.shape[0]):
         z = z0[b].copy()
         states[b, 0] = z
@@ -113,8 +115,10 @@ def state_pass(
                 for s in range(m):
                     yj[r, s] = uj[r, s] - wz[r, s]
             np.dot(k_out[b, j].T, yj, ky)
-            a, zj = decay[b, j], states[b, j + 1]
+            a = decay[b, j]
             for r in range(d):
                 for s in range(m):
                     z[r, s] = a * z[r, s] + ky[r, s]
-                    zj[r, s] = z[r, s]
+            if keep:
+                states[b, j + 1] = z
+        states[b, states.shape[1] - 1] = z

@@ -230,26 +230,33 @@ def solve(
     diag_blocks = ch.strict_blocks + ch.lam[..., :, None] * ops.eye(ch.c, q)
     w = ops.solve_lower_blocks(diag_blocks, ch.q_in)
     u = ops.solve_lower_blocks(diag_blocks, vc)
-    yc, states = _state_pass(ops, w, u, ch.k_out, ch.chunk_decay, h0)
+    yc, states = _state_pass(ops, w, u, ch.k_out, ch.chunk_decay, h0, return_states)
     y = unchunk_rows(yc, ch.n)
     return (y, states) if return_states else (y, states[..., -1, :, :])
 
 
 def _state_pass(
-    ops: Ops, w: Array, u: Array, k_out: Array, chunk_decay: Array | None, h0: Array | None
+    ops: Ops,
+    w: Array,
+    u: Array,
+    k_out: Array,
+    chunk_decay: Array | None,
+    h0: Array | None,
+    keep_states: bool,
 ) -> tuple[Array, Array]:
     """The sequential part of the solve (the backend runs it, see ``state_pass``).
 
     ``Y_J = U_J - W_J Z_J`` and ``Z_{J+1} = a_J Z_J + k_out_J^T Y_J`` with
-    ``Z_0 = h0``.  Returns Y (..., nc, c, m) and the states (..., nc + 1, d, m).
+    ``Z_0 = h0``.  Returns Y (..., nc, c, m) and the states (..., nc + 1, d, m),
+    or only the final state (..., 1, d, m) unless ``keep_states``.
     """
     batch, (nc, c, m), d = u.shape[:-3], u.shape[-3:], w.shape[-1]
     count = int(np.prod(batch))
     w, u, k_out = (x.reshape(count, nc, c, x.shape[-1]) for x in (w, u, k_out))
     decay = None if chunk_decay is None else chunk_decay.reshape(count, nc)
     z0 = ops.zeros((count, d, m), u) if h0 is None else h0.reshape(count, d, m)
-    yc, st = ops.state_pass(w, u, k_out, decay, z0)
-    return yc.reshape(*batch, nc, c, m), st.reshape(*batch, nc + 1, d, m)
+    yc, st = ops.state_pass(w, u, k_out, decay, z0, keep_states)
+    return yc.reshape(*batch, nc, c, m), st.reshape(*batch, st.shape[1], d, m)
 
 
 def inverse(
