@@ -44,15 +44,27 @@ class Row:
 
 
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs.
+
+    Like :mod:`timeit`, the garbage collector is run once and then disabled
+    for the runs (a full collection takes ~0.1 s once torch is imported; one
+    per run made the quick suites several times slower without changing a
+    single timing).
+    """
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        gc.collect()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    finally:
+        if enabled:
+            gc.enable()
     return statistics.median(times)
 
 
