@@ -98,6 +98,15 @@ def _figure(title: str, footnote: str) -> tuple[Any, Any]:
     return fig, ax
 
 
+def _finish(fig: Any, ax: Any, xlabel: str, ylabel: str, path: Path) -> Path:
+    """Axis labels, grid and legend of a benchmark plot; save it and return the path."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -128,11 +137,7 @@ def plot_solve_vs_n(rows: Rows, footnote: str, path: Path) -> Path:
         for power, style in ((1, ":"), (2, "-.")):
             ref = t0 * (n_all / n_all[0]) ** power
             ax.loglog(n_all, ref, style, color="0.5", label=f"O(n{'²' if power == 2 else ''})")
-    ax.set_xlabel("n (rows of T)")
-    ax.set_ylabel("time per solve (s)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _finish(fig, ax, "n (rows of T)", "time per solve (s)", path)
 
 
 def plot_chol_vs_M(rows: Rows, footnote: str, path: Path) -> Path:
@@ -169,11 +174,9 @@ def plot_chol_vs_M(rows: Rows, footnote: str, path: Path) -> Path:
                     ha="right",
                     va="bottom",
                 )
-    ax.set_xlabel("M (columns inserted, deleted or updated)")
-    ax.set_ylabel("time per modification (s)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _finish(
+        fig, ax, "M (columns inserted, deleted or updated)", "time per modification (s)", path
+    )
 
 
 def plot_delta_tokens(rows: Rows, footnote: str, path: Path) -> Path:
@@ -187,11 +190,7 @@ def plot_delta_tokens(rows: Rows, footnote: str, path: Path) -> Path:
         ):
             tok = np.array([r["params"][key] for r in group])
             ax.loglog(t, tok, style, color=f"C{2 * i + (key[0] == 'r')}", label=f"{label} ({case})")
-    ax.set_xlabel("T (tokens per sequence)")
-    ax.set_ylabel("throughput (tokens/s)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _finish(fig, ax, "T (tokens per sequence)", "throughput (tokens/s)", path)
 
 
 _DRAW: dict[str, tuple[Callable[[Rows, str, Path], Path], tuple[str, ...]]] = {
