@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from ._workspace import scratch
+
 Array = Any  # numpy.ndarray or torch.Tensor
 
 
@@ -64,6 +66,11 @@ def _pool() -> ThreadPoolExecutor:
 _PARALLEL_MIN_FLOPS = 4e6
 
 
+#: Narrowest column range worth a thread of its own in the state pass: the
+#: products of narrower ranges run too far below the BLAS peak to gain.
+_MIN_LANE_COLUMNS = 16
+
+
 def _split(length: int, parts: int) -> list[slice]:
     bounds = np.linspace(0, length, parts + 1).astype(int)
     return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
@@ -83,21 +90,36 @@ class NumpyOps:
     name = "numpy"
 
     @staticmethod
-    def matmul(a: Array, b: Array) -> Array:
-        """``a @ b`` for stacks of equal batch shape, split over threads when large."""
+    def matmul(a: Array, b: Array, out: Array | None = None) -> Array:
+        """``a @ b`` for stacks of equal batch shape, split over threads when large.
+
+        ``out``, if given, is a C-contiguous array of the result's shape to write.
+        """
         workers = num_workers()
         batch = a.shape[:-2]
-        if a.ndim < 3 or b.shape[:-2] != batch or workers == 1:
-            return a @ b
         p, q, r = a.shape[-2], a.shape[-1], b.shape[-1]
         count = int(np.prod(batch))
-        if count < 2 or 2.0 * count * p * q * r < _PARALLEL_MIN_FLOPS:
-            return a @ b
+        if (
+            a.ndim < 3
+            or b.shape[:-2] != batch
+            or workers == 1
+            or count < 2
+            or 2.0 * count * p * q * r < _PARALLEL_MIN_FLOPS
+        ):
+            return np.matmul(a, b, out=out)
         af, bf = a.reshape(count, p, q), b.reshape(count, q, r)
-        out = np.empty((count, p, r), dtype=np.result_type(a, b))
+        if out is None:
+            out = np.empty((*batch, p, r), dtype=np.result_type(a, b))
+        of = out.reshape(count, p, r)
         parts = _split(count, workers)
-        list(_pool().map(lambda s: np.matmul(af[s], bf[s], out=out[s]), parts))
-        return out.reshape(*batch, p, r)
+        list(_pool().map(lambda s: np.matmul(af[s], bf[s], out=of[s]), parts))
+        return out
+
+    @staticmethod
+    def scratch(name: str, shape: tuple[int, ...], like: Array) -> Array:
+        """Uninitialised memory for an intermediate that dies inside the call
+        (see :mod:`dplr._workspace`)."""
+        return scratch(name, shape, like.dtype)
 
     @staticmethod
     def state_pass(
@@ -109,9 +131,12 @@ class NumpyOps:
         z0: (B, d, m).  Returns y (B, nc, c, m) and the states (B, nc + 1, d, m)
         entering every chunk and after the last, or (B, 1, d, m), the final
         state only, unless ``keep_states`` (a large array not worth filling).
-        Batch entries run on the threads.  (Splitting a single problem's
-        columns between threads was measured: no faster here, as the
-        products get smaller and the threads share one BLAS.)
+        u is consumed: y is written over it when it is C-contiguous (each
+        element of u is read once, just before y's is written), which saves
+        allocating and faulting in another array of its size.
+        Batch entries run on the threads; with fewer entries than threads,
+        the columns of each entry are split between them too (the columns of
+        the state evolve independently).
         """
         from ._jit import state_pass
 
@@ -119,14 +144,25 @@ class NumpyOps:
         d = w.shape[-1]
         w, k_out, u = (np.ascontiguousarray(x) for x in (w, k_out, u))
         dec = np.ones((count, nc), u.dtype) if decay is None else np.ascontiguousarray(decay)
-        y = np.empty((count, nc, c, m), u.dtype)
+        y = u
         states = np.empty((count, nc + 1 if keep_states else 1, d, m), u.dtype)
         z0 = np.ascontiguousarray(z0)
+        workers = num_workers()
+        column_parts = max(1, min(workers // max(count, 1), m // _MIN_LANE_COLUMNS))
+        lanes = list(
+            itertools.product(
+                _split(count, min(workers, max(count, 1))), _split(m, column_parts)
+            )
+        )
 
-        def lane(rows: slice) -> None:
-            state_pass(w[rows], u[rows], k_out[rows], dec[rows], z0[rows], y[rows], states[rows])
+        def lane(part: tuple[slice, slice]) -> None:
+            rows, cols = part
+            state_pass(
+                w[rows], u[rows], k_out[rows], dec[rows], z0[rows], y[rows], states[rows],
+                cols.start, cols.stop,
+            )  # fmt: skip
 
-        NumpyOps.map(lane, _split(count, min(num_workers(), max(count, 1))))
+        NumpyOps.map(lane, lanes)
         return y, states
 
     @staticmethod
@@ -181,6 +217,13 @@ class NumpyOps:
         return x
 
     @staticmethod
+    def fill_diagonal_(x: Array, values: Array) -> Array:
+        """Write ``values`` (..., c) on the diagonals of a fresh stack x (..., c, c), in place."""
+        index = np.arange(x.shape[-1])
+        x[..., index, index] = values
+        return x
+
+    @staticmethod
     def concat(xs: list[Array], axis: int) -> Array:
         return np.concatenate(xs, axis=axis)
 
@@ -206,23 +249,24 @@ class NumpyOps:
         return np.array(x, copy=True)
 
     @staticmethod
-    def solve_lower_blocks(L: Array, B: Array) -> Array:
+    def solve_lower_blocks(L: Array, B: Array, out: Array | None = None) -> Array:
         """Solve ``L X = B`` for a stack of lower-triangular blocks.
 
         L: (..., c, c) non-unit lower triangular, B: (..., c, r); the batch
-        dimensions of the two must be equal.  Compiled forward substitution
+        dimensions of the two must be equal; ``out``, if given, a C-contiguous
+        array of B's shape for X.  Compiled forward substitution
         (:func:`dplr._jit.solve_lower_stack`), the blocks split over threads.
         """
         from ._jit import solve_lower_stack
 
-        batch = L.shape[:-2]
         c, r = B.shape[-2:]
         Lf = np.ascontiguousarray(L.reshape(-1, c, c))
         Bf = np.ascontiguousarray(B.reshape(-1, c, r))
-        X = np.empty_like(Bf)
+        X = np.empty(B.shape, Bf.dtype) if out is None else out
+        Xf = X.reshape(-1, c, r)
         parts = _split(Lf.shape[0], num_workers())
-        NumpyOps.map(lambda s: solve_lower_stack(Lf[s], Bf[s], X[s]), parts)
-        return X.reshape(*batch, c, r)
+        NumpyOps.map(lambda s: solve_lower_stack(Lf[s], Bf[s], Xf[s]), parts)
+        return X
 
     @staticmethod
     def cholesky(a: Array) -> Array:
@@ -235,8 +279,21 @@ class TorchOps:
     name = "torch"
 
     @staticmethod
-    def matmul(a: Array, b: Array) -> Array:
-        return a @ b
+    def matmul(a: Array, b: Array, out: Array | None = None) -> Array:
+        import torch
+
+        return a @ b if out is None else torch.matmul(a, b, out=out)
+
+    @staticmethod
+    def scratch(name: str, shape: tuple[int, ...], like: Array) -> Array | None:
+        """As :meth:`NumpyOps.scratch` for CPU float32/float64 tensors outside
+        autograd; None (allocate as usual) otherwise."""
+        import torch
+
+        dtype = {torch.float32: np.float32, torch.float64: np.float64}.get(like.dtype)
+        if like.device.type != "cpu" or dtype is None or torch.is_grad_enabled():
+            return None
+        return torch.from_numpy(scratch(name, shape, dtype))
 
     @staticmethod
     def state_pass(
@@ -310,6 +367,11 @@ class TorchOps:
         return x.mul_(y)
 
     @staticmethod
+    def fill_diagonal_(x: Array, values: Array) -> Array:
+        x.diagonal(dim1=-2, dim2=-1).copy_(values)
+        return x
+
+    @staticmethod
     def concat(xs: list[Array], axis: int) -> Array:
         import torch
 
@@ -338,14 +400,16 @@ class TorchOps:
         return x.clone()
 
     @staticmethod
-    def solve_lower_blocks(L: Array, B: Array) -> Array:
+    def solve_lower_blocks(L: Array, B: Array, out: Array | None = None) -> Array:
         """As :meth:`NumpyOps.solve_lower_blocks` (the compiled loop for CPU tensors,
         which is several times faster there than ``torch.linalg.solve_triangular``)."""
         if _all_cpu(L, B):
-            return _from_numpy(NumpyOps.solve_lower_blocks(_numpy_view(L), _numpy_view(B)))
+            view = None if out is None else _numpy_view(out)
+            x = NumpyOps.solve_lower_blocks(_numpy_view(L), _numpy_view(B), view)
+            return out if out is not None else _from_numpy(x)
         import torch
 
-        return torch.linalg.solve_triangular(L, B, upper=False)
+        return torch.linalg.solve_triangular(L, B, upper=False, out=out)
 
     @staticmethod
     def cholesky(a: Array) -> Array:

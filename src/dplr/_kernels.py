@@ -82,14 +82,21 @@ def make_chunked(
     lam: Array,
     log_decay: Array | None,
     chunk_size: int | None,
+    *,
+    scratch: bool = False,
 ) -> Chunked:
-    """Cut the operands of T into chunks and form the per-chunk quantities."""
+    """Cut the operands of T into chunks and form the per-chunk quantities.
+
+    With ``scratch`` the blocks live in scratch memory (:mod:`dplr._workspace`):
+    only for a caller that drops them before it returns.
+    """
     n = q.shape[-2]
     c = effective_chunk(n, chunk_size)
     qc, kc = chunk_rows(ops, q, c), chunk_rows(ops, k, c)
     lamc = chunk_rows(ops, lam[..., None], c, 1.0)[..., 0]
     strict = ops.strict_lower_mask(c, q)
-    blocks = ops.matmul(qc, kc.mT)
+    out = ops.scratch("blocks", (*qc.shape[:-1], c), q) if scratch else None
+    blocks = ops.matmul(qc, kc.mT, out=out)
     if log_decay is None:
         return Chunked(qc, kc, lamc, ops.keep_strict_lower(blocks), qc, kc, None, n, c)
     g = chunk_rows(ops, log_decay[..., None], c)[..., 0].cumsum(-1)
@@ -225,10 +232,12 @@ def solve(
         if h0 is not None or return_states:
             raise NotImplementedError("states are only defined for T, not T^T")
         return _through_reversal(solve, ops, q, k, lam, log_decay, v, chunk_size)
-    ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
+    # The blocks and W die here: they live in scratch memory.
+    ch = make_chunked(ops, q, k, lam, log_decay, chunk_size, scratch=True)
     vc = chunk_rows(ops, v, ch.c)
-    diag_blocks = ch.strict_blocks + ch.lam[..., :, None] * ops.eye(ch.c, q)
-    w = ops.solve_lower_blocks(diag_blocks, ch.q_in)
+    # The strict blocks are not needed again: their diagonals take lam in place.
+    diag_blocks = ops.fill_diagonal_(ch.strict_blocks, ch.lam)
+    w = ops.solve_lower_blocks(diag_blocks, ch.q_in, out=ops.scratch("w", ch.q_in.shape, q))
     u = ops.solve_lower_blocks(diag_blocks, vc)
     yc, states = _state_pass(ops, w, u, ch.k_out, ch.chunk_decay, h0, return_states)
     y = unchunk_rows(yc, ch.n)
@@ -248,7 +257,8 @@ def _state_pass(
 
     ``Y_J = U_J - W_J Z_J`` and ``Z_{J+1} = a_J Z_J + k_out_J^T Y_J`` with
     ``Z_0 = h0``.  Returns Y (..., nc, c, m) and the states (..., nc + 1, d, m),
-    or only the final state (..., 1, d, m) unless ``keep_states``.
+    or only the final state (..., 1, d, m) unless ``keep_states``.  u is
+    consumed (the backend may write Y over it).
     """
     batch, (nc, c, m), d = u.shape[:-3], u.shape[-3:], w.shape[-1]
     count = int(np.prod(batch))
