@@ -140,7 +140,7 @@ class NumpyOps:
         """
         from ._jit import state_pass
 
-        count, nc, c, m = u.shape
+        count, nc, _, m = u.shape
         d = w.shape[-1]
         w, k_out, u = (np.ascontiguousarray(x) for x in (w, k_out, u))
         dec = np.ones((count, nc), u.dtype) if decay is None else np.ascontiguousarray(decay)
@@ -150,9 +150,7 @@ class NumpyOps:
         workers = num_workers()
         column_parts = max(1, min(workers // max(count, 1), m // _MIN_LANE_COLUMNS))
         lanes = list(
-            itertools.product(
-                _split(count, min(workers, max(count, 1))), _split(m, column_parts)
-            )
+            itertools.product(_split(count, min(workers, max(count, 1))), _split(m, column_parts))
         )
 
         def lane(part: tuple[slice, slice]) -> None:
