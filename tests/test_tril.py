@@ -283,6 +283,24 @@ def test_bad_construction_raises_value_error(kwargs, match):
         dplr.LowRankTril(**args)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_finiteness_check_is_exact_at_the_extremes(dtype, layout):
+    # The fast check reduces the array (x . x or a sum), which overflows for
+    # huge finite entries: those must still pass, and one NaN or Inf must not.
+    from dplr._validate import all_finite
+
+    big = np.finfo(dtype).max
+    x = np.full((6, 4), big / 2, dtype)
+    x[1, 2] = -big
+    view = x if layout == "contiguous" else x[:, ::2]
+    assert all_finite(view)
+    for bad in (np.inf, -np.inf, np.nan):
+        y = x.copy()
+        y[4, 0] = bad
+        assert not all_finite(y if layout == "contiguous" else y[:, ::2])
+
+
 def test_check_finite_false_skips_the_scan():
     q, k = _ops()
     q[3, 0] = np.nan
@@ -349,3 +367,38 @@ def test_repr_and_properties():
     assert T.shape == (2, 7, 7) and T.rank == 3 and T.dtype == np.float64
     assert "shape=(2, 7, 7)" in repr(T) and "decay" in repr(T)
     np.testing.assert_array_equal(T.diag, np.ones((2, 7)))  # broadcast with q
+
+
+def test_results_do_not_share_the_reused_scratch_memory(rng):
+    # Intermediates live in per-thread buffers kept between calls
+    # (dplr._workspace): a result must never be a view of them, so later
+    # calls of other sizes must leave earlier results as they were.
+    problems = [random_operands(rng, (2,), n, 4, np.float64, True, True) for n in (70, 300, 9)]
+    rhs = [rng.standard_normal((2, p[0].shape[-2], 3)) for p in problems]
+    results = [
+        dplr.LowRankTril(*p).solve(v, chunk_size=8) for p, v in zip(problems, rhs, strict=True)
+    ]
+    kept = [x.copy() for x in results]
+    for p, v in zip(problems[::-1], rhs[::-1], strict=True):
+        dplr.LowRankTril(*p).solve(v, chunk_size=16, transpose=True)
+    for x, c in zip(results, kept, strict=True):
+        np.testing.assert_array_equal(x, c)
+
+
+def test_concurrent_solves_from_several_threads(rng):
+    from concurrent.futures import ThreadPoolExecutor
+
+    problems = [random_operands(rng, (), 200 + 37 * i, 5, np.float64, True, True) for i in range(6)]
+    rhs = [rng.standard_normal((p[0].shape[-2], 2)) for p in problems]
+    refs = [
+        np.linalg.solve(dplr.LowRankTril(*p).to_dense(), v)
+        for p, v in zip(problems, rhs, strict=True)
+    ]
+
+    def solve(i: int) -> np.ndarray:
+        return dplr.LowRankTril(*problems[i]).solve(rhs[i], chunk_size=16)
+
+    with ThreadPoolExecutor(3) as pool:
+        for _ in range(5):
+            for x, ref in zip(pool.map(solve, range(6)), refs, strict=True):
+                np.testing.assert_allclose(x, ref, rtol=1e-10, atol=1e-12)
