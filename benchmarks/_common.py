@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -66,6 +66,40 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> 
         if enabled:
             gc.enable()
     return statistics.median(times)
+
+
+def median_times(
+    fns: Sequence[Callable[[], object]], repeats: int = 5, warmup: int = 1, settle: float = 0.05
+) -> list[float]:
+    """Median wall-clock seconds of each of ``fns``, their runs alternating.
+
+    Round after round every function runs once (A B A B ...), so that the
+    slow phases of a shared machine (on the 2-core VM the benchmarks ran on,
+    the same call varies up to 2x over seconds) fall on all of them alike
+    and their ratio is stable where separate series were not.  Before each
+    timed call the process sleeps ``settle`` seconds: OpenBLAS worker threads
+    busy-wait for a while after a multi-threaded call, and would otherwise
+    take the cores from whatever is timed next.  The garbage collector is
+    handled as in :func:`median_time`.
+    """
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        times: list[list[float]] = [[] for _ in fns]
+        for _ in range(repeats):
+            for fn, series in zip(fns, times, strict=True):
+                time.sleep(settle)
+                start = time.perf_counter()
+                fn()
+                series.append(time.perf_counter() - start)
+    finally:
+        if enabled:
+            gc.enable()
+    return [statistics.median(series) for series in times]
 
 
 def format_table(rows: list[Row]) -> str:

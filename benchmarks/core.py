@@ -15,12 +15,12 @@ import scipy.linalg as sl
 import dplr
 from dplr._kernels import DEFAULT_CHUNK
 
-from ._common import Progress, Row, median_time, noop_progress
+from ._common import Progress, Row, median_time, median_times, noop_progress
 
 SUITE = "core"
 
-#: Runs per median and warm-up runs: timings on a shared virtual machine are
-#: bimodal (fresh large allocations are sometimes slow), so more than usual.
+#: Runs per median and warm-up runs: timings on a shared virtual machine vary
+#: up to 2x over seconds, so more than usual (and baseline and dplr alternate).
 REPEATS, WARMUP = 9, 2
 
 
@@ -64,9 +64,9 @@ def bench_solve_vs_dense(rng, n: int, d: int = 64, m: int = 64, repeats: int = R
     dense = T.to_dense()  # materialisation is not timed
     ref = sl.solve_triangular(dense, v, lower=True, check_finite=False)
     x = T.solve(v)
-    t_dense = _time_dense_solve(dense, v, repeats)
-    dense = None  # not kept alive (n = 16384: 2 GiB) while dplr is timed
-    t_dplr = timed(lambda: T.solve(v), repeats)
+    t_dense, t_dplr = median_times(
+        [lambda: _dense_solve(dense, v), lambda: T.solve(v)], repeats, WARMUP
+    )
     return Row(
         SUITE, "solve, float64", f"n={n}, d={d}, m={m}", "scipy solve_triangular (dense T)",
         t_dense, t_dplr, rel_error(x, ref), target=20.0 if n >= 16384 else None,
@@ -74,8 +74,8 @@ def bench_solve_vs_dense(rng, n: int, d: int = 64, m: int = 64, repeats: int = R
     )  # fmt: skip
 
 
-def _time_dense_solve(dense: np.ndarray, v: np.ndarray, repeats: int) -> float:
-    return timed(lambda: sl.solve_triangular(dense, v, lower=True, check_finite=False), repeats)
+def _dense_solve(dense: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return sl.solve_triangular(dense, v, lower=True, check_finite=False)
 
 
 def bench_solve_vs_seed(rng, n: int, heads: int = 8, d: int = 64, m: int = 64) -> Row:
@@ -90,10 +90,11 @@ def bench_solve_vs_seed(rng, n: int, heads: int = 8, d: int = 64, m: int = 64) -
     times = {c: timed(lambda c=c: seed(c)) for c in sorted({200, 64, DEFAULT_CHUNK})}
     best = min(times, key=times.get)
     err = rel_error(T.solve(v), np.stack(seed(best)))
+    t_seed, t_dplr = median_times([lambda: seed(best), lambda: T.solve(v)], REPEATS, WARMUP)
     return Row(
         SUITE, "solve, float64, batch of heads", f"{heads} heads, n={n}, d={d}, m={m}",
         f"seed chunked loop (np.linalg.inv per chunk, best c={best}), head by head",
-        times[best], timed(lambda: T.solve(v)), err, target=1.5,
+        t_seed, t_dplr, err, target=1.5,
         note="seed loop: " + ", ".join(f"c={c} {1e3 * t:.1f} ms" for c, t in times.items()),
     )  # fmt: skip
 
@@ -103,12 +104,10 @@ def bench_inverse(rng, n: int, d: int = 64) -> Row:
     T = dplr.LowRankTril(q, k)
     dense, eye = T.to_dense(), np.eye(n)
     ref = sl.solve_triangular(dense, eye, lower=True, check_finite=False)
-    t_dense = median_time(
-        lambda: sl.solve_triangular(dense, eye, lower=True, check_finite=False), 3
-    )
+    t_dense, t_dplr = median_times([lambda: _dense_solve(dense, eye), T.inv], 3)
     return Row(
         SUITE, "inv, float64", f"n={n}, d={d}", "scipy solve_triangular(T, I)",
-        t_dense, median_time(T.inv, 3), rel_error(T.inv(), ref), target=1.0,
+        t_dense, t_dplr, rel_error(T.inv(), ref), target=1.0,
     )  # fmt: skip
 
 
@@ -120,8 +119,7 @@ def bench_gflops(rng, batch: int, n: int, d: int = 64, m: int = 64) -> Row:
     flops = batch * solve_flops(n, d, m, min(DEFAULT_CHUNK, n))
     size = round((flops / 2) ** (1 / 3))
     a = rng.standard_normal((size, size)).astype(np.float32)
-    t_gemm = timed(lambda: a @ a)
-    t_solve = timed(lambda: T.solve(v))
+    t_gemm, t_solve = median_times([lambda: a @ a, lambda: T.solve(v)], REPEATS, WARMUP)
     x = T.solve(v)
     ref = dplr.LowRankTril(q.astype(np.float64), k.astype(np.float64)).solve(v.astype(np.float64))
     return Row(
@@ -138,17 +136,17 @@ def bench_chunk_sizes(rng, n: int, sizes=(16, 32, 64, 128, 256), d: int = 64) ->
     q, k = delta_family(rng, (), n, d)
     v = rng.standard_normal((n, d))
     T = dplr.LowRankTril(q, k)
-    default = timed(lambda: T.solve(v))
     ref = T.solve(v)
-    rows = []
-    for c in sizes:
-        rows.append(Row(
+    solves = [lambda: T.solve(v)] + [lambda c=c: T.solve(v, chunk_size=c) for c in sizes]
+    default, *times = median_times(solves, REPEATS, WARMUP, settle=0.0)
+    return [
+        Row(
             SUITE, f"chunk sweep: chunk_size={c}", f"n={n}, d={d}, m={d}",
-            f"default chunk_size={DEFAULT_CHUNK}", default,
-            timed(lambda c=c: T.solve(v, chunk_size=c)),
+            f"default chunk_size={DEFAULT_CHUNK}", default, t,
             rel_error(T.solve(v, chunk_size=c), ref), params={"chunk": c},
-        ))  # fmt: skip
-    return rows
+        )
+        for c, t in zip(sizes, times, strict=True)
+    ]  # fmt: skip
 
 
 def run(quick: bool = False, progress: Progress | None = None) -> list[Row]:
