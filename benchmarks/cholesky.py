@@ -16,7 +16,7 @@ import numpy as np
 
 import dplr
 
-from ._common import Progress, Row, format_table, median_time, noop_progress
+from ._common import Progress, Row, format_table, median_time, median_times, noop_progress
 
 SUITE = "cholesky"
 
@@ -30,15 +30,16 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def _time(fn, slow: float = 0.4) -> float:
-    """Median of 7 runs after two warm-ups (the first calls pay for page faults of
-    new results and for starting BLAS threads), or one run after a warm-up when a
-    call takes over ``slow`` s."""
+def _times(*fns, slow: float = 0.4) -> list[float]:
+    """Medians of 7 alternating runs of each function after a warm-up (the first
+    calls pay for page faults of new results and for starting BLAS threads),
+    or one run each after the warm-up when a call takes over ``slow`` s."""
     start = time.perf_counter()
-    fn()
-    if time.perf_counter() - start > slow:
-        return median_time(fn, repeats=1, warmup=0)
-    return median_time(fn, repeats=7, warmup=1)
+    for fn in fns:
+        fn()
+    if time.perf_counter() - start > slow * len(fns):
+        return [median_time(fn, repeats=1, warmup=0) for fn in fns]
+    return median_times(fns, repeats=7, warmup=1, settle=0.01)
 
 
 def _rank1_rows(rng, n: int) -> list[Row]:
@@ -47,9 +48,9 @@ def _rank1_rows(rng, n: int) -> list[Row]:
     u = rng.standard_normal(n) / np.sqrt(n)
     b = a + np.outer(u, u)
     ref = np.linalg.cholesky(b)
-    t_chol = _time(lambda: np.linalg.cholesky(b))
-    t_copy = _time(lambda: np.copy(L))
-    t_dplr = _time(lambda: dplr.cholesky_update(L, u))
+    t_chol, t_copy, t_dplr = _times(
+        lambda: np.linalg.cholesky(b), lambda: np.copy(L), lambda: dplr.cholesky_update(L, u)
+    )
     err = _rel(dplr.cholesky_update(L, u), ref)
     size, params = f"N={n}", {"N": n, "M": 1, "method": "auto"}
     return [
@@ -70,9 +71,11 @@ def _rank_m_rows(rng, n: int, m: int) -> list[Row]:
         ("update", dplr.cholesky_update, L, Lb, b),
         ("downdate", dplr.cholesky_downdate, Lb, L, a),
     ):
-        t_ref = _time(lambda refmat=refmat: np.linalg.cholesky(refmat))
-        t_blk = _time(lambda f=f, start=start: f(start, u, method="blocked"))
-        t_r1 = _time(lambda f=f, start=start: f(start, u, method="rank1"))
+        t_ref, t_blk, t_r1 = _times(
+            lambda refmat=refmat: np.linalg.cholesky(refmat),
+            lambda f=f, start=start: f(start, u, method="blocked"),
+            lambda f=f, start=start: f(start, u, method="rank1"),
+        )
         err = _rel(f(start, u, method="blocked"), ref)
         size, params = f"N={n}, M={m}", {"N": n, "M": m, "method": "blocked"}
         rows += [
@@ -92,10 +95,12 @@ def _grid_rows(rng, ns, ms, progress: Progress) -> list[Row]:
         for m in ms:
             progress(f"cholesky grid N={n} M={m}")
             u = rng.standard_normal((n, m)) / np.sqrt(n * m)
-            times = {
-                meth: _time(lambda meth=meth, L=L, u=u: dplr.cholesky_update(L, u, method=meth))
-                for meth in ("rank1", "blocked", "refactor", "auto")
-            }
+            methods = ("rank1", "blocked", "refactor", "auto")
+            calls = [
+                lambda meth=meth, L=L, u=u: dplr.cholesky_update(L, u, method=meth)
+                for meth in methods
+            ]
+            times = dict(zip(methods, _times(*calls), strict=True))
             best = min(("rank1", "blocked", "refactor"), key=times.get)
             chosen = dplr._cholesky_policy.choose_method(n, m, 1, False)
             ref = np.linalg.cholesky(a + u @ u.T)
@@ -128,8 +133,7 @@ def _batch_rows(rng, count: int, n: int) -> list[Row]:
     L = np.linalg.cholesky(a)
     u = rng.standard_normal((count, n)) / np.sqrt(n)
     b = a + u[:, :, None] * u[:, None, :]
-    t_ref = _time(lambda: np.linalg.cholesky(b))
-    t_dplr = _time(lambda: dplr.cholesky_update(L, u))
+    t_ref, t_dplr = _times(lambda: np.linalg.cholesky(b), lambda: dplr.cholesky_update(L, u))
     err = _rel(dplr.cholesky_update(L, u), np.linalg.cholesky(b))
     return [
         Row(SUITE, "batched rank-1 update", f"{count} x {n}x{n}", "numpy.linalg.cholesky(B)",

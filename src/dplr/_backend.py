@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -258,10 +259,11 @@ class NumpyOps:
         from ._jit import solve_lower_stack
 
         c, r = B.shape[-2:]
-        Lf = np.ascontiguousarray(L.reshape(-1, c, c))
-        Bf = np.ascontiguousarray(B.reshape(-1, c, r))
+        count = math.prod(L.shape[:-2])
+        Lf = np.ascontiguousarray(L.reshape(count, c, c))
+        Bf = np.ascontiguousarray(B.reshape(count, c, r))
         X = np.empty(B.shape, Bf.dtype) if out is None else out
-        Xf = X.reshape(-1, c, r)
+        Xf = X.reshape(count, c, r)
         parts = _split(Lf.shape[0], num_workers())
         NumpyOps.map(lambda s: solve_lower_stack(Lf[s], Bf[s], Xf[s]), parts)
         return X
