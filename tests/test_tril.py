@@ -285,13 +285,14 @@ def test_bad_construction_raises_value_error(kwargs, match):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
-def test_finiteness_check_is_exact_at_the_extremes(dtype, layout):
+@pytest.mark.parametrize("rows", [6, 2**15])  # a sum, or (>= 2^16 entries) BLAS x . x
+def test_finiteness_check_is_exact_at_the_extremes(dtype, layout, rows):
     # The fast check reduces the array (x . x or a sum), which overflows for
     # huge finite entries: those must still pass, and one NaN or Inf must not.
     from dplr._validate import all_finite
 
     big = np.finfo(dtype).max
-    x = np.full((6, 4), big / 2, dtype)
+    x = np.full((rows, 4), big / 2, dtype)
     x[1, 2] = -big
     view = x if layout == "contiguous" else x[:, ::2]
     assert all_finite(view)

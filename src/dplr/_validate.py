@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ._backend import Array, is_torch
+from ._backend import Array, is_torch, single_threaded_blas
 
 
 @dataclass(frozen=True)
@@ -101,17 +101,21 @@ def prepare(
 def all_finite(x: Array) -> bool:
     """True if no entry of a NumPy array or torch tensor is NaN or Inf.
 
-    One reduction decides almost always: a sum (for a contiguous float array,
-    the BLAS dot product ``x . x``, 3x faster than ``sum`` here) is finite
-    unless an entry is NaN or Inf or the reduction overflows, and only then
-    is the elementwise test (several passes over the array) run to tell which.
+    One reduction decides almost always: a sum (for a large contiguous float
+    array, the BLAS dot product ``x . x``, 3x faster than ``sum`` here) is
+    finite unless an entry is NaN or Inf or the reduction overflows, and only
+    then is the elementwise test (several passes over the array) run to tell
+    which.  The dot product runs in one BLAS thread: OpenBLAS's helper threads
+    keep spinning after a threaded call and took the cores from the solve
+    that followed (12 ms -> 20 ms at n = 16384).
     """
     if is_torch(x):
         return bool(x.sum().isfinite()) or bool(x.isfinite().all())
     with np.errstate(over="ignore", invalid="ignore"):
-        if x.dtype in (np.float32, np.float64) and x.flags.c_contiguous and x.size:
+        if x.dtype in (np.float32, np.float64) and x.flags.c_contiguous and x.size >= 2**16:
             flat = x.reshape(-1)
-            reduced = np.dot(flat, flat)
+            with single_threaded_blas():
+                reduced = np.dot(flat, flat)
         else:
             reduced = x.sum()
         return bool(np.isfinite(reduced)) or bool(np.isfinite(x).all())
