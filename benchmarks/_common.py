@@ -43,14 +43,19 @@ class Row:
         return out
 
 
-def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+def median_time(
+    fn: Callable[[], object], repeats: int = 5, warmup: int = 1, settle: float = 0.0
+) -> float:
     """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs.
 
     Like :mod:`timeit`, the garbage collector is run once and then disabled
     for the runs (a full collection takes ~0.1 s once torch is imported; one
     per run made the quick suites several times slower without changing a
-    single timing).
+    single timing).  ``settle`` seconds of sleep come first: OpenBLAS worker
+    threads keep spinning for a while after a multi-threaded call (a dense
+    baseline timed just before) and would take the cores from ``fn``.
     """
+    time.sleep(settle)
     for _ in range(warmup):
         fn()
     gc.collect()
