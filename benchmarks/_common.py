@@ -43,10 +43,19 @@ class Row:
         return out
 
 
+#: Each reported time is the lowest of this many medians, taken one after
+#: another.  On the shared 2-core VM the benchmarks ran on, the same call
+#: varies up to 2x between seconds (other tenants), so a single median of a
+#: short series measured the neighbours as often as the code; baselines and
+#: dplr get the same treatment.  ``python -m dplr bench --quick`` uses 1.
+SERIES = 3
+
+
 def median_time(
     fn: Callable[[], object], repeats: int = 5, warmup: int = 1, settle: float = 0.0
 ) -> float:
-    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs.
+    """Seconds per call of ``fn()``: the lowest of :data:`SERIES` medians of
+    ``repeats`` runs, after ``warmup`` runs.
 
     Like :mod:`timeit`, the garbage collector is run once and then disabled
     for the runs (a full collection takes ~0.1 s once torch is imported; one
@@ -55,38 +64,27 @@ def median_time(
     threads keep spinning for a while after a multi-threaded call (a dense
     baseline timed just before) and would take the cores from ``fn``.
     """
-    time.sleep(settle)
-    for _ in range(warmup):
-        fn()
-    gc.collect()
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    finally:
-        if enabled:
-            gc.enable()
-    return statistics.median(times)
+    return median_times([fn], repeats, warmup, settle, first_settle_only=True)[0]
 
 
 def median_times(
-    fns: Sequence[Callable[[], object]], repeats: int = 5, warmup: int = 1, settle: float = 0.05
+    fns: Sequence[Callable[[], object]],
+    repeats: int = 5,
+    warmup: int = 1,
+    settle: float = 0.05,
+    *,
+    first_settle_only: bool = False,
 ) -> list[float]:
-    """Median wall-clock seconds of each of ``fns``, their runs alternating.
+    """Seconds per call of each of ``fns`` as in :func:`median_time`, their runs alternating.
 
-    Round after round every function runs once (A B A B ...), so that the
-    slow phases of a shared machine (on the 2-core VM the benchmarks ran on,
-    the same call varies up to 2x over seconds) fall on all of them alike
-    and their ratio is stable where separate series were not.  Before each
-    timed call the process sleeps ``settle`` seconds: OpenBLAS worker threads
-    busy-wait for a while after a multi-threaded call, and would otherwise
-    take the cores from whatever is timed next.  The garbage collector is
-    handled as in :func:`median_time`.
+    Round after round every function runs once (A B A B ...), so that slow
+    phases of the machine fall on all of them alike.  Before each timed call
+    the process sleeps ``settle`` seconds (only before the first one with
+    ``first_settle_only``): OpenBLAS worker threads busy-wait for a while
+    after a multi-threaded call, and would otherwise take the cores from
+    whatever is timed next.
     """
+    time.sleep(settle)
     for fn in fns:
         for _ in range(warmup):
             fn()
@@ -94,17 +92,21 @@ def median_times(
     enabled = gc.isenabled()
     gc.disable()
     try:
-        times: list[list[float]] = [[] for _ in fns]
-        for _ in range(repeats):
-            for fn, series in zip(fns, times, strict=True):
-                time.sleep(settle)
-                start = time.perf_counter()
-                fn()
-                series.append(time.perf_counter() - start)
+        best = [float("inf")] * len(fns)
+        for _ in range(SERIES):
+            times: list[list[float]] = [[] for _ in fns]
+            for _ in range(repeats):
+                for fn, series in zip(fns, times, strict=True):
+                    if not first_settle_only:
+                        time.sleep(settle)
+                    start = time.perf_counter()
+                    fn()
+                    series.append(time.perf_counter() - start)
+            best = [min(b, statistics.median(t)) for b, t in zip(best, times, strict=True)]
     finally:
         if enabled:
             gc.enable()
-    return [statistics.median(series) for series in times]
+    return best
 
 
 def format_table(rows: list[Row]) -> str:
