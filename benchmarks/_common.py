@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -74,15 +75,18 @@ def median_times(
     settle: float = 0.05,
     *,
     first_settle_only: bool = False,
+    by_series: bool = False,
 ) -> list[float]:
     """Seconds per call of each of ``fns`` as in :func:`median_time`, their runs alternating.
 
     Round after round every function runs once (A B A B ...), so that slow
-    phases of the machine fall on all of them alike.  Before each timed call
-    the process sleeps ``settle`` seconds (only before the first one with
-    ``first_settle_only``): OpenBLAS worker threads busy-wait for a while
-    after a multi-threaded call, and would otherwise take the cores from
-    whatever is timed next.
+    phases of the machine fall on all of them alike; with ``by_series`` a
+    whole series of each runs in turn instead (AAA BBB AAA BBB ...), for calls
+    so short that each must run with its own data in cache.  Before each
+    timed call the process sleeps ``settle`` seconds (only before the first
+    one with ``first_settle_only``): OpenBLAS worker threads busy-wait for a
+    while after a multi-threaded call, and would otherwise take the cores
+    from whatever is timed next.
     """
     time.sleep(settle)
     for fn in fns:
@@ -95,13 +99,15 @@ def median_times(
         best = [float("inf")] * len(fns)
         for _ in range(SERIES):
             times: list[list[float]] = [[] for _ in fns]
-            for _ in range(repeats):
-                for fn, series in zip(fns, times, strict=True):
-                    if not first_settle_only:
-                        time.sleep(settle)
-                    start = time.perf_counter()
-                    fn()
-                    series.append(time.perf_counter() - start)
+            rounds = [[(fn, t)] * repeats for fn, t in zip(fns, times, strict=True)]
+            if not by_series:
+                rounds = [list(step) for step in zip(*rounds, strict=True)]
+            for fn, series in itertools.chain.from_iterable(rounds):
+                if not first_settle_only:
+                    time.sleep(settle)
+                start = time.perf_counter()
+                fn()
+                series.append(time.perf_counter() - start)
             best = [min(b, statistics.median(t)) for b, t in zip(best, times, strict=True)]
     finally:
         if enabled:

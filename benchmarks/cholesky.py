@@ -30,7 +30,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def _times(*fns, slow: float = 0.4) -> list[float]:
+def _times(*fns, slow: float = 0.4, by_series: bool = False) -> list[float]:
     """Medians of 7 alternating runs of each function after a warm-up (the first
     calls pay for page faults of new results and for starting BLAS threads),
     or one run each after the warm-up when a call takes over ``slow`` s."""
@@ -39,7 +39,7 @@ def _times(*fns, slow: float = 0.4) -> list[float]:
         fn()
     if time.perf_counter() - start > slow * len(fns):
         return [median_time(fn, repeats=1, warmup=0) for fn in fns]
-    return median_times(fns, repeats=7, warmup=1, settle=0.01)
+    return median_times(fns, repeats=7, warmup=1, settle=0.01, by_series=by_series)
 
 
 def _rank1_rows(rng, n: int) -> list[Row]:
@@ -95,13 +95,15 @@ def _grid_rows(rng, ns, ms, progress: Progress) -> list[Row]:
         for m in ms:
             progress(f"cholesky grid N={n} M={m}")
             u = rng.standard_normal((n, m)) / np.sqrt(n * m)
-            # One series per method, not alternating runs: at these sizes a
-            # method's input and output stay in cache between its own runs,
-            # and a run right after another method's would measure the cache.
-            times = {
-                meth: _times(lambda meth=meth, L=L, u=u: dplr.cholesky_update(L, u, method=meth))[0]
-                for meth in ("rank1", "blocked", "refactor", "auto")
-            }
+            # Series of each method in turn, not alternating runs: at these
+            # sizes a method's input and output stay in cache between its own
+            # runs, and a run right after another method's would measure that.
+            methods = ("rank1", "blocked", "refactor", "auto")
+            calls = [
+                lambda meth=meth, L=L, u=u: dplr.cholesky_update(L, u, method=meth)
+                for meth in methods
+            ]
+            times = dict(zip(methods, _times(*calls, by_series=True), strict=True))
             best = min(("rank1", "blocked", "refactor"), key=times.get)
             chosen = dplr._cholesky_policy.choose_method(n, m, 1, False)
             ref = np.linalg.cholesky(a + u @ u.T)
