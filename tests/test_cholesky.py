@@ -404,3 +404,31 @@ def test_torch_blocked_and_auto(dtype, lower):
         dplr.cholesky_update(L, ut, method="rank1")
     with pytest.raises(dplr.NotPositiveDefiniteError):
         dplr.cholesky_downdate(L, ut * 50, lower=lower)
+
+
+_BLAS_LIMIT_SCRIPT = """
+import numpy as np, dplr
+from threadpoolctl import threadpool_info
+rng = np.random.default_rng(0)
+dplr.LowRankTril(rng.standard_normal((50, 3)), rng.standard_normal((50, 3))).solve(np.ones(50))
+L = np.linalg.cholesky(np.eye(40) * 2)
+dplr.cholesky_update(L, rng.standard_normal((40, 9)) * 0.1, method="blocked")
+from dplr._backend import _blas_controller
+limited = {lib.filepath for lib in _blas_controller().select(user_api="blas").lib_controllers}
+loaded = {info["filepath"] for info in threadpool_info() if info["user_api"] == "blas"}
+print(sorted(loaded - limited))
+"""
+
+
+def test_every_blas_in_use_is_under_dplr_thread_control():
+    # A fresh process whose first dplr call precedes any scipy.linalg use:
+    # SciPy's own BLAS must still be among the libraries dplr limits (it once
+    # was not, and small triangular solves then ran multi-threaded, 16x slower).
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _BLAS_LIMIT_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
