@@ -403,3 +403,39 @@ def test_concurrent_solves_from_several_threads(rng):
         for _ in range(5):
             for x, ref in zip(pool.map(solve, range(6)), refs, strict=True):
                 np.testing.assert_allclose(x, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+@pytest.mark.parametrize("m", [16, 33, 64])
+@pytest.mark.parametrize("batch", [(), (2,)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_wide_right_hand_sides_split_between_threads(monkeypatch, rng, threads, m, batch, dtype):
+    # With fewer batch entries than threads the state pass gives each thread
+    # its own columns of Y and of the state (m >= 32): every split must give
+    # the dense answer, and the states those of a plain recurrence.
+    from dplr import _kernels
+    from dplr._backend import NumpyOps
+
+    monkeypatch.setenv("DPLR_NUM_THREADS", threads)
+    q, k, diag, ld = random_operands(rng, batch, 75, 4, dtype, True, True)
+    v = rng.standard_normal((*batch, 75, m)).astype(dtype)
+    T = dplr.LowRankTril(q, k, diag, ld)
+    for transpose in (False, True):
+        check_solve(T, as64(q, k, diag, ld), v, transpose, 16, dtype)
+    # states entering each chunk and after the last, from an initial state h0
+    h0 = rng.standard_normal((*batch, 4, m))
+    q64, k64, diag64, ld64 = as64(q, k, diag, ld)
+    y, states = _kernels.solve(
+        NumpyOps, q64, k64, diag64, ld64, v.astype(float), h0=h0, chunk_size=16, return_states=True
+    )
+    g = np.cumsum(ld64, -1)
+    state = h0.copy()
+    for i in range(75):  # the state after row i, row by row
+        state = np.exp(ld64[..., i, None, None]) * state + k64[..., i, :, None] * y[..., i, None, :]
+        if (i + 1) % 16 == 0 or i == 74:
+            np.testing.assert_allclose(states[..., -(-(i + 1) // 16), :, :], state, rtol=1e-10)
+    ref = np.linalg.solve(
+        dplr.LowRankTril(q64, k64, diag64, ld64).to_dense(),
+        v.astype(float) - np.exp(g)[..., None] * (q64 @ h0),
+    )
+    np.testing.assert_allclose(y, ref, rtol=1e-9, atol=1e-9)
