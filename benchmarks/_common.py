@@ -83,10 +83,13 @@ def median_times(
     phases of the machine fall on all of them alike; with ``by_series`` a
     whole series of each runs in turn instead (AAA BBB AAA BBB ...), for calls
     so short that each must run with its own data in cache.  Before each
-    timed call the process sleeps ``settle`` seconds (only before the first
-    one with ``first_settle_only``): OpenBLAS worker threads busy-wait for a
-    while after a multi-threaded call, and would otherwise take the cores
-    from whatever is timed next.
+    timed call (each series with ``by_series``, only the first call with
+    ``first_settle_only``) the process sleeps ``settle`` seconds: OpenBLAS
+    worker threads busy-wait for a while after a multi-threaded call, and
+    would otherwise take the cores from whatever is timed next.  After each
+    such pause the function runs once untimed: the first call after a sleep
+    runs on a core that is still waking up (a sleep before every call made a
+    0.1 ms function 3-4x slower).
     """
     time.sleep(settle)
     for fn in fns:
@@ -102,9 +105,10 @@ def median_times(
             rounds = [[(fn, t)] * repeats for fn, t in zip(fns, times, strict=True)]
             if not by_series:
                 rounds = [list(step) for step in zip(*rounds, strict=True)]
-            for fn, series in itertools.chain.from_iterable(rounds):
-                if not first_settle_only:
+            for index, (fn, series) in enumerate(itertools.chain.from_iterable(rounds)):
+                if settle and not first_settle_only and (not by_series or index % repeats == 0):
                     time.sleep(settle)
+                    fn()  # untimed: the core wakes up on this one
                 start = time.perf_counter()
                 fn()
                 series.append(time.perf_counter() - start)
