@@ -9,7 +9,8 @@ Two loops of the chunked solve are not single level-3 calls:
   releases it;
 - the sequential pass over the chunks (:func:`state_pass`): in compiled
   code it has no interpreter overhead between its small products and
-  releases the GIL, so independent batch entries run on all cores at once.
+  releases the GIL, so independent batch entries, or independent column
+  ranges of one entry, run on all cores at once.
 
 Both take C-contiguous float32/float64 arrays (the callers ensure that).  The
 :func:`jit` decorator is shared with the Cholesky kernels (``_rank1.py``).
