@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -52,11 +53,38 @@ class Row:
 SERIES = 3
 
 
+#: Seconds of untimed calls after a settling pause (see :func:`median_times`).
+WAKE_UP = 0.005
+
+
+def _wake_up(fn: Callable[[], object]) -> None:
+    """Call ``fn`` untimed until :data:`WAKE_UP` seconds have passed (at least once)."""
+    end = time.perf_counter() + WAKE_UP
+    fn()
+    while time.perf_counter() < end:
+        fn()
+
+
+#: Shortest timed sample: faster calls are repeated within one sample, like
+#: :mod:`timeit`'s ``number`` (a single 0.05 ms call varied by 60% between
+#: samples, a loop of 5 ms of them by a few percent).
+MIN_SAMPLE = 0.005
+
+
+def _loops_per_sample(fn: Callable[[], object]) -> int:
+    """How many calls of ``fn`` make a sample of at least :data:`MIN_SAMPLE` seconds."""
+    start = time.perf_counter()
+    fn()
+    once = time.perf_counter() - start
+    return max(1, math.ceil(MIN_SAMPLE / max(once, 1e-7)))
+
+
 def median_time(
     fn: Callable[[], object], repeats: int = 5, warmup: int = 1, settle: float = 0.0
 ) -> float:
     """Seconds per call of ``fn()``: the lowest of :data:`SERIES` medians of
-    ``repeats`` runs, after ``warmup`` runs.
+    ``repeats`` samples, after ``warmup`` runs (a sample is one call, or a loop
+    of calls lasting at least :data:`MIN_SAMPLE`).
 
     Like :mod:`timeit`, the garbage collector is run once and then disabled
     for the runs (a full collection takes ~0.1 s once torch is imported; one
@@ -72,7 +100,7 @@ def median_times(
     fns: Sequence[Callable[[], object]],
     repeats: int = 5,
     warmup: int = 1,
-    settle: float = 0.05,
+    settle: float = 0.15,
     *,
     first_settle_only: bool = False,
     by_series: bool = False,
@@ -86,15 +114,17 @@ def median_times(
     timed call (each series with ``by_series``, only the first call with
     ``first_settle_only``) the process sleeps ``settle`` seconds: OpenBLAS
     worker threads busy-wait for a while after a multi-threaded call, and
-    would otherwise take the cores from whatever is timed next.  After each
-    such pause the function runs once untimed: the first call after a sleep
-    runs on a core that is still waking up (a sleep before every call made a
-    0.1 ms function 3-4x slower).
+    would otherwise take the cores from whatever is timed next (for about
+    0.1 s).  After each such pause the function runs untimed for
+    :data:`WAKE_UP` seconds: calls right after a sleep run on cores that are
+    still waking up (a sleep before every call made a 0.1 ms function 3-4x
+    slower).
     """
     time.sleep(settle)
     for fn in fns:
         for _ in range(warmup):
             fn()
+    loops = {id(fn): _loops_per_sample(fn) for fn in fns}
     gc.collect()
     enabled = gc.isenabled()
     gc.disable()
@@ -108,10 +138,12 @@ def median_times(
             for index, (fn, series) in enumerate(itertools.chain.from_iterable(rounds)):
                 if settle and not first_settle_only and (not by_series or index % repeats == 0):
                     time.sleep(settle)
-                    fn()  # untimed: the core wakes up on this one
+                    _wake_up(fn)
+                number = loops[id(fn)]
                 start = time.perf_counter()
-                fn()
-                series.append(time.perf_counter() - start)
+                for _ in range(number):
+                    fn()
+                series.append((time.perf_counter() - start) / number)
             best = [min(b, statistics.median(t)) for b, t in zip(best, times, strict=True)]
     finally:
         if enabled:

@@ -30,7 +30,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def _times(*fns, slow: float = 0.4, by_series: bool = False, settle: float = 0.01) -> list[float]:
+def _times(*fns, slow: float = 0.4, by_series: bool = False) -> list[float]:
     """Medians of 7 alternating runs of each function after a warm-up (the first
     calls pay for page faults of new results and for starting BLAS threads),
     or one run each after the warm-up when a call takes over ``slow`` s."""
@@ -39,7 +39,7 @@ def _times(*fns, slow: float = 0.4, by_series: bool = False, settle: float = 0.0
         fn()
     if time.perf_counter() - start > slow * len(fns):
         return [median_time(fn, repeats=1, warmup=0) for fn in fns]
-    return median_times(fns, repeats=7, warmup=1, settle=settle, by_series=by_series)
+    return median_times(fns, repeats=7, warmup=1, by_series=by_series)
 
 
 def _rank1_rows(rng, n: int) -> list[Row]:
@@ -103,9 +103,7 @@ def _grid_rows(rng, ns, ms, progress: Progress) -> list[Row]:
                 lambda meth=meth, L=L, u=u: dplr.cholesky_update(L, u, method=meth)
                 for meth in methods
             ]
-            # No pause between series: a series of 0.1 ms calls right after a
-            # sleep runs entirely while the core is still waking up (3-4x slower).
-            times = dict(zip(methods, _times(*calls, by_series=True, settle=0.0), strict=True))
+            times = dict(zip(methods, _times(*calls, by_series=True), strict=True))
             best = min(("rank1", "blocked", "refactor"), key=times.get)
             chosen = dplr._cholesky_policy.choose_method(n, m, 1, False)
             ref = np.linalg.cholesky(a + u @ u.T)
