@@ -52,6 +52,15 @@ class Row:
 #: dplr get the same treatment.  ``python -m dplr bench --quick`` uses 1.
 SERIES = 3
 
+#: Default settling pause before a timed call (see :func:`median_times`).
+SETTLE = 0.15
+
+
+def configure(quick: bool) -> None:
+    """Settings of a quick run (one series, short pauses) or a full one."""
+    global SERIES, SETTLE
+    SERIES, SETTLE = (1, 0.02) if quick else (3, 0.15)
+
 
 #: Seconds of untimed calls after a settling pause (see :func:`median_times`).
 WAKE_UP = 0.005
@@ -100,7 +109,7 @@ def median_times(
     fns: Sequence[Callable[[], object]],
     repeats: int = 5,
     warmup: int = 1,
-    settle: float = 0.15,
+    settle: float | None = None,
     *,
     first_settle_only: bool = False,
     by_series: bool = False,
@@ -112,7 +121,8 @@ def median_times(
     whole series of each runs in turn instead (AAA BBB AAA BBB ...), for calls
     so short that each must run with its own data in cache.  Before each
     timed call (each series with ``by_series``, only the first call with
-    ``first_settle_only``) the process sleeps ``settle`` seconds: OpenBLAS
+    ``first_settle_only``) the process sleeps ``settle`` seconds (default
+    :data:`SETTLE`): OpenBLAS
     worker threads busy-wait for a while after a multi-threaded call, and
     would otherwise take the cores from whatever is timed next (for about
     0.1 s).  After each such pause the function runs untimed for
@@ -120,6 +130,7 @@ def median_times(
     still waking up (a sleep before every call made a 0.1 ms function 3-4x
     slower).
     """
+    settle = SETTLE if settle is None else settle
     time.sleep(settle)
     for fn in fns:
         for _ in range(warmup):

@@ -107,7 +107,7 @@ def run_suite(
     display = progress_factory(name)
     start = time.perf_counter()
     # A quick run times one series per measurement, a full run the best of three.
-    importlib.import_module("dplr_bench._common").SERIES = 1 if quick else 3
+    importlib.import_module("dplr_bench._common").configure(quick)
     try:
         rows = module.run(quick=quick, progress=display)
     except ImportError as exc:
