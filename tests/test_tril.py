@@ -439,3 +439,20 @@ def test_wide_right_hand_sides_split_between_threads(monkeypatch, rng, threads, 
         v.astype(float) - np.exp(g)[..., None] * (q64 @ h0),
     )
     np.testing.assert_allclose(y, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_empty_cache_frees_the_scratch_buffers_and_the_cap_is_kept(rng, monkeypatch):
+    from dplr import _workspace
+
+    q, k, diag, ld = random_operands(rng, (), 200, 4, np.float64, True, False)
+    v = rng.standard_normal((200, 3))
+    T = dplr.LowRankTril(q, k, diag, ld)
+    ref = T.solve(v)
+    assert _workspace._buffers()  # the solve kept its intermediates
+    dplr.empty_cache()
+    assert not _workspace._buffers()
+    np.testing.assert_array_equal(T.solve(v), ref)  # and allocates them again
+    dplr.empty_cache()
+    monkeypatch.setattr(_workspace, "MAX_CACHED_BYTES", 1024)
+    np.testing.assert_array_equal(T.solve(v), ref)
+    assert not _workspace._buffers()  # requests above the cap are not kept

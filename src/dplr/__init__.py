@@ -9,9 +9,11 @@ The public API, re-exported from the modules that implement it:
   (module ``dplr.cholesky``).
 - :func:`delta_rule` and :func:`gated_delta_rule`: the (gated) delta rule of
   linear attention, exactly, in O(T) (module ``dplr.delta``).
+- :func:`empty_cache`: free the scratch memory kept between calls.
 """
 
 from ._errors import NotPositiveDefiniteError, SingularMatrixError
+from ._workspace import empty_cache
 from .cholesky import cholesky_delete, cholesky_downdate, cholesky_insert, cholesky_update
 from .delta import delta_rule, gated_delta_rule
 from .tril import LowRankTril, tril_inv, tril_matmul, tril_solve
@@ -28,6 +30,7 @@ __all__ = [
     "cholesky_insert",
     "cholesky_update",
     "delta_rule",
+    "empty_cache",
     "gated_delta_rule",
     "tril_inv",
     "tril_matmul",

@@ -9,10 +9,11 @@ benchmarks run on that cost up to half of the solve and made its time vary
 against no faults and 12 ms with the buffers below).
 
 :func:`scratch` hands out views of per-thread buffers that are kept and
-grown, never shrunk, up to :data:`MAX_CACHED_BYTES` each; :func:`release`
-frees them.  A scratch array is valid until the next request for the same
-name in the same thread, so it must never be returned to a caller or kept
-past the call that asked for it.
+grown, never shrunk, up to :data:`MAX_CACHED_BYTES` each;
+:func:`empty_cache` (public as ``dplr.empty_cache``) frees them.  A scratch
+array is valid until the next request for the same name in the same thread,
+so it must never be returned to a caller or kept past the call that asked
+for it.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import threading
 
 import numpy as np
 
-#: Larger requests get a fresh array, so that memory is not held forever.
-MAX_CACHED_BYTES = 256 * 2**20
+#: Larger requests get a fresh array, so that a thread holds at most a few
+#: of these (the solve uses two names: 12 MiB at n = 16384, d = 64, float64).
+MAX_CACHED_BYTES = 64 * 2**20
 
 _local = threading.local()
 
@@ -47,6 +49,20 @@ def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.nda
     return buffer[:nbytes].view(dtype).reshape(shape)
 
 
-def release() -> None:
-    """Free the calling thread's scratch buffers."""
+def empty_cache() -> None:
+    """Free the scratch memory dplr keeps between calls in the calling thread.
+
+    The chunked solve keeps its large intermediates (at most 64 MiB each,
+    two of them) in per-thread buffers
+    so that the next call does not page-fault them in again; they are freed
+    when the thread ends, or by this function (like
+    ``torch.cuda.empty_cache``).  The next call allocates them again.
+
+    Examples
+    --------
+    >>> import numpy as np, dplr
+    >>> T = dplr.LowRankTril(np.ones((4096, 8)) * 0.01, np.ones((4096, 8)) * 0.01)
+    >>> x = T.solve(np.ones((4096, 8)))
+    >>> dplr.empty_cache()
+    """
     _buffers().clear()
