@@ -135,7 +135,7 @@ def median_times(
     for fn in fns:
         for _ in range(warmup):
             fn()
-    loops = {id(fn): _loops_per_sample(fn) for fn in fns}
+    loops = [_loops_per_sample(fn) for fn in fns]
     gc.collect()
     enabled = gc.isenabled()
     gc.disable()
@@ -143,14 +143,13 @@ def median_times(
         best = [float("inf")] * len(fns)
         for _ in range(SERIES):
             times: list[list[float]] = [[] for _ in fns]
-            rounds = [[(fn, t)] * repeats for fn, t in zip(fns, times, strict=True)]
+            rounds = [[(fn, n, t)] * repeats for fn, n, t in zip(fns, loops, times, strict=True)]
             if not by_series:
                 rounds = [list(step) for step in zip(*rounds, strict=True)]
-            for index, (fn, series) in enumerate(itertools.chain.from_iterable(rounds)):
+            for index, (fn, number, series) in enumerate(itertools.chain.from_iterable(rounds)):
                 if settle and not first_settle_only and (not by_series or index % repeats == 0):
                     time.sleep(settle)
                     _wake_up(fn)
-                number = loops[id(fn)]
                 start = time.perf_counter()
                 for _ in range(number):
                     fn()

@@ -456,3 +456,17 @@ def test_empty_cache_frees_the_scratch_buffers_and_the_cap_is_kept(rng, monkeypa
     monkeypatch.setattr(_workspace, "MAX_CACHED_BYTES", 1024)
     np.testing.assert_array_equal(T.solve(v), ref)
     assert not _workspace._buffers()  # requests above the cap are not kept
+
+
+def test_backend_refuses_an_out_array_it_could_only_fill_through_a_copy(rng):
+    # Results must land in `out`; a non-contiguous one would get a copy instead.
+    from dplr._backend import NumpyOps
+
+    L = np.tril(rng.standard_normal((4, 3, 3))) + 3 * np.eye(3)
+    B = rng.standard_normal((4, 3, 2))
+    out = np.empty((4, 3, 4))[..., ::2]
+    with pytest.raises(ValueError, match="'out' must be C-contiguous"):
+        NumpyOps.solve_lower_blocks(L, B, out=out)
+    good = np.empty((4, 3, 2))
+    assert NumpyOps.solve_lower_blocks(L, B, out=good) is good
+    np.testing.assert_allclose(good, np.linalg.solve(L, B), rtol=1e-12)

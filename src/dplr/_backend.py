@@ -86,6 +86,16 @@ def _split(length: int, parts: int) -> list[slice]:
     return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
 
 
+def _stack_view(out: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``out`` reshaped to ``shape`` as a view: results written there land in ``out``.
+
+    (A reshape of a non-contiguous array would silently be a copy.)
+    """
+    if not out.flags.c_contiguous:
+        raise ValueError("'out' must be C-contiguous")
+    return out.reshape(shape)
+
+
 class NumpyOps:
     """NumPy/SciPy operations.
 
@@ -120,7 +130,7 @@ class NumpyOps:
         af, bf = a.reshape(count, p, q), b.reshape(count, q, r)
         if out is None:
             out = np.empty((*batch, p, r), dtype=np.result_type(a, b))
-        of = out.reshape(count, p, r)
+        of = _stack_view(out, (count, p, r))
         parts = _split(count, workers)
         list(_pool().map(lambda s: np.matmul(af[s], bf[s], out=of[s]), parts))
         return out
@@ -272,7 +282,7 @@ class NumpyOps:
         Lf = np.ascontiguousarray(L.reshape(count, c, c))
         Bf = np.ascontiguousarray(B.reshape(count, c, r))
         X = np.empty(B.shape, Bf.dtype) if out is None else out
-        Xf = X.reshape(count, c, r)
+        Xf = _stack_view(X, (count, c, r))
         parts = _split(Lf.shape[0], num_workers())
         NumpyOps.map(lambda s: solve_lower_stack(Lf[s], Bf[s], Xf[s]), parts)
         return X
