@@ -136,11 +136,42 @@ def _batch_rows(rng, count: int, n: int) -> list[Row]:
     L = np.linalg.cholesky(a)
     u = rng.standard_normal((count, n)) / np.sqrt(n)
     b = a + u[:, :, None] * u[:, None, :]
-    t_ref, t_dplr = _times(lambda: np.linalg.cholesky(b), lambda: dplr.cholesky_update(L, u))
+    t_ref, t_copy, t_dplr = _times(
+        lambda: np.linalg.cholesky(b), lambda: np.copy(L), lambda: dplr.cholesky_update(L, u)
+    )
     err = _rel(dplr.cholesky_update(L, u), np.linalg.cholesky(b))
+    size, params = f"{count} x {n}x{n}", {"N": n, "M": 1, "batch": count, "method": "auto"}
     return [
-        Row(SUITE, "batched rank-1 update", f"{count} x {n}x{n}", "numpy.linalg.cholesky(B)",
-            t_ref, t_dplr, err, 5.0, "", {"N": n, "M": 1, "batch": count, "method": "auto"})
+        Row(SUITE, "batched rank-1 update", size, "numpy.linalg.cholesky(B)",
+            t_ref, t_dplr, err, 5.0, "", params),
+        # Any update returning a new stack reads it and fills fresh memory:
+        # refactorisation / copy is the most any method can gain.
+        Row(SUITE, "batched rank-1 update", size, "numpy.copy(L)", t_copy, t_dplr, err, None,
+            f"bound for a new array: cholesky / copy = {t_ref / t_copy:.1f}x", params),
+    ]  # fmt: skip
+
+
+def _thread_control_rows(rng, n: int, m: int) -> list[Row]:
+    """The blocked update with and without dplr's control of BLAS threads.
+
+    Without it OpenBLAS threads the small per-chunk solves and products too.
+    """
+    from unittest import mock
+
+    a = _spd(rng, n)
+    L = np.linalg.cholesky(a)
+    u = rng.standard_normal((n, m)) / np.sqrt(n * m)
+
+    def uncontrolled():
+        with mock.patch.object(dplr.cholesky, "panel_threads", lambda *_: None):
+            return dplr.cholesky_update(L, u, method="blocked")
+
+    t_free, t_dplr = _times(uncontrolled, lambda: dplr.cholesky_update(L, u, method="blocked"))
+    err = _rel(dplr.cholesky_update(L, u, method="blocked"), uncontrolled())
+    return [
+        Row(SUITE, f"rank-{m} update, blocked", f"N={n}, M={m}",
+            "the same, BLAS threads left to OpenBLAS", t_free, t_dplr, err, None,
+            "dplr: one BLAS thread for the small steps, all for the panels")
     ]  # fmt: skip
 
 
@@ -183,6 +214,8 @@ def run(quick: bool = False, progress: Progress | None = None) -> list[Row]:
     rows = _rank1_rows(rng, big)
     progress("cholesky: rank-32 update and downdate")
     rows += _rank_m_rows(rng, big, 32)
+    if not quick:
+        rows += _thread_control_rows(rng, big, 32)
     ns, ms = ((100, 500), (1, 16)) if quick else ((100, 500, 2000, 4000), (1, 4, 16, 64, 256))
     rows += _grid_rows(rng, ns, ms, progress)
     progress("cholesky: batched rank-1")
