@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import itertools
 import math
 import statistics
 import time
@@ -112,23 +111,18 @@ def median_times(
     settle: float | None = None,
     *,
     first_settle_only: bool = False,
-    by_series: bool = False,
 ) -> list[float]:
     """Seconds per call of each of ``fns`` as in :func:`median_time`, their runs alternating.
 
-    Round after round every function runs once (A B A B ...), so that slow
-    phases of the machine fall on all of them alike; with ``by_series`` a
-    whole series of each runs in turn instead (AAA BBB AAA BBB ...), for calls
-    so short that each must run with its own data in cache.  Before each
-    timed call (each series with ``by_series``, only the first call with
-    ``first_settle_only``) the process sleeps ``settle`` seconds (default
-    :data:`SETTLE`): OpenBLAS
-    worker threads busy-wait for a while after a multi-threaded call, and
-    would otherwise take the cores from whatever is timed next (for about
-    0.1 s).  After each such pause the function runs untimed for
-    :data:`WAKE_UP` seconds: calls right after a sleep run on cores that are
-    still waking up (a sleep before every call made a 0.1 ms function 3-4x
-    slower).
+    Round after round every function gives one sample (A B A B ...), so that
+    slow phases of the machine fall on all of them alike.  Before each
+    sample (only the first with ``first_settle_only``) the process sleeps
+    ``settle`` seconds (default :data:`SETTLE`): OpenBLAS worker threads
+    busy-wait for about 0.1 s after a multi-threaded call, and would
+    otherwise take the cores from whatever is timed next.  After each such
+    pause the function runs untimed for :data:`WAKE_UP` seconds: calls right
+    after a sleep run on cores that are still waking up (a sleep before
+    every call made a 0.1 ms function 3-4x slower).
     """
     settle = SETTLE if settle is None else settle
     time.sleep(settle)
@@ -143,11 +137,9 @@ def median_times(
         best = [float("inf")] * len(fns)
         for _ in range(SERIES):
             times: list[list[float]] = [[] for _ in fns]
-            rounds = [[(fn, n, t)] * repeats for fn, n, t in zip(fns, loops, times, strict=True)]
-            if not by_series:
-                rounds = [list(step) for step in zip(*rounds, strict=True)]
-            for index, (fn, number, series) in enumerate(itertools.chain.from_iterable(rounds)):
-                if settle and not first_settle_only and (not by_series or index % repeats == 0):
+            samples = list(zip(fns, loops, times, strict=True)) * repeats
+            for fn, number, series in samples:
+                if settle and not first_settle_only:
                     time.sleep(settle)
                     _wake_up(fn)
                 start = time.perf_counter()

@@ -30,16 +30,31 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def _times(*fns, slow: float = 0.4, by_series: bool = False) -> list[float]:
-    """Medians of 7 alternating runs of each function after a warm-up (the first
-    calls pay for page faults of new results and for starting BLAS threads),
-    or one run each after the warm-up when a call takes over ``slow`` s."""
-    start = time.perf_counter()
+def _times(*fns, slow: float = 0.4, settle: float | None = None) -> list[float]:
+    """Seconds per call of each function: medians of 7 alternating samples after
+    a warm-up (the first calls pay for page faults of new results and for
+    starting BLAS threads); a function whose call takes over ``slow`` s is run
+    once per series instead."""
+    first = []
     for fn in fns:
+        start = time.perf_counter()
         fn()
-    if time.perf_counter() - start > slow * len(fns):
-        return [median_time(fn, repeats=1, warmup=0) for fn in fns]
-    return median_times(fns, repeats=7, warmup=1, by_series=by_series)
+        first.append(time.perf_counter() - start)
+    quick = [fn for fn, t in zip(fns, first, strict=True) if t <= slow]
+    quick_times = iter(median_times(quick, repeats=7, warmup=1, settle=settle) if quick else [])
+    return [
+        next(quick_times) if t <= slow else median_time(fn, repeats=1, warmup=0)
+        for fn, t in zip(fns, first, strict=True)
+    ]
+
+
+def _series_time(fn, settle: float | None, slow: float = 0.4) -> float:
+    """Seconds per call of ``fn`` from one series of its own (one run if slow)."""
+    start = time.perf_counter()
+    fn()
+    if time.perf_counter() - start > slow:
+        return median_time(fn, repeats=1, warmup=0)
+    return median_time(fn, repeats=7, warmup=1, settle=settle or 0.0)
 
 
 def _rank1_rows(rng, n: int) -> list[Row]:
@@ -95,23 +110,28 @@ def _grid_rows(rng, ns, ms, progress: Progress) -> list[Row]:
         for m in ms:
             progress(f"cholesky grid N={n} M={m}")
             u = rng.standard_normal((n, m)) / np.sqrt(n * m)
-            # Series of each method in turn, not alternating runs: at these
-            # sizes a method's input and output stay in cache between its own
-            # runs, and a run right after another method's would measure that.
-            methods = ("rank1", "blocked", "refactor", "auto")
-            calls = [
-                lambda meth=meth, L=L, u=u: dplr.cholesky_update(L, u, method=meth)
-                for meth in methods
-            ]
-            times = dict(zip(methods, _times(*calls, by_series=True), strict=True))
-            best = min(("rank1", "blocked", "refactor"), key=times.get)
+            methods = ("rank1", "blocked", "refactor")
+            call = {
+                meth: lambda meth=meth, L=L, u=u: dplr.cholesky_update(L, u, method=meth)
+                for meth in (*methods, "auto")
+            }
+            # Below N = 1000 every method runs BLAS on one thread: no pauses.
+            settle = None if n >= 1000 else 0.0
+            # 1. The fastest method, from one series of each: a method's own
+            #    runs keep its allocations warm, while a run right after another
+            #    method's paid for that one's (up to 2.5x at N = 500).
+            times = {meth: _series_time(call[meth], settle) for meth in methods}
+            best = min(methods, key=times.get)
+            # 2. auto against it, their samples alternating: the same conditions
+            #    for both (separate series of the same code differed by 35%).
+            t_best, times["auto"] = _times(call[best], call["auto"], settle=settle)
             chosen = dplr._cholesky_policy.choose_method(n, m, 1, False)
             ref = np.linalg.cholesky(a + u @ u.T)
             err = _rel(dplr.cholesky_update(L, u), ref)
             note = "; ".join(f"{k} {1e3 * v:.2f} ms" for k, v in times.items() if k != "auto")
             rows.append(
                 Row(SUITE, "grid: auto vs fastest", f"N={n}, M={m}", f"fastest: {best}",
-                    times[best], times["auto"], err, 1 / 1.2, f"auto={chosen}; {note}",
+                    t_best, times["auto"], err, 1 / 1.2, f"auto={chosen}; {note}",
                     {"plot": "chol_vs_M", "N": n, "M": m, "method": chosen, "fastest": best,
                      **{f"{k}_s": v for k, v in times.items()}})
             )  # fmt: skip
