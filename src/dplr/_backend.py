@@ -288,6 +288,46 @@ class NumpyOps:
         return X
 
     @staticmethod
+    def solve_chunk_blocks(
+        q: Array,
+        k: Array,
+        lam: Array,
+        mask: Array | None,
+        b1: Array,
+        b2: Array,
+        out1: Array | None = None,
+    ) -> tuple[Array, Array]:
+        """Solve with every diagonal block of T, formed on the fly, for two right-hand sides.
+
+        q, k: (..., nc, c, d); lam: (..., nc, c); mask: (..., nc, c, c) strict
+        decay mask or None; b1: (..., nc, c, r1); b2: (..., nc, c, r2); out1,
+        if given: a C-contiguous array of b1's shape for the first solution.  Returns
+        ``(L^-1 b1, L^-1 b2)`` block by block, ``L = diag(lam) + tril(q k^T ⊙ mask, -1)``
+        (:func:`dplr._jit.solve_chunk_blocks`), the chunks split over threads.
+        """
+        from ._jit import solve_chunk_blocks
+
+        c = q.shape[-2]
+        count = math.prod(q.shape[:-2])
+
+        def flat(x: Array, width: int) -> np.ndarray:
+            return np.ascontiguousarray(x.reshape(count, c, width))
+
+        qf, kf, b1f, b2f = (flat(x, x.shape[-1]) for x in (q, k, b1, b2))
+        lamf = np.ascontiguousarray(lam.reshape(count, c))
+        maskf = np.empty((0, c, c), qf.dtype) if mask is None else flat(mask, c)
+        x1 = np.empty(b1.shape, b1f.dtype) if out1 is None else out1
+        x2 = np.empty(b2.shape, b2f.dtype)
+        x1f, x2f = _stack_view(x1, b1f.shape), x2.reshape(b2f.shape)
+
+        def run(s: slice) -> None:
+            m = maskf[s] if mask is not None else maskf
+            solve_chunk_blocks(qf[s], kf[s], lamf[s], m, b1f[s], b2f[s], x1f[s], x2f[s])
+
+        NumpyOps.map(run, _split(count, num_workers()))
+        return x1, x2
+
+    @staticmethod
     def cholesky(a: Array) -> Array:
         return np.linalg.cholesky(a)
 
@@ -429,6 +469,31 @@ class TorchOps:
         import torch
 
         return torch.linalg.solve_triangular(L, B, upper=False, out=out)
+
+    @staticmethod
+    def solve_chunk_blocks(
+        q: Array,
+        k: Array,
+        lam: Array,
+        mask: Array | None,
+        b1: Array,
+        b2: Array,
+        out1: Array | None = None,
+    ) -> tuple[Array, Array]:
+        """As :meth:`NumpyOps.solve_chunk_blocks`."""
+        if _all_cpu(q, k, b1, b2):
+            qn, kn, lamn, b1n, b2n = (_numpy_view(x) for x in (q, k, lam, b1, b2))
+            maskn = None if mask is None else _numpy_view(mask)
+            o1 = None if out1 is None else _numpy_view(out1)
+            x1, x2 = NumpyOps.solve_chunk_blocks(qn, kn, lamn, maskn, b1n, b2n, o1)
+            return (out1 if out1 is not None else _from_numpy(x1)), _from_numpy(x2)
+        import torch
+
+        blocks = q @ k.mT
+        blocks = blocks.tril(-1) if mask is None else blocks * mask
+        blocks = blocks + torch.diag_embed(lam)
+        x = torch.linalg.solve_triangular(blocks, torch.cat([b1, b2], -1), upper=False)
+        return x[..., : b1.shape[-1]], x[..., b1.shape[-1] :]
 
     @staticmethod
     def cholesky(a: Array) -> Array:

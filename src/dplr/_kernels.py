@@ -45,7 +45,8 @@ class Chunked:
     q: Array  # (..., nc, c, d)
     k: Array  # (..., nc, c, d)
     lam: Array  # (..., nc, c)
-    strict_blocks: Array  # (..., nc, c, c): tril(q k^T ⊙ D, -1) inside each chunk
+    strict_blocks: Array | None  # (..., nc, c, c): tril(q k^T ⊙ D, -1) inside each chunk
+    mask: Array | None  # (..., nc, c, c): D inside each chunk, zero on and above the diagonal
     q_in: Array  # (..., nc, c, d)
     k_out: Array  # (..., nc, c, d)
     chunk_decay: Array | None  # (..., nc), None without decay
@@ -83,30 +84,30 @@ def make_chunked(
     log_decay: Array | None,
     chunk_size: int | None,
     *,
-    scratch: bool = False,
+    blocks: bool = True,
 ) -> Chunked:
     """Cut the operands of T into chunks and form the per-chunk quantities.
 
-    With ``scratch`` the blocks live in scratch memory (:mod:`dplr._workspace`):
-    only for a caller that drops them before it returns.
+    Without ``blocks`` the stack of strict blocks is not formed
+    (``strict_blocks`` is None): for a caller that forms each block where it
+    is used (the solve).
     """
     n = q.shape[-2]
     c = effective_chunk(n, chunk_size)
     qc, kc = chunk_rows(ops, q, c), chunk_rows(ops, k, c)
     lamc = chunk_rows(ops, lam[..., None], c, 1.0)[..., 0]
-    strict = ops.strict_lower_mask(c, q)
-    out = ops.scratch("blocks", (*qc.shape[:-1], c), q) if scratch else None
-    blocks = ops.matmul(qc, kc.mT, out=out)
     if log_decay is None:
-        return Chunked(qc, kc, lamc, ops.keep_strict_lower(blocks), qc, kc, None, n, c)
+        strict = ops.keep_strict_lower(ops.matmul(qc, kc.mT)) if blocks else None
+        return Chunked(qc, kc, lamc, strict, None, qc, kc, None, n, c)
     g = chunk_rows(ops, log_decay[..., None], c)[..., 0].cumsum(-1)
-    mask = decay_mask(ops, g, strict)
+    mask = decay_mask(ops, g, ops.strict_lower_mask(c, q))
     g_last = g[..., -1:]
     return Chunked(
         q=qc,
         k=kc,
         lam=lamc,
-        strict_blocks=ops.multiply_(blocks, mask),
+        strict_blocks=ops.multiply_(ops.matmul(qc, kc.mT), mask) if blocks else None,
+        mask=mask,
         q_in=qc * ops.exp(g)[..., None],
         k_out=kc * ops.exp(g_last - g)[..., None],
         chunk_decay=ops.exp(g_last[..., 0]),
@@ -232,13 +233,11 @@ def solve(
         if h0 is not None or return_states:
             raise NotImplementedError("states are only defined for T, not T^T")
         return _through_reversal(solve, ops, q, k, lam, log_decay, v, chunk_size)
-    # The blocks and W die here: they live in scratch memory.
-    ch = make_chunked(ops, q, k, lam, log_decay, chunk_size, scratch=True)
+    ch = make_chunked(ops, q, k, lam, log_decay, chunk_size, blocks=False)
     vc = chunk_rows(ops, v, ch.c)
-    # The strict blocks are not needed again: their diagonals take lam in place.
-    diag_blocks = ops.fill_diagonal_(ch.strict_blocks, ch.lam)
-    w = ops.solve_lower_blocks(diag_blocks, ch.q_in, out=ops.scratch("w", ch.q_in.shape, q))
-    u = ops.solve_lower_blocks(diag_blocks, vc)
+    # W dies here: it lives in scratch memory.
+    w_out = ops.scratch("w", ch.q_in.shape, q)
+    w, u = ops.solve_chunk_blocks(ch.q, ch.k, ch.lam, ch.mask, ch.q_in, vc, w_out)
     yc, states = _state_pass(ops, w, u, ch.k_out, ch.chunk_decay, h0, return_states)
     y = unchunk_rows(yc, ch.n)
     return (y, states) if return_states else (y, states[..., -1, :, :])
