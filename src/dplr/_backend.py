@@ -142,31 +142,64 @@ class NumpyOps:
         return scratch(name, shape, like.dtype)
 
     @staticmethod
-    def state_pass(
-        w: Array, u: Array, k_out: Array, decay: Array | None, z0: Array, keep_states: bool
-    ) -> tuple[Array, Array]:
-        """The sequential pass of the chunked solve (see :func:`dplr._jit.state_pass`).
+    def chunk_blocks(
+        q: Array, k: Array, lam: Array, mask: Array | None, out: Array | None = None
+    ) -> Array:
+        """The diagonal blocks ``diag(lam) + tril(q k^T ⊙ mask, -1)`` of T, lower triangles only.
 
-        w, k_out: (B, nc, c, d); u: (B, nc, c, m); decay: (B, nc) or None;
-        z0: (B, d, m).  Returns y (B, nc, c, m) and the states (B, nc + 1, d, m)
-        entering every chunk and after the last, or (B, 1, d, m), the final
-        state only, unless ``keep_states`` (a large array not worth filling).
-        u is consumed: y is written over it when it is C-contiguous (each
-        element of u is read once, just before y's is written), which saves
-        allocating and faulting in another array of its size.
+        q, k: (..., nc, c, d); lam: (..., nc, c); mask: (..., nc, c, c), the
+        strict decay mask, or None.  Returns (..., nc, c, c) whose entries
+        above the diagonal are undefined (written into ``out`` if given, a
+        C-contiguous array of that shape).  Compiled
+        (:func:`dplr._jit.form_chunk_blocks`), the chunks split over threads.
+        """
+        from ._jit import form_chunk_blocks
+
+        c = q.shape[-2]
+        count = math.prod(q.shape[:-2])
+        qf, kf = (np.ascontiguousarray(x.reshape(count, c, x.shape[-1])) for x in (q, k))
+        lamf = np.ascontiguousarray(lam.reshape(count, c))
+        maskf = np.empty((0, c, c), qf.dtype) if mask is None else mask.reshape(count, c, c)
+        maskf = np.ascontiguousarray(maskf)
+        blocks = np.empty((*q.shape[:-1], c), qf.dtype) if out is None else out
+        blocks_flat = _stack_view(blocks, (count, c, c))
+
+        def run(s: slice) -> None:
+            part_mask = maskf if mask is None else maskf[s]
+            form_chunk_blocks(qf[s], kf[s], lamf[s], part_mask, blocks_flat[s])
+
+        NumpyOps.map(run, _split(count, num_workers()))
+        return blocks
+
+    @staticmethod
+    def substitution_pass(
+        q_in: Array,
+        blocks: Array,
+        k_out: Array,
+        decay: Array | None,
+        v: Array,
+        z0: Array,
+        keep_states: bool,
+    ) -> tuple[Array, Array]:
+        """The sequential pass of the chunked solve (see :func:`dplr._jit.substitution_pass`).
+
+        q_in, k_out: (B, nc, c, d); blocks: (B, nc, c, c) lower triangular;
+        decay: (B, nc) or None; v: (B, nc, c, m); z0: (B, d, m).  Returns y
+        (B, nc, c, m) and the states (B, nc + 1, d, m) entering every chunk
+        and after the last, or (B, 1, d, m), the final state only, unless
+        ``keep_states`` (a large array not worth filling).
         Batch entries run on the threads; with fewer entries than threads,
         the columns of each entry are split between them too (the columns of
         the state evolve independently).
         """
-        from ._jit import state_pass
+        from ._jit import substitution_pass
 
-        count, nc, _, m = u.shape
-        d = w.shape[-1]
-        w, k_out, u = (np.ascontiguousarray(x) for x in (w, k_out, u))
-        dec = np.ones((count, nc), u.dtype) if decay is None else np.ascontiguousarray(decay)
-        y = u
-        states = np.empty((count, nc + 1 if keep_states else 1, d, m), u.dtype)
-        z0 = np.ascontiguousarray(z0)
+        count, nc, _, m = v.shape
+        d = q_in.shape[-1]
+        q_in, blocks, k_out, v, z0 = (np.ascontiguousarray(x) for x in (q_in, blocks, k_out, v, z0))
+        dec = np.ones((count, nc), v.dtype) if decay is None else np.ascontiguousarray(decay)
+        y = np.empty(v.shape, v.dtype)
+        states = np.empty((count, nc + 1 if keep_states else 1, d, m), v.dtype)
         workers = num_workers()
         column_parts = max(1, min(workers // max(count, 1), m // _MIN_LANE_COLUMNS))
         lanes = list(
@@ -175,9 +208,9 @@ class NumpyOps:
 
         def lane(part: tuple[slice, slice]) -> None:
             rows, cols = part
-            state_pass(
-                w[rows], u[rows], k_out[rows], dec[rows], z0[rows], y[rows], states[rows],
-                cols.start, cols.stop,
+            substitution_pass(
+                q_in[rows], blocks[rows], k_out[rows], dec[rows], v[rows], z0[rows],
+                y[rows], states[rows], cols.start, cols.stop,
             )  # fmt: skip
 
         NumpyOps.map(lane, lanes)
@@ -288,46 +321,6 @@ class NumpyOps:
         return X
 
     @staticmethod
-    def solve_chunk_blocks(
-        q: Array,
-        k: Array,
-        lam: Array,
-        mask: Array | None,
-        b1: Array,
-        b2: Array,
-        out1: Array | None = None,
-    ) -> tuple[Array, Array]:
-        """Solve with every diagonal block of T, formed on the fly, for two right-hand sides.
-
-        q, k: (..., nc, c, d); lam: (..., nc, c); mask: (..., nc, c, c) strict
-        decay mask or None; b1: (..., nc, c, r1); b2: (..., nc, c, r2); out1,
-        if given: a C-contiguous array of b1's shape for the first solution.  Returns
-        ``(L^-1 b1, L^-1 b2)`` block by block, ``L = diag(lam) + tril(q k^T ⊙ mask, -1)``
-        (:func:`dplr._jit.solve_chunk_blocks`), the chunks split over threads.
-        """
-        from ._jit import solve_chunk_blocks
-
-        c = q.shape[-2]
-        count = math.prod(q.shape[:-2])
-
-        def flat(x: Array, width: int) -> np.ndarray:
-            return np.ascontiguousarray(x.reshape(count, c, width))
-
-        qf, kf, b1f, b2f = (flat(x, x.shape[-1]) for x in (q, k, b1, b2))
-        lamf = np.ascontiguousarray(lam.reshape(count, c))
-        maskf = np.empty((0, c, c), qf.dtype) if mask is None else flat(mask, c)
-        x1 = np.empty(b1.shape, b1f.dtype) if out1 is None else out1
-        x2 = np.empty(b2.shape, b2f.dtype)
-        x1f, x2f = _stack_view(x1, b1f.shape), x2.reshape(b2f.shape)
-
-        def run(s: slice) -> None:
-            m = maskf[s] if mask is not None else maskf
-            solve_chunk_blocks(qf[s], kf[s], lamf[s], m, b1f[s], b2f[s], x1f[s], x2f[s])
-
-        NumpyOps.map(run, _split(count, num_workers()))
-        return x1, x2
-
-    @staticmethod
     def cholesky(a: Array) -> Array:
         return np.linalg.cholesky(a)
 
@@ -355,21 +348,45 @@ class TorchOps:
         return torch.from_numpy(scratch(name, shape, dtype))
 
     @staticmethod
-    def state_pass(
-        w: Array, u: Array, k_out: Array, decay: Array | None, z: Array, keep_states: bool
+    def chunk_blocks(
+        q: Array, k: Array, lam: Array, mask: Array | None, out: Array | None = None
+    ) -> Array:
+        """As :meth:`NumpyOps.chunk_blocks` (CPU tensors share memory with NumPy views)."""
+        if _all_cpu(q, k):
+            q_np, k_np, lam_np = (_numpy_view(x) for x in (q, k, lam))
+            mask_np = None if mask is None else _numpy_view(mask)
+            out_np = None if out is None else _numpy_view(out)
+            blocks = NumpyOps.chunk_blocks(q_np, k_np, lam_np, mask_np, out_np)
+            return out if out is not None else _from_numpy(blocks)
+        import torch
+
+        strict = q @ k.mT
+        strict = strict.tril(-1) if mask is None else strict * mask
+        return strict + torch.diag_embed(lam)
+
+    @staticmethod
+    def substitution_pass(
+        q_in: Array,
+        blocks: Array,
+        k_out: Array,
+        decay: Array | None,
+        v: Array,
+        z: Array,
+        keep_states: bool,
     ) -> tuple[Array, Array]:
-        """As :meth:`NumpyOps.state_pass`.  CPU tensors share their memory with
-        NumPy views and use the compiled loop; other devices loop in torch."""
-        if _all_cpu(w, u, k_out, z):
-            views = (None if x is None else _numpy_view(x) for x in (w, u, k_out, decay, z))
-            out = NumpyOps.state_pass(*views, keep_states)
+        """As :meth:`NumpyOps.substitution_pass`.  CPU tensors share their memory
+        with NumPy views and use the compiled loop; other devices loop in torch."""
+        if _all_cpu(q_in, blocks, k_out, v, z):
+            views = (None if x is None else _numpy_view(x) for x in (q_in, blocks, k_out, decay))
+            out = NumpyOps.substitution_pass(*views, _numpy_view(v), _numpy_view(z), keep_states)
             return tuple(_from_numpy(x) for x in out)
         import torch
 
-        y = torch.empty_like(u)
+        y = torch.empty_like(v)
         states = [z]
-        for j in range(u.shape[1]):
-            y[:, j] = u[:, j] - w[:, j] @ z
+        for j in range(v.shape[1]):
+            rhs = v[:, j] - q_in[:, j] @ z
+            y[:, j] = torch.linalg.solve_triangular(blocks[:, j], rhs, upper=False)
             z = k_out[:, j].mT @ y[:, j] + (z if decay is None else decay[:, j, None, None] * z)
             if keep_states:
                 states.append(z)
@@ -469,31 +486,6 @@ class TorchOps:
         import torch
 
         return torch.linalg.solve_triangular(L, B, upper=False, out=out)
-
-    @staticmethod
-    def solve_chunk_blocks(
-        q: Array,
-        k: Array,
-        lam: Array,
-        mask: Array | None,
-        b1: Array,
-        b2: Array,
-        out1: Array | None = None,
-    ) -> tuple[Array, Array]:
-        """As :meth:`NumpyOps.solve_chunk_blocks`."""
-        if _all_cpu(q, k, b1, b2):
-            qn, kn, lamn, b1n, b2n = (_numpy_view(x) for x in (q, k, lam, b1, b2))
-            maskn = None if mask is None else _numpy_view(mask)
-            o1 = None if out1 is None else _numpy_view(out1)
-            x1, x2 = NumpyOps.solve_chunk_blocks(qn, kn, lamn, maskn, b1n, b2n, o1)
-            return (out1 if out1 is not None else _from_numpy(x1)), _from_numpy(x2)
-        import torch
-
-        blocks = q @ k.mT
-        blocks = blocks.tril(-1) if mask is None else blocks * mask
-        blocks = blocks + torch.diag_embed(lam)
-        x = torch.linalg.solve_triangular(blocks, torch.cat([b1, b2], -1), upper=False)
-        return x[..., : b1.shape[-1]], x[..., b1.shape[-1] :]
 
     @staticmethod
     def cholesky(a: Array) -> Array:

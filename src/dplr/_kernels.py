@@ -224,47 +224,51 @@ def solve(
     ``return_states``, the states entering every chunk and after the last one,
     shape (..., nc + 1, d, m).
 
-    Algorithm (UT / WY form): for all chunks at once, one batched triangular
-    solve ``[W_J, U_J] = T_JJ^-1 [q_in_J, V_J]``; then the only sequential part,
-    ``Y_J = U_J - W_J Z`` and ``Z <- a_J Z + k_out_J^T Y_J``.
-    Cost O(n c (d + m) + n d m).
+    Algorithm (chunked forward substitution): the diagonal blocks ``T_JJ``
+    for all chunks at once; then, chunk after chunk,
+    ``Y_J = T_JJ^-1 (V_J - q_in_J Z)`` (a triangular solve with the block)
+    and ``Z <- a_J Z + k_out_J^T Y_J``.  Cost O(n c (d + m) + n d m).
     """
     if transpose:
         if h0 is not None or return_states:
             raise NotImplementedError("states are only defined for T, not T^T")
         return _through_reversal(solve, ops, q, k, lam, log_decay, v, chunk_size)
     ch = make_chunked(ops, q, k, lam, log_decay, chunk_size, blocks=False)
-    vc = chunk_rows(ops, v, ch.c)
-    # W dies here: it lives in scratch memory.
-    w_out = ops.scratch("w", ch.q_in.shape, q)
-    w, u = ops.solve_chunk_blocks(ch.q, ch.k, ch.lam, ch.mask, ch.q_in, vc, w_out)
-    yc, states = _state_pass(ops, w, u, ch.k_out, ch.chunk_decay, h0, return_states)
+    # The blocks die here: they live in scratch memory.
+    out = ops.scratch("blocks", (*ch.q.shape[:-1], ch.c), q)
+    blocks = ops.chunk_blocks(ch.q, ch.k, ch.lam, ch.mask, out)
+    yc, states = _substitution_pass(
+        ops, ch.q_in, blocks, ch.k_out, ch.chunk_decay, chunk_rows(ops, v, ch.c), h0, return_states
+    )
     y = unchunk_rows(yc, ch.n)
     return (y, states) if return_states else (y, states[..., -1, :, :])
 
 
-def _state_pass(
+def _substitution_pass(
     ops: Ops,
-    w: Array,
-    u: Array,
+    q_in: Array,
+    blocks: Array,
     k_out: Array,
     chunk_decay: Array | None,
+    vc: Array,
     h0: Array | None,
     keep_states: bool,
 ) -> tuple[Array, Array]:
-    """The sequential part of the solve (the backend runs it, see ``state_pass``).
+    """The sequential part of the solve (the backend runs it, see ``substitution_pass``).
 
-    ``Y_J = U_J - W_J Z_J`` and ``Z_{J+1} = a_J Z_J + k_out_J^T Y_J`` with
-    ``Z_0 = h0``.  Returns Y (..., nc, c, m) and the states (..., nc + 1, d, m),
-    or only the final state (..., 1, d, m) unless ``keep_states``.  u is
-    consumed (the backend may write Y over it).
+    ``Y_J = T_JJ^-1 (V_J - q_in_J Z_J)`` and ``Z_{J+1} = a_J Z_J + k_out_J^T Y_J``
+    with ``Z_0 = h0``.  Returns Y (..., nc, c, m) and the states
+    (..., nc + 1, d, m), or only the final state (..., 1, d, m) unless
+    ``keep_states``.
     """
-    batch, (nc, c, m), d = u.shape[:-3], u.shape[-3:], w.shape[-1]
+    batch, (nc, c, m), d = vc.shape[:-3], vc.shape[-3:], q_in.shape[-1]
     count = int(np.prod(batch))
-    w, u, k_out = (x.reshape(count, nc, c, x.shape[-1]) for x in (w, u, k_out))
+    q_in, blocks, k_out, vc = (
+        x.reshape(count, nc, c, x.shape[-1]) for x in (q_in, blocks, k_out, vc)
+    )
     decay = None if chunk_decay is None else chunk_decay.reshape(count, nc)
-    z0 = ops.zeros((count, d, m), u) if h0 is None else h0.reshape(count, d, m)
-    yc, st = ops.state_pass(w, u, k_out, decay, z0, keep_states)
+    z0 = ops.zeros((count, d, m), vc) if h0 is None else h0.reshape(count, d, m)
+    yc, st = ops.substitution_pass(q_in, blocks, k_out, decay, vc, z0, keep_states)
     return yc.reshape(*batch, nc, c, m), st.reshape(*batch, st.shape[1], d, m)
 
 
