@@ -103,7 +103,7 @@ class NumpyOps:
     products of the chunked algorithms run faster in one BLAS thread, and
     the work is spread over the cores here instead, by splitting stacks of
     independent products (``matmul``) and independent batch entries
-    (``state_pass``, ``map``)
+    (``substitution_pass``, ``map``)
     between threads (NumPy releases the GIL inside BLAS).
     """
 

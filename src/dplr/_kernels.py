@@ -281,10 +281,11 @@ def inverse(
     *,
     chunk_size: int | None = None,
 ) -> Array:
-    """Dense ``T^-1``, (..., n, n), by block rows (docs/algorithms.md, section 1.3).
+    """Dense ``T^-1``, (..., n, n), by block rows (docs/algorithms.md, section 6).
 
     Block row J of the inverse is ``[-W_J Z[:, :s], T_JJ^-1, 0]`` where
-    ``Z = sum_{j < s} D k_j (T^-1)[j, :]`` is the d x n state.  Only the lower
+    ``W_J = T_JJ^-1 q_in_J`` and ``Z = sum_{j < s} D k_j (T^-1)[j, :]`` is the
+    d x n state.  Only the lower
     block triangle is computed: O(n^2 d + n c^2) flops.
     """
     ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)

@@ -305,10 +305,11 @@ class LowRankTril:
 
         Notes
         -----
-        Chunked block forward substitution in UT/WY form: one batched
-        triangular solve with all c x c diagonal blocks, then a pass over the
-        chunks that carries a d x m state, ``Z <- a_J Z + K_J^T X_J``.
-        O(n c (d + m) + n d m) flops, O(n (d + m + c)) memory.
+        Chunked forward substitution: the c x c diagonal blocks of T for all
+        chunks at once, then a pass over the chunks that carries a d x m
+        state: ``X_J = T_JJ^-1 (V_J - Q_J Z)`` (a triangular solve with the
+        block), ``Z <- a_J Z + K_J^T X_J``.  O(n c (d + m) + n d m) flops,
+        O(n (d + m + c)) memory.
 
         Examples
         --------
@@ -327,8 +328,8 @@ class LowRankTril:
     def inv(self, chunk_size: int | None = None) -> Array:
         """The dense inverse ``T^-1``, (..., n, n).
 
-        Block row J of the inverse is ``[-W_J Z, T_JJ^-1, 0]`` with a d x n
-        state Z (docs/algorithms.md, 1.3): O(n^2 d) flops, only the lower
+        Block row J of the inverse is ``[-W_J Z, T_JJ^-1, 0]`` with
+        ``W_J = T_JJ^-1 Q_J`` and a d x n state Z: O(n^2 d) flops, only the lower
         block triangle is computed.  Prefer :meth:`solve` when you need
         ``T^-1 v``: it is O(n).
 
