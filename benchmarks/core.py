@@ -41,8 +41,11 @@ def rel_error(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def solve_flops(n: int, d: int, m: int, c: int) -> float:
-    """Flops of the chunked solve: diagonal blocks, their solves, the state pass."""
-    return 2 * n * c * d + n * c * (d + m) + 4 * n * d * m
+    """Flops of the chunked solve as dplr runs it (docs/algorithms.md, section 4):
+    the strict lower triangles of the diagonal blocks (n c d), the triangular
+    solves with them (n c m) and the two products per chunk of the state
+    pass (4 n d m)."""
+    return n * c * d + n * c * m + 4 * n * d * m
 
 
 def seed_chunked_solve(q: np.ndarray, k: np.ndarray, v: np.ndarray, c: int) -> np.ndarray:

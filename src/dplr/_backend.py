@@ -72,7 +72,8 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=num_workers(), thread_name_prefix="dplr")
 
 
-#: Below this many flops a product is not worth splitting over threads.
+#: Below this many flops work is not worth splitting over threads (handing
+#: work to the pool and waiting for it costs 0.1-0.3 ms here).
 _PARALLEL_MIN_FLOPS = 4e6
 
 
@@ -168,7 +169,8 @@ class NumpyOps:
             part_mask = maskf if mask is None else maskf[s]
             form_chunk_blocks(qf[s], kf[s], lamf[s], part_mask, blocks_flat[s])
 
-        NumpyOps.map(run, _split(count, num_workers()))
+        parallel = count * c * c * qf.shape[-1] >= _PARALLEL_MIN_FLOPS
+        NumpyOps.map(run, _split(count, num_workers() if parallel else 1))
         return blocks
 
     @staticmethod
@@ -200,7 +202,8 @@ class NumpyOps:
         dec = np.ones((count, nc), v.dtype) if decay is None else np.ascontiguousarray(decay)
         y = np.empty(v.shape, v.dtype)
         states = np.empty((count, nc + 1 if keep_states else 1, d, m), v.dtype)
-        workers = num_workers()
+        parallel = 4.0 * count * nc * q_in.shape[-2] * d * m >= _PARALLEL_MIN_FLOPS
+        workers = num_workers() if parallel else 1
         column_parts = max(1, min(workers // max(count, 1), m // _MIN_LANE_COLUMNS))
         lanes = list(
             itertools.product(_split(count, min(workers, max(count, 1))), _split(m, column_parts))
