@@ -418,7 +418,7 @@ def test_wide_right_hand_sides_split_between_threads(monkeypatch, rng, threads, 
     from dplr._backend import NumpyOps
 
     monkeypatch.setenv("DPLR_NUM_THREADS", threads)
-    monkeypatch.setattr(_backend, "_PARALLEL_MIN_FLOPS", 0.0)
+    monkeypatch.setattr(_backend, "_LOOP_MIN_FLOPS", 0.0)
     q, k, diag, ld = random_operands(rng, batch, 75, 4, dtype, True, True)
     v = rng.standard_normal((*batch, 75, m)).astype(dtype)
     T = dplr.LowRankTril(q, k, diag, ld)

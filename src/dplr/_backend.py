@@ -72,9 +72,14 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=num_workers(), thread_name_prefix="dplr")
 
 
-#: Below this many flops work is not worth splitting over threads (handing
-#: work to the pool and waiting for it costs 0.1-0.3 ms here).
+#: Below this many flops a product is not worth splitting over threads.
 _PARALLEL_MIN_FLOPS = 4e6
+
+#: Below this many flops the compiled loops of the solve run on the calling
+#: thread: handing them to the pool and waiting cost more than it saved up to
+#: n = 1024 (d = m = 64: 0.94 ms on one thread, 1.3 ms split over two) and
+#: broke even at n = 2048 (34 MFLOP in the state pass) on the 2-core VM.
+_LOOP_MIN_FLOPS = 3e7
 
 
 #: Narrowest column range worth a thread of its own in the state pass: the
@@ -169,7 +174,7 @@ class NumpyOps:
             part_mask = maskf if mask is None else maskf[s]
             form_chunk_blocks(qf[s], kf[s], lamf[s], part_mask, blocks_flat[s])
 
-        parallel = count * c * c * qf.shape[-1] >= _PARALLEL_MIN_FLOPS
+        parallel = count * c * c * qf.shape[-1] >= _LOOP_MIN_FLOPS
         NumpyOps.map(run, _split(count, num_workers() if parallel else 1))
         return blocks
 
@@ -202,7 +207,7 @@ class NumpyOps:
         dec = np.ones((count, nc), v.dtype) if decay is None else np.ascontiguousarray(decay)
         y = np.empty(v.shape, v.dtype)
         states = np.empty((count, nc + 1 if keep_states else 1, d, m), v.dtype)
-        parallel = 4.0 * count * nc * q_in.shape[-2] * d * m >= _PARALLEL_MIN_FLOPS
+        parallel = 4.0 * count * nc * q_in.shape[-2] * d * m >= _LOOP_MIN_FLOPS
         workers = num_workers() if parallel else 1
         column_parts = max(1, min(workers // max(count, 1), m // _MIN_LANE_COLUMNS))
         lanes = list(
