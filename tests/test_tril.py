@@ -493,6 +493,12 @@ def test_compiled_row_products_match_numpy(rng, dtype):
         a64, b64 = a.astype(float), b.astype(float)
         bound = depth * eps * (np.abs(a64) @ np.abs(b64).T)
         assert (np.abs(out - a64 @ b64.T) <= bound).all()
+        # accumulating: out <- beta out + a b^T (the state update)
+        start = rng.standard_normal((m_rows, n_rows)).astype(dtype)
+        out = start.copy()
+        _dot_products(a, b, out, dtype(0.5))
+        expected = 0.5 * start.astype(float) + a64 @ b64.T
+        assert (np.abs(out - expected) <= bound + 2 * eps * np.abs(expected)).all()
         k = rng.standard_normal((m_rows, depth)).astype(dtype)
         lower = np.full((m_rows, m_rows), np.nan, dtype)
         _strict_lower_product(a, k, lower)
