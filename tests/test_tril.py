@@ -464,14 +464,16 @@ def test_backend_refuses_an_out_array_it_could_only_fill_through_a_copy(rng):
     # Results must land in `out`; a non-contiguous one would get a copy instead.
     from dplr._backend import NumpyOps
 
-    L = np.tril(rng.standard_normal((4, 3, 3))) + 3 * np.eye(3)
-    B = rng.standard_normal((4, 3, 2))
-    out = np.empty((4, 3, 4))[..., ::2]
+    q, k = rng.standard_normal((2, 4, 3, 5))
+    lam = 1.0 + rng.random((4, 3))
+    out = np.empty((4, 3, 6))[..., ::2]
     with pytest.raises(ValueError, match="'out' must be C-contiguous"):
-        NumpyOps.solve_lower_blocks(L, B, out=out)
-    good = np.empty((4, 3, 2))
-    assert NumpyOps.solve_lower_blocks(L, B, out=good) is good
-    np.testing.assert_allclose(good, np.linalg.solve(L, B), rtol=1e-12)
+        NumpyOps.chunk_blocks(q, k, lam, None, out=out)
+    good = np.empty((4, 3, 3))
+    assert NumpyOps.chunk_blocks(q, k, lam, None, out=good) is good
+    expected = np.tril(q @ k.mT, -1) + lam[..., None] * np.eye(3)
+    rows, cols = np.tril_indices(3)  # the blocks' only defined entries
+    np.testing.assert_allclose(good[:, rows, cols], expected[:, rows, cols], rtol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -83,7 +83,8 @@ _LOOP_MIN_FLOPS = 3e7
 
 
 #: Narrowest column range worth a thread of its own in the state pass: the
-#: products of narrower ranges run too far below the BLAS peak to gain.
+#: products of narrower ranges run too far below the compiled kernel's peak
+#: to gain.
 _MIN_LANE_COLUMNS = 16
 
 
@@ -116,11 +117,8 @@ class NumpyOps:
     name = "numpy"
 
     @staticmethod
-    def matmul(a: Array, b: Array, out: Array | None = None) -> Array:
-        """``a @ b`` for stacks of equal batch shape, split over threads when large.
-
-        ``out``, if given, is a C-contiguous array of the result's shape to write.
-        """
+    def matmul(a: Array, b: Array) -> Array:
+        """``a @ b`` for stacks of equal batch shape, split over threads when large."""
         workers = num_workers()
         batch = a.shape[:-2]
         p, q, r = a.shape[-2], a.shape[-1], b.shape[-1]
@@ -132,14 +130,12 @@ class NumpyOps:
             or count < 2
             or 2.0 * count * p * q * r < _PARALLEL_MIN_FLOPS
         ):
-            return np.matmul(a, b, out=out)
+            return a @ b
         af, bf = a.reshape(count, p, q), b.reshape(count, q, r)
-        if out is None:
-            out = np.empty((*batch, p, r), dtype=np.result_type(a, b))
-        of = _stack_view(out, (count, p, r))
+        out = np.empty((count, p, r), dtype=np.result_type(a, b))
         parts = _split(count, workers)
-        list(_pool().map(lambda s: np.matmul(af[s], bf[s], out=of[s]), parts))
-        return out
+        list(_pool().map(lambda s: np.matmul(af[s], bf[s], out=out[s]), parts))
+        return out.reshape(*batch, p, r)
 
     @staticmethod
     def scratch(name: str, shape: tuple[int, ...], like: Array) -> Array:
@@ -276,13 +272,6 @@ class NumpyOps:
         return x
 
     @staticmethod
-    def fill_diagonal_(x: Array, values: Array) -> Array:
-        """Write ``values`` (..., c) on the diagonals of a fresh stack x (..., c, c), in place."""
-        index = np.arange(x.shape[-1])
-        x[..., index, index] = values
-        return x
-
-    @staticmethod
     def concat(xs: list[Array], axis: int) -> Array:
         return np.concatenate(xs, axis=axis)
 
@@ -308,12 +297,11 @@ class NumpyOps:
         return np.array(x, copy=True)
 
     @staticmethod
-    def solve_lower_blocks(L: Array, B: Array, out: Array | None = None) -> Array:
+    def solve_lower_blocks(L: Array, B: Array) -> Array:
         """Solve ``L X = B`` for a stack of lower-triangular blocks.
 
         L: (..., c, c) non-unit lower triangular, B: (..., c, r); the batch
-        dimensions of the two must be equal; ``out``, if given, a C-contiguous
-        array of B's shape for X.  Compiled forward substitution
+        dimensions of the two must be equal.  Compiled forward substitution
         (:func:`dplr._jit.solve_lower_stack`), the blocks split over threads.
         """
         from ._jit import solve_lower_stack
@@ -322,11 +310,10 @@ class NumpyOps:
         count = math.prod(L.shape[:-2])
         Lf = np.ascontiguousarray(L.reshape(count, c, c))
         Bf = np.ascontiguousarray(B.reshape(count, c, r))
-        X = np.empty(B.shape, Bf.dtype) if out is None else out
-        Xf = _stack_view(X, (count, c, r))
-        parts = _split(Lf.shape[0], num_workers())
-        NumpyOps.map(lambda s: solve_lower_stack(Lf[s], Bf[s], Xf[s]), parts)
-        return X
+        X = np.empty_like(Bf)
+        parts = _split(count, num_workers())
+        NumpyOps.map(lambda s: solve_lower_stack(Lf[s], Bf[s], X[s]), parts)
+        return X.reshape(B.shape)
 
     @staticmethod
     def cholesky(a: Array) -> Array:
@@ -339,10 +326,8 @@ class TorchOps:
     name = "torch"
 
     @staticmethod
-    def matmul(a: Array, b: Array, out: Array | None = None) -> Array:
-        import torch
-
-        return a @ b if out is None else torch.matmul(a, b, out=out)
+    def matmul(a: Array, b: Array) -> Array:
+        return a @ b
 
     @staticmethod
     def scratch(name: str, shape: tuple[int, ...], like: Array) -> Array | None:
@@ -451,11 +436,6 @@ class TorchOps:
         return x.mul_(y)
 
     @staticmethod
-    def fill_diagonal_(x: Array, values: Array) -> Array:
-        x.diagonal(dim1=-2, dim2=-1).copy_(values)
-        return x
-
-    @staticmethod
     def concat(xs: list[Array], axis: int) -> Array:
         import torch
 
@@ -484,16 +464,14 @@ class TorchOps:
         return x.clone()
 
     @staticmethod
-    def solve_lower_blocks(L: Array, B: Array, out: Array | None = None) -> Array:
+    def solve_lower_blocks(L: Array, B: Array) -> Array:
         """As :meth:`NumpyOps.solve_lower_blocks` (the compiled loop for CPU tensors,
         which is several times faster there than ``torch.linalg.solve_triangular``)."""
         if _all_cpu(L, B):
-            view = None if out is None else _numpy_view(out)
-            x = NumpyOps.solve_lower_blocks(_numpy_view(L), _numpy_view(B), view)
-            return out if out is not None else _from_numpy(x)
+            return _from_numpy(NumpyOps.solve_lower_blocks(_numpy_view(L), _numpy_view(B)))
         import torch
 
-        return torch.linalg.solve_triangular(L, B, upper=False, out=out)
+        return torch.linalg.solve_triangular(L, B, upper=False)
 
     @staticmethod
     def cholesky(a: Array) -> Array:

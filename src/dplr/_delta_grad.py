@@ -124,8 +124,9 @@ def delta_backward(
     gc = None if g is None else _kernels.chunk_rows(ops, g[..., None], c)[..., 0].cumsum(-1)
     mask_full, mask_strict = _decay_masks(ops, gc, c, q)
     eye = ops.eye(c, q)
-    p_full = out.strict_blocks + out.lam[..., None] * eye
-    l_blocks = sol.strict_blocks + eye
+    a_strict = _kernels.strict_blocks(ops, sol)
+    p_full = _kernels.strict_blocks(ops, out) + out.lam[..., None] * eye
+    l_blocks = a_strict + eye
     # A copy, not a view: a view's batch dimensions do not flatten, and every
     # batched product with it would copy it again.
     h = ops.copy(states[..., :-1, :, :])
@@ -174,7 +175,7 @@ def delta_backward(
     dw = -(du @ h.mT)
     dr_w, dr_v = l_inv.mT @ dw, l_inv.mT @ du
     dkb, dk_a, dgam_a = _pull_back(
-        -(dr_w @ w.mT + dr_v @ ut.mT), mask_strict, sol.strict_blocks, sol.q, sol.k, decay
+        -(dr_w @ w.mT + dr_v @ ut.mT), mask_strict, a_strict, sol.q, sol.k, decay
     )
     dk = dk + dk_a
     if gc is None:

@@ -227,7 +227,8 @@ def substitution_pass(
             _dot_products(y_t, k_t, z_t, decay[b, j])
             if keep:
                 _store_transposed(z_t, states[b, j + 1], col_start)
-        _store_transposed(z_t, states[b, states.shape[1] - 1], col_start)
+        if not keep:  # the final state only
+            _store_transposed(z_t, states[b, 0], col_start)
     return sink
 
 

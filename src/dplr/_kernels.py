@@ -45,7 +45,6 @@ class Chunked:
     q: Array  # (..., nc, c, d)
     k: Array  # (..., nc, c, d)
     lam: Array  # (..., nc, c)
-    strict_blocks: Array | None  # (..., nc, c, c): tril(q k^T ⊙ D, -1) inside each chunk
     mask: Array | None  # (..., nc, c, c): D inside each chunk, zero on and above the diagonal
     q_in: Array  # (..., nc, c, d)
     k_out: Array  # (..., nc, c, d)
@@ -83,22 +82,18 @@ def make_chunked(
     lam: Array,
     log_decay: Array | None,
     chunk_size: int | None,
-    *,
-    blocks: bool = True,
 ) -> Chunked:
     """Cut the operands of T into chunks and form the per-chunk quantities.
 
-    Without ``blocks`` the stack of strict blocks is not formed
-    (``strict_blocks`` is None): for a caller that forms each block where it
-    is used (the solve).
+    The blocks ``T_JJ`` themselves are left to the caller: the solve forms
+    them in compiled code, the others with :func:`strict_blocks`.
     """
     n = q.shape[-2]
     c = effective_chunk(n, chunk_size)
     qc, kc = chunk_rows(ops, q, c), chunk_rows(ops, k, c)
     lamc = chunk_rows(ops, lam[..., None], c, 1.0)[..., 0]
     if log_decay is None:
-        strict = ops.keep_strict_lower(ops.matmul(qc, kc.mT)) if blocks else None
-        return Chunked(qc, kc, lamc, strict, None, qc, kc, None, n, c)
+        return Chunked(qc, kc, lamc, None, qc, kc, None, n, c)
     g = chunk_rows(ops, log_decay[..., None], c)[..., 0].cumsum(-1)
     mask = decay_mask(ops, g, ops.strict_lower_mask(c, q))
     g_last = g[..., -1:]
@@ -106,7 +101,6 @@ def make_chunked(
         q=qc,
         k=kc,
         lam=lamc,
-        strict_blocks=ops.multiply_(ops.matmul(qc, kc.mT), mask) if blocks else None,
         mask=mask,
         q_in=qc * ops.exp(g)[..., None],
         k_out=kc * ops.exp(g_last - g)[..., None],
@@ -114,6 +108,12 @@ def make_chunked(
         n=n,
         c=c,
     )
+
+
+def strict_blocks(ops: Ops, ch: Chunked) -> Array:
+    """``tril(q_J k_J^T ⊙ D_JJ, -1)`` for every chunk, (..., nc, c, c)."""
+    blocks = ops.matmul(ch.q, ch.k.mT)
+    return ops.keep_strict_lower(blocks) if ch.mask is None else ops.multiply_(blocks, ch.mask)
 
 
 def decay_mask(ops: Ops, g: Array, strict: Array) -> Array:
@@ -199,7 +199,7 @@ def matmul(
 
 def _read_out(ops: Ops, ch: Chunked, vc: Array, states: Array) -> Array:
     """``Y_J = lam_J V_J + tril(T_JJ, -1) V_J + q_in_J H_J`` for all chunks at once."""
-    yc = ch.lam[..., None] * vc + ops.matmul(ch.strict_blocks, vc)
+    yc = ch.lam[..., None] * vc + ops.matmul(strict_blocks(ops, ch), vc)
     yc = yc + ops.matmul(ch.q_in, states[..., :-1, :, :])
     return unchunk_rows(yc, ch.n)
 
@@ -233,7 +233,7 @@ def solve(
         if h0 is not None or return_states:
             raise NotImplementedError("states are only defined for T, not T^T")
         return _through_reversal(solve, ops, q, k, lam, log_decay, v, chunk_size)
-    ch = make_chunked(ops, q, k, lam, log_decay, chunk_size, blocks=False)
+    ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
     # The blocks die here: they live in scratch memory.
     out = ops.scratch("blocks", (*ch.q.shape[:-1], ch.c), q)
     blocks = ops.chunk_blocks(ch.q, ch.k, ch.lam, ch.mask, out)
@@ -285,14 +285,14 @@ def inverse(
 
     Block row J of the inverse is ``[-W_J Z[:, :s], T_JJ^-1, 0]`` where
     ``W_J = T_JJ^-1 q_in_J`` and ``Z = sum_{j < s} D k_j (T^-1)[j, :]`` is the
-    d x n state.  Only the lower
-    block triangle is computed: O(n^2 d + n c^2) flops.
+    d x n state.  Only the lower block triangle is computed: O(n^2 d + n c^2)
+    flops.
     """
     ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
     c, nc, d = ch.c, ch.nc, q.shape[-1]
     batch = q.shape[:-2]
     eye = ops.eye(c, q)
-    diag_blocks = ch.strict_blocks + ch.lam[..., :, None] * eye
+    diag_blocks = strict_blocks(ops, ch) + ch.lam[..., :, None] * eye
     rhs = ops.concat([ch.q_in, ops.broadcast_to(eye, (*ch.q_in.shape[:-1], c))], -1)
     wx = ops.solve_lower_blocks(diag_blocks, rhs)
     w, x = wx[..., :d], wx[..., d:]
