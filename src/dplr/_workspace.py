@@ -1,12 +1,13 @@
 """Scratch memory kept between calls for the large intermediates of one call.
 
-A chunked solve of n = 16384 rows allocates about 12 MiB of intermediates
-(the diagonal blocks and W) that die when it returns.  glibc serves every
-allocation of that size with a fresh ``mmap`` and unmaps it on ``free``, so
-each call page-faults all of it in again: on the 2-core machine the
-benchmarks run on that cost up to half of the solve and made its time vary
-2x from call to call (measured: 1000-2000 faults and 14-29 ms per call,
-against no faults and 12 ms with the buffers below).
+A chunked solve has large intermediates that die when it returns: the
+diagonal blocks (4 MiB at n = 16384, d = 64, float64).  glibc serves every
+allocation of several MiB with a fresh ``mmap`` and unmaps it on ``free``,
+so each call page-faulted all of it in again.  On the 2-core machine the
+benchmarks run on, when the solve also allocated W (12 MiB in all), that
+cost up to half of the solve and made its time vary 2x from call to call
+(measured: 1000-2000 faults and 14-29 ms per call, against no faults and
+12 ms with the buffers below).
 
 :func:`scratch` hands out views of per-thread buffers that are kept and
 grown, never shrunk, up to :data:`MAX_CACHED_BYTES` each;
@@ -24,7 +25,7 @@ import threading
 import numpy as np
 
 #: Larger requests get a fresh array, so that a thread holds at most a few
-#: of these (the solve uses two names: 12 MiB at n = 16384, d = 64, float64).
+#: of these (the solve uses one name: 4 MiB at n = 16384, d = 64, float64).
 MAX_CACHED_BYTES = 64 * 2**20
 
 _local = threading.local()
@@ -52,10 +53,9 @@ def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.nda
 def empty_cache() -> None:
     """Free the scratch memory dplr keeps between calls in the calling thread.
 
-    The chunked solve keeps its large intermediates (at most 64 MiB each,
-    two of them) in per-thread buffers
-    so that the next call does not page-fault them in again; they are freed
-    when the thread ends, or by this function (like
+    The chunked solve keeps its large intermediates (at most 64 MiB each)
+    in per-thread buffers so that the next call does not page-fault them in
+    again; they are freed when the thread ends, or by this function (like
     ``torch.cuda.empty_cache``).  The next call allocates them again.
 
     Examples
