@@ -155,7 +155,7 @@ def median_times(
 
 def format_table(rows: list[Row]) -> str:
     """A Markdown table of rows (the same table ``python -m dplr bench`` writes)."""
-    from dplr._bench import format_markdown_table
+    from dplr.tools.bench import format_markdown_table
 
     return format_markdown_table(r.as_dict() for r in rows)
 

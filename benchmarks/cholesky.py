@@ -125,7 +125,7 @@ def _grid_rows(rng, ns, ms, progress: Progress) -> list[Row]:
             # 2. auto against it, their samples alternating: the same conditions
             #    for both (separate series of the same code differed by 35%).
             t_best, times["auto"] = _times(call[best], call["auto"], settle=settle)
-            chosen = dplr._cholesky_policy.choose_method(n, m, 1, False)
+            chosen = dplr.cholesky._policy.choose_method(n, m, 1, False)
             ref = np.linalg.cholesky(a + u @ u.T)
             err = _rel(dplr.cholesky_update(L, u), ref)
             note = "; ".join(f"{k} {1e3 * v:.2f} ms" for k, v in times.items() if k != "auto")

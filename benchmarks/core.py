@@ -13,7 +13,7 @@ import numpy as np
 import scipy.linalg as sl
 
 import dplr
-from dplr._kernels import DEFAULT_CHUNK
+from dplr.core._kernels import DEFAULT_CHUNK
 
 from ._common import Progress, Row, median_time, median_times, noop_progress
 

@@ -3,20 +3,20 @@
 The public API, re-exported from the modules that implement it:
 
 - :class:`LowRankTril` and :func:`tril_matmul`, :func:`tril_solve`,
-  :func:`tril_inv`: ``T = diag(lam) + tril(Q K^T ⊙ D, -1)`` (module ``dplr.tril``).
+  :func:`tril_inv`: ``T = diag(lam) + tril(Q K^T ⊙ D, -1)`` (package ``dplr.core``).
 - :func:`cholesky_update`, :func:`cholesky_downdate`, :func:`cholesky_insert`,
   :func:`cholesky_delete`: Cholesky factor of a low-rank modification
-  (module ``dplr.cholesky``).
+  (package ``dplr.cholesky``).
 - :func:`delta_rule` and :func:`gated_delta_rule`: the (gated) delta rule of
-  linear attention, exactly, in O(T) (module ``dplr.delta``).
+  linear attention, exactly, in O(T) (package ``dplr.attention``).
 - :func:`empty_cache`: free the scratch memory kept between calls.
 """
 
 from ._errors import NotPositiveDefiniteError, SingularMatrixError
-from ._workspace import empty_cache
+from ._runtime.workspace import empty_cache
+from .attention import delta_rule, gated_delta_rule
 from .cholesky import cholesky_delete, cholesky_downdate, cholesky_insert, cholesky_update
-from .delta import delta_rule, gated_delta_rule
-from .tril import LowRankTril, tril_inv, tril_matmul, tril_solve
+from .core import LowRankTril, tril_inv, tril_matmul, tril_solve
 
 __version__ = "0.1.0"
 

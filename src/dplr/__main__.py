@@ -1,5 +1,5 @@
-"""``python -m dplr``: see :mod:`dplr.cli`."""
+"""``python -m dplr``: see :mod:`dplr.tools.cli`."""
 
-from .cli import main
+from .tools.cli import main
 
 raise SystemExit(main())

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ._backend import Array, is_torch, single_threaded_blas
+from ._runtime.backend import Array, is_torch, single_threaded_blas
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dplr import demo
+from dplr.tools import demo
 
 pytest.importorskip("statsmodels")
 
@@ -98,7 +98,7 @@ def test_choose_jitter():
 
 
 def test_demo_command_on_a_short_run(tmp_path, capsys):
-    from dplr.cli import main
+    from dplr.tools.cli import main
 
     assert main(["demo", "--window", "120", "--steps", "30", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

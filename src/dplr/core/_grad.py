@@ -9,7 +9,7 @@ saves only the operands and the result, never the graph of the chunk loop.
 
 from __future__ import annotations
 
-from ._backend import Array, TorchOps
+from .._runtime.backend import Array, TorchOps
 from ._kernels import Ops, matmul, solve
 
 
@@ -145,7 +145,7 @@ def _torch_function_classes():
     from torch.autograd.function import once_differentiable
 
     class TrilSolve(torch.autograd.Function):
-        """``(Y, h_n)`` of :func:`dplr._kernels.solve` with the hand-written backward."""
+        """``(Y, h_n)`` of :func:`dplr.core._kernels.solve` with the hand-written backward."""
 
         @staticmethod
         def forward(ctx, q, k, lam, log_decay, v, h0, transpose, chunk_size):
@@ -171,7 +171,7 @@ def _torch_function_classes():
             return (*grads, None, None)
 
     class TrilMatmul(torch.autograd.Function):
-        """``Y`` of :func:`dplr._kernels.matmul` with the hand-written backward."""
+        """``Y`` of :func:`dplr.core._kernels.matmul` with the hand-written backward."""
 
         @staticmethod
         def forward(ctx, q, k, lam, log_decay, v, h0, transpose, chunk_size):

@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dplr
-from dplr import _kernels
-from dplr._backend import NumpyOps
+from dplr._runtime.backend import NumpyOps
+from dplr.core import _kernels
 
 METHODS = ["rank1", "blocked", "refactor", "auto"]
 DTYPES = [np.float32, np.float64]
@@ -413,7 +413,7 @@ rng = np.random.default_rng(0)
 dplr.LowRankTril(rng.standard_normal((50, 3)), rng.standard_normal((50, 3))).solve(np.ones(50))
 L = np.linalg.cholesky(np.eye(40) * 2)
 dplr.cholesky_update(L, rng.standard_normal((40, 9)) * 0.1, method="blocked")
-from dplr._backend import _blas_controller
+from dplr._runtime.backend import _blas_controller
 limited = {lib.filepath for lib in _blas_controller().select(user_api="blas").lib_controllers}
 loaded = {info["filepath"] for info in threadpool_info() if info["user_api"] == "blas"}
 print(sorted(loaded - limited))

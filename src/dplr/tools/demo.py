@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 import scipy.linalg
 
-from ._backend import single_threaded_blas
+from .._runtime.backend import single_threaded_blas
 
 Method = Literal["update", "refactor"]
 
@@ -444,7 +444,7 @@ def _write_demo_plot(
 ) -> None:
     """Write the plot of data, predictions and band, or say why not."""
     try:
-        from . import _plots
+        from . import plots as _plots
     except ImportError as exc:  # pragma: no cover - matplotlib is in the demo extra
         print(f"no plot: {exc.name} is not installed")
         return

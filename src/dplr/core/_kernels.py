@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import Array, NumpyOps, TorchOps
+from .._runtime.backend import Array, NumpyOps, TorchOps
 
 Ops = type[NumpyOps] | type[TorchOps]
 
@@ -533,7 +533,7 @@ def _thread_scopes(ops: Ops, panel_threads: int | None):
 
     if ops.name == "torch" or panel_threads is None:
         return contextlib.nullcontext, contextlib.nullcontext, contextlib.nullcontext
-    from ._backend import _blas_controller
+    from .._runtime.backend import _blas_controller
 
     libs = _blas_controller().select(user_api="blas").lib_controllers
     default = [lib.num_threads for lib in libs]

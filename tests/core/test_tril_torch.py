@@ -140,7 +140,7 @@ def test_device_code_path_matches_compiled_cpu_path(monkeypatch, decay):
     Forced on CPU tensors by making the backend believe they are elsewhere;
     both against the dense solve, to rounding (1e-12 on these O(1) problems).
     """
-    from dplr import _backend
+    from dplr._runtime import backend as _backend
 
     q, k, diag, ld, v = make(3, (2,), 37, 5, 4, decay=decay)
     T = dplr.LowRankTril(q, k, diag, ld)

@@ -31,7 +31,7 @@ import math
 
 import numpy as np
 
-from ._jit import jit as _jit
+from ..core._jit import jit as _jit
 
 #: Rows of the lower factor advanced together by the row-oriented update, so
 #: that GROUP independent rotation chains overlap in the floating-point units.
@@ -348,7 +348,7 @@ def _sweep_range(src, src_idx, dst, x, down, ok, fin, pos, inplace, rows, lo, hi
 
 
 #: Batch size from which the sweeps are split between the threads of
-#: :meth:`dplr._backend.NumpyOps.map` (plain Python threads running a nogil
+#: :meth:`dplr._runtime.backend.NumpyOps.map` (plain Python threads running a nogil
 #: kernel: nothing keeps spinning afterwards, unlike an OpenMP pool, which was
 #: measured to slow the caller's next multi-threaded BLAS call up to 20x).
 PARALLEL_BATCH = 64
@@ -362,7 +362,7 @@ def sweep(src, src_idx, dst, x, down, ok, inplace: bool, rows: bool):
     the result's diagonal is finite, and whether the input's diagonal is
     positive (factors where it is not are skipped: not written, ``ok`` false).
     """
-    from ._backend import NumpyOps, _split, num_workers
+    from .._runtime.backend import NumpyOps, _split, num_workers
 
     count = dst.shape[0]
     fin = np.empty(count, dtype=bool)
@@ -411,7 +411,7 @@ def tri_all_finite(src: np.ndarray, rows: bool) -> np.ndarray:
     The other triangle is not read.  Split over dplr's threads for a large
     batch, like :func:`sweep`.
     """
-    from ._backend import NumpyOps, _split, num_workers
+    from .._runtime.backend import NumpyOps, _split, num_workers
 
     count = src.shape[0]
     out = np.empty(count, dtype=bool)

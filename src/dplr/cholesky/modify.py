@@ -13,11 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _kernels, _rank1
-from ._backend import Array, backend_of, is_torch, single_threaded_blas
-from ._cholesky_policy import CHUNK, choose_method, panel_threads
-from ._errors import NotPositiveDefiniteError
-from ._validate import (
+from .._errors import NotPositiveDefiniteError
+from .._runtime.backend import Array, backend_of, is_torch, single_threaded_blas
+from .._validate import (
     all_finite,
     broadcast_batch,
     check_cholesky_diagonal,
@@ -26,6 +24,9 @@ from ._validate import (
     require_ndim,
     to_output,
 )
+from ..core import _kernels
+from . import _rank1
+from ._policy import CHUNK, choose_method, panel_threads
 
 __all__ = ["cholesky_delete", "cholesky_downdate", "cholesky_insert", "cholesky_update"]
 

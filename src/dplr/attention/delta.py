@@ -5,8 +5,8 @@
 with ``a_t = exp(g_t)`` (``a_t = 1`` for the plain rule).  Over a sequence the
 recurrence is one solve with the core structure :class:`dplr.LowRankTril`
 followed by a product with it (``docs/delta.md``); both run chunk by chunk in
-:mod:`dplr._kernels`, and torch gradients use the hand-written backward of
-:mod:`dplr._delta_grad`.
+:mod:`dplr.core._kernels`, and torch gradients use the hand-written backward of
+:mod:`dplr.attention._delta_grad`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from ._backend import Array, backend_of, is_torch, single_threaded_blas
+from .._runtime.backend import Array, backend_of, is_torch, single_threaded_blas
+from .._validate import Prepared, all_finite, positive_int, prepare, to_output
 from ._delta_grad import delta_forward_passes, delta_function
-from ._validate import Prepared, all_finite, positive_int, prepare, to_output
 
 __all__ = ["delta_rule", "gated_delta_rule"]
 

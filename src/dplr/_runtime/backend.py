@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ._workspace import scratch
+from .workspace import scratch
 
 Array = Any  # numpy.ndarray or torch.Tensor
 
@@ -140,7 +140,7 @@ class NumpyOps:
     @staticmethod
     def scratch(name: str, shape: tuple[int, ...], like: Array) -> Array:
         """Uninitialised memory for an intermediate that dies inside the call
-        (see :mod:`dplr._workspace`)."""
+        (see :mod:`dplr._runtime.workspace`)."""
         return scratch(name, shape, like.dtype)
 
     @staticmethod
@@ -153,9 +153,9 @@ class NumpyOps:
         strict decay mask, or None.  Returns (..., nc, c, c) whose entries
         above the diagonal are undefined (written into ``out`` if given, a
         C-contiguous array of that shape).  Compiled
-        (:func:`dplr._jit.form_chunk_blocks`), the chunks split over threads.
+        (:func:`dplr.core._jit.form_chunk_blocks`), the chunks split over threads.
         """
-        from ._jit import form_chunk_blocks
+        from ..core._jit import form_chunk_blocks
 
         c = q.shape[-2]
         count = math.prod(q.shape[:-2])
@@ -184,7 +184,7 @@ class NumpyOps:
         z0: Array,
         keep_states: bool,
     ) -> tuple[Array, Array]:
-        """The sequential pass of the chunked solve (see :func:`dplr._jit.substitution_pass`).
+        """The sequential pass of the chunked solve (see :func:`dplr.core._jit.substitution_pass`).
 
         q_in, k_out: (B, nc, c, d); blocks: (B, nc, c, c) lower triangular;
         decay: (B, nc) or None; v: (B, nc, c, m); z0: (B, d, m).  Returns y
@@ -195,7 +195,7 @@ class NumpyOps:
         the columns of each entry are split between them too (the columns of
         the state evolve independently).
         """
-        from ._jit import substitution_pass
+        from ..core._jit import substitution_pass
 
         count, nc, _, m = v.shape
         d = q_in.shape[-1]
@@ -302,9 +302,9 @@ class NumpyOps:
 
         L: (..., c, c) non-unit lower triangular, B: (..., c, r); the batch
         dimensions of the two must be equal.  Compiled forward substitution
-        (:func:`dplr._jit.solve_lower_stack`), the blocks split over threads.
+        (:func:`dplr.core._jit.solve_lower_stack`), the blocks split over threads.
         """
-        from ._jit import solve_lower_stack
+        from ..core._jit import solve_lower_stack
 
         c, r = B.shape[-2:]
         count = math.prod(L.shape[:-2])

@@ -16,7 +16,7 @@ With ``T = I + tril(diag(beta) K K^T ⊙ D, -1)`` (the core structure with
     S_n = the solve's final state
 
 (derivation: ``docs/delta.md``).  The backward pass is written by hand over the
-same chunks (the core's :func:`dplr._kernels.make_chunked`): one reverse pass
+same chunks (the core's :func:`dplr.core._kernels.make_chunked`): one reverse pass
 carries the gradient of the state, everything else is batched over all chunks.
 The torch ``autograd.Function`` saves the inputs, U and the states entering
 each chunk, O(n (dk + dv) + (n / c) dk dv) numbers, never the graph of a loop.
@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _kernels
-from ._backend import Array, TorchOps, is_torch
-from ._kernels import Ops
+from .._runtime.backend import Array, TorchOps, is_torch
+from ..core import _kernels
+from ..core._kernels import Ops
 
 
 def delta_forward(

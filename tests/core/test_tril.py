@@ -372,7 +372,7 @@ def test_repr_and_properties():
 
 def test_results_do_not_share_the_reused_scratch_memory(rng):
     # Intermediates live in per-thread buffers kept between calls
-    # (dplr._workspace): a result must never be a view of them, so later
+    # (dplr._runtime.workspace): a result must never be a view of them, so later
     # calls of other sizes must leave earlier results as they were.
     problems = [random_operands(rng, (2,), n, 4, np.float64, True, True) for n in (70, 300, 9)]
     rhs = [rng.standard_normal((2, p[0].shape[-2], 3)) for p in problems]
@@ -414,8 +414,9 @@ def test_wide_right_hand_sides_split_between_threads(monkeypatch, rng, threads, 
     # its own columns of Y and of the state (m >= 32): every split must give
     # the dense answer, and the states those of a plain recurrence.  (Split
     # even though the problem is too small to be worth it.)
-    from dplr import _backend, _kernels
-    from dplr._backend import NumpyOps
+    from dplr._runtime import backend as _backend
+    from dplr._runtime.backend import NumpyOps
+    from dplr.core import _kernels
 
     monkeypatch.setenv("DPLR_NUM_THREADS", threads)
     monkeypatch.setattr(_backend, "_LOOP_MIN_FLOPS", 0.0)
@@ -444,7 +445,7 @@ def test_wide_right_hand_sides_split_between_threads(monkeypatch, rng, threads, 
 
 
 def test_empty_cache_frees_the_scratch_buffers_and_the_cap_is_kept(rng, monkeypatch):
-    from dplr import _workspace
+    from dplr._runtime import workspace as _workspace
 
     q, k, diag, ld = random_operands(rng, (), 200, 4, np.float64, True, False)
     v = rng.standard_normal((200, 3))
@@ -462,7 +463,7 @@ def test_empty_cache_frees_the_scratch_buffers_and_the_cap_is_kept(rng, monkeypa
 
 def test_backend_refuses_an_out_array_it_could_only_fill_through_a_copy(rng):
     # Results must land in `out`; a non-contiguous one would get a copy instead.
-    from dplr._backend import NumpyOps
+    from dplr._runtime.backend import NumpyOps
 
     q, k = rng.standard_normal((2, 4, 3, 5))
     lam = 1.0 + rng.random((4, 3))
@@ -482,7 +483,7 @@ def test_compiled_row_products_match_numpy(rng, dtype):
     # and 4 x 1 tiles, against float64 products: within the standard bound
     # for a dot product of length K in the array's precision,
     # |error| <= K eps (|a| |b|^T) (float32 accumulates in float32).
-    from dplr._jit import _dot_products, _strict_lower_product
+    from dplr.core._jit import _dot_products, _strict_lower_product
 
     eps = np.finfo(dtype).eps
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from dplr_bench._common import Row
 
-from dplr import _bench, _plots
-from dplr.cli import main
+from dplr.tools import bench as _bench
+from dplr.tools import plots as _plots
+from dplr.tools.cli import main
 
 PNGS = ("solve_vs_n.png", "chol_vs_M.png", "delta_tokens.png")
 
@@ -219,7 +220,7 @@ delta = types.ModuleType("dplr_bench.delta")
 delta.run = needs_torch
 sys.modules["dplr_bench.delta"] = delta
 sys.modules["dplr_bench.cholesky"] = None
-from dplr.cli import main
+from dplr.tools.cli import main
 sys.exit(main(["bench", "--quick", "--out", {out!r}]))
 """
 

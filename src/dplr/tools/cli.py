@@ -3,8 +3,8 @@
 ``bench`` runs the benchmark suites of ``dplr_bench`` (the ``benchmarks/``
 folder), prints their tables and writes ``results.json`` and PNG plots;
 ``demo`` runs the sliding-window Gaussian-process regression of
-:mod:`dplr.demo`.  Both are thin: the work is in :mod:`dplr._bench`,
-:mod:`dplr._plots` and :mod:`dplr.demo`.
+:mod:`dplr.tools.demo`.  Both are thin: the work is in :mod:`dplr.tools.bench`,
+:mod:`dplr.tools.plots` and :mod:`dplr.tools.demo`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, _bench
+from .. import __version__
+from . import bench as _bench
 
 __all__ = ["build_parser", "main"]
 
@@ -146,7 +147,7 @@ def cmd_bench(suite: str, quick: bool, out: Path) -> int:
 def _report_plots(rows: list[dict], footnote: str, out: Path) -> None:
     """Write the plots and print where they went (or why one is missing)."""
     try:
-        from . import _plots
+        from . import plots as _plots
 
         written, notes = _plots.write_plots(rows, footnote, out)
     except ImportError as exc:

@@ -372,7 +372,7 @@ def test_gradients_match_autograd_through_recurrence(gated, l2norm, chunk, T):
 @pytest.mark.parametrize("gated", [False, True])
 def test_several_passes_match_recurrence(gated, monkeypatch):
     """Long inputs run in passes of whole chunks; force several on a short one."""
-    import dplr._delta_grad as grad_module
+    import dplr.attention._delta_grad as grad_module
 
     monkeypatch.setattr(grad_module, "PASS_ROWS", 24)  # 2 x 1 heads: 12 tokens, 3 chunks
     rng = np.random.default_rng(15)

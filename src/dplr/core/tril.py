@@ -3,7 +3,7 @@
     T = diag(diag) + tril(Q K^T ⊙ D, -1),   D[i, j] = exp(sum_{s=j+1..i} log_decay[s])
 
 The class is a small immutable description of T; the arithmetic lives in the
-pure functions of :mod:`dplr._kernels` (forward) and :mod:`dplr._tril_grad`
+pure functions of :mod:`dplr.core._kernels` (forward) and :mod:`dplr.core._grad`
 (backward).  Derivations: ``docs/algorithms.md``, section 1.
 """
 
@@ -13,11 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _kernels
-from ._backend import Array, backend_of, single_threaded_blas
-from ._errors import SingularMatrixError
-from ._tril_grad import torch_functions
-from ._validate import (
+from .._errors import SingularMatrixError
+from .._runtime.backend import Array, backend_of, single_threaded_blas
+from .._validate import (
     Prepared,
     broadcast_batch,
     positive_int,
@@ -25,6 +23,8 @@ from ._validate import (
     require_ndim,
     to_output,
 )
+from . import _kernels
+from ._grad import torch_functions
 
 __all__ = ["LowRankTril", "tril_inv", "tril_matmul", "tril_solve"]
 

@@ -1,0 +1,1 @@
+"""The runtime under the algorithms: array shim, threads, BLAS limits, scratch memory."""
