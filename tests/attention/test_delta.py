@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dplr
+from dplr import reference
 
 try:
     import torch
@@ -64,24 +65,13 @@ def rel_err(actual, expected) -> float:
 def recurrence(q, k, v, beta, g=None, *, scale=None, s0=None, l2norm=False):
     """``S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``; ``o_t = scale S_t^T q_t``.
 
-    Token by token, in the public layout; NumPy or torch (then differentiable).
+    Token by token (:mod:`dplr.reference`), in the public layout; NumPy or
+    torch (then differentiable).
     """
-    xp = torch if torch is not None and isinstance(q, torch.Tensor) else np
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    if l2norm:
-        q = q / xp.sqrt((q * q).sum(-1))[..., None]
-        k = k / xp.sqrt((k * k).sum(-1))[..., None]
-    scale = K**-0.5 if scale is None else scale
-    S = s0 if s0 is not None else (xp.zeros((B, H, K, V), dtype=q.dtype))
-    outs = []
-    for t in range(T):
-        kt, bt = k[:, t, :, :, None], beta[:, t, :, None, None]
-        a = 1.0 if g is None else xp.exp(g[:, t])[..., None, None]
-        S = a * (S - bt * kt * (kt.swapaxes(-1, -2) @ S)) + bt * kt * v[:, t, :, None, :]
-        outs.append(scale * (q[:, t, :, None, :] @ S)[..., 0, :])
-    o = xp.stack(outs, 1) if T else xp.zeros((B, 0, H, V), dtype=q.dtype)
-    return o, S
+    kw = {"scale": scale, "initial_state": s0, "use_qk_l2norm": l2norm}
+    if g is None:
+        return reference.delta_rule_recurrent(q, k, v, beta, **kw)
+    return reference.gated_delta_rule_recurrent(q, k, v, g, beta, **kw)
 
 
 def make_inputs(rng, B, T, H, K, V, *, gated=False, state=False, l2norm=False, strong=False):

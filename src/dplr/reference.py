@@ -1,0 +1,225 @@
+"""Plain reference implementations: each operation written as its definition.
+
+Slow, obvious and independent of the fast paths, which never import this
+module. The tests compare the library against these functions and the
+benchmarks time them as baselines, so that one definition serves both.
+Every function takes NumPy arrays or torch tensors (then it is
+differentiable, so autograd through it is a reference for the gradients) and
+computes in the dtype it is given.
+
+- :func:`tril_dense`: the matrix ``T = diag(lam) + tril(Q K^T ⊙ D, -1)``.
+- :func:`delta_rule_recurrent` and :func:`gated_delta_rule_recurrent`: the
+  (gated) delta rule token by token, in the layout of :func:`dplr.delta_rule`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["delta_rule_recurrent", "gated_delta_rule_recurrent", "tril_dense"]
+
+
+def _is_torch(x: Any) -> bool:
+    """True for a torch tensor (without importing torch)."""
+    return type(x).__module__.startswith("torch")
+
+
+def tril_dense(q: Any, k: Any, lam: Any = None, log_decay: Any = None) -> Any:
+    """The dense ``n x n`` matrix ``T = diag(lam) + tril(Q K^T ⊙ D, -1)``.
+
+    Parameters
+    ----------
+    q, k : (..., n, d) ndarray or torch.Tensor
+        The low-rank factors.
+    lam : (..., n) array, optional
+        The diagonal (ones if omitted).
+    log_decay : (..., n) array, optional
+        Logarithms of the per-row decays ``a_i``; the decay mask is
+        ``D_ij = a_{j+1} ... a_i = exp(G_i - G_j)`` with ``G = cumsum(log_decay)``.
+
+    Returns
+    -------
+    (..., n, n) ndarray or torch.Tensor
+        ``T[..., i, i] = lam_i`` and ``T[..., i, j] = (q_i . k_j) D_ij`` for
+        ``j < i``; zero above the diagonal.
+
+    Notes
+    -----
+    O(n² d) time and O(n²) memory: for tests and small examples only.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> q, k = np.ones((3, 1)), np.full((3, 1), 2.0)
+    >>> np.allclose(tril_dense(q, k), [[1, 0, 0], [2, 1, 0], [2, 2, 1]])
+    True
+    """
+    n = q.shape[-2]
+    if _is_torch(q):
+        import torch
+
+        below = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)
+        low = q @ k.mT
+        if log_decay is not None:
+            cum = log_decay.cumsum(-1)
+            exponent = (cum[..., :, None] - cum[..., None, :]).masked_fill(~below, -torch.inf)
+            low = low * torch.exp(exponent)
+        low = low.masked_fill(~below, 0.0)
+        diagonal = torch.ones(q.shape[:-1], dtype=q.dtype, device=q.device) if lam is None else lam
+        return low + torch.diag_embed(diagonal)
+    below = np.tri(n, k=-1, dtype=bool)
+    low = q @ np.swapaxes(k, -1, -2)
+    if log_decay is not None:
+        cum = np.cumsum(log_decay, -1)
+        exponent = np.where(below, cum[..., :, None] - cum[..., None, :], -np.inf)
+        low = low * np.exp(exponent)
+    out = np.where(below, low, 0.0).astype(np.result_type(q, k), copy=False)
+    diagonal = np.ones(q.shape[:-1], out.dtype) if lam is None else lam
+    idx = np.arange(n)
+    out[..., idx, idx] = diagonal
+    return out
+
+
+def delta_rule_recurrent(
+    q: Any,
+    k: Any,
+    v: Any,
+    beta: Any,
+    *,
+    scale: float | None = None,
+    initial_state: Any = None,
+    use_qk_l2norm: bool = False,
+) -> tuple[Any, Any]:
+    """The delta rule token by token: ``S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``.
+
+    Parameters
+    ----------
+    q, k : (B, T, H, K) ndarray or torch.Tensor
+        Queries and keys.
+    v : (B, T, H, V) array
+        Values.
+    beta : (B, T, H) array
+        Writing strengths.
+    scale : float, optional
+        Factor of the outputs (default ``K ** -0.5``).
+    initial_state : (B, H, K, V) array, optional
+        ``S_0`` (zeros if omitted).
+    use_qk_l2norm : bool
+        Normalise each query and key to unit Euclidean norm first.
+
+    Returns
+    -------
+    o : (B, T, H, V) array
+        ``o_t = scale * S_t^T q_t``.
+    final_state : (B, H, K, V) array
+        ``S_T``.
+
+    Notes
+    -----
+    O(T H K V) time in T sequential steps, each one vectorised over batch
+    and heads: the plain recurrent form that chunked algorithms are judged
+    against.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> k = np.ones((1, 1, 1, 1)); v = np.full((1, 1, 1, 1), 3.0)
+    >>> o, s = delta_rule_recurrent(k, k, v, np.full((1, 1, 1), 0.5), scale=1.0)
+    >>> np.allclose(o, 1.5) and np.allclose(s, 1.5)
+    True
+    """
+    return _recurrence(q, k, v, beta, None, scale, initial_state, use_qk_l2norm)
+
+
+def gated_delta_rule_recurrent(
+    q: Any,
+    k: Any,
+    v: Any,
+    g: Any,
+    beta: Any,
+    *,
+    scale: float | None = None,
+    initial_state: Any = None,
+    use_qk_l2norm: bool = False,
+) -> tuple[Any, Any]:
+    """The gated delta rule token by token:
+    ``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``.
+
+    Parameters
+    ----------
+    q, k : (B, T, H, K) ndarray or torch.Tensor
+        Queries and keys.
+    v : (B, T, H, V) array
+        Values.
+    g : (B, T, H) array
+        Log decays (``g <= 0`` for a decay).
+    beta : (B, T, H) array
+        Writing strengths.
+    scale : float, optional
+        Factor of the outputs (default ``K ** -0.5``).
+    initial_state : (B, H, K, V) array, optional
+        ``S_0`` (zeros if omitted).
+    use_qk_l2norm : bool
+        Normalise each query and key to unit Euclidean norm first.
+
+    Returns
+    -------
+    o : (B, T, H, V) array
+        ``o_t = scale * S_t^T q_t``.
+    final_state : (B, H, K, V) array
+        ``S_T``.
+
+    Notes
+    -----
+    O(T H K V) time in T sequential steps, vectorised over batch and heads.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> k = np.ones((1, 2, 1, 1)); v = np.ones((1, 2, 1, 1))
+    >>> g = np.log(np.full((1, 2, 1), 0.5))
+    >>> o, s = gated_delta_rule_recurrent(k, k, v, g, np.ones((1, 2, 1)), scale=1.0)
+    >>> np.allclose(o[0, :, 0, 0], [1.0, 1.0]) and np.allclose(s, 1.0)
+    True
+    """
+    return _recurrence(q, k, v, beta, g, scale, initial_state, use_qk_l2norm)
+
+
+def _recurrence(q, k, v, beta, g, scale, initial_state, use_qk_l2norm):
+    """Shared loop of the two recurrences; ``g=None`` means no decay."""
+    torch_in = _is_torch(q)
+    if use_qk_l2norm:
+        q, k = (x / ((x * x).sum(-1, keepdims=True) ** 0.5) for x in (q, k))
+    batch, length, heads, dim_k = q.shape
+    scale = dim_k**-0.5 if scale is None else scale
+    # Heads first, (B, H, T, .), so that each step reads contiguous rows.
+    if torch_in:
+        import torch
+
+        q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+        beta = beta.transpose(1, 2)
+        g = None if g is None else g.transpose(1, 2)
+        state = q.new_zeros(batch, heads, dim_k, v.shape[-1])
+        concat, exp = torch.stack, torch.exp
+    else:
+        q, k, v = (np.ascontiguousarray(np.swapaxes(x, 1, 2)) for x in (q, k, v))
+        beta = np.swapaxes(beta, 1, 2)
+        g = None if g is None else np.swapaxes(g, 1, 2)
+        state = np.zeros((batch, heads, dim_k, v.shape[-1]), np.result_type(q, k, v))
+        concat, exp = np.stack, np.exp
+    if initial_state is not None:
+        state = state + initial_state
+    outputs = []
+    for t in range(length):
+        k_t = k[:, :, t, :, None]  # (B, H, K, 1)
+        if g is not None:
+            state = exp(g[:, :, t])[..., None, None] * state
+        # u_t = beta_t (v_t - S^T k_t): the value written, the old one removed.
+        u_t = beta[:, :, t, None, None] * (v[:, :, t, None, :] - k_t.swapaxes(-1, -2) @ state)
+        state = state + k_t * u_t
+        outputs.append((q[:, :, t, None, :] @ state)[..., 0, :])
+    if length == 0:  # no token: an empty output, the state unchanged
+        return (v.transpose(1, 2).clone() if torch_in else np.swapaxes(v, 1, 2).copy()), state
+    return scale * concat(outputs, 1), state
