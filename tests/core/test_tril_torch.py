@@ -150,3 +150,17 @@ def test_device_code_path_matches_compiled_cpu_path(monkeypatch, decay):
     dense = torch.linalg.solve_triangular(T.to_dense(), v, upper=False)
     assert torch.allclose(pure, dense, rtol=0, atol=1e-12)
     assert torch.allclose(compiled, dense, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", ["solve", "matmul", "inv"])
+def test_second_derivatives_raise_a_clear_error(op):
+    """The hand-written backward is first order only: say so instead of failing obscurely."""
+    q, k, diag, ld, v = make(7, (), 9, 2, 2)
+    q.requires_grad_()
+    T = dplr.LowRankTril(q, k, diag, ld)
+    call = {"solve": lambda: T.solve(v), "matmul": lambda: T @ v, "inv": T.inv}[op]
+    (dq,) = torch.autograd.grad(call().sum(), q, create_graph=True)
+    (plain,) = torch.autograd.grad(call().sum(), q)
+    torch.testing.assert_close(dq, plain, rtol=0, atol=0)  # first order unchanged
+    with pytest.raises(NotImplementedError, match=r"second derivatives of dplr\.LowRankTril"):
+        dq.sum().backward()

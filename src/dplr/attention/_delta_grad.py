@@ -286,7 +286,8 @@ def delta_backward_passes(ops, q, k, v, beta, g, u, states, do, dsn, chunk_size)
 
 def _torch_function_class():
     import torch
-    from torch.autograd.function import once_differentiable
+
+    from ..core._grad import first_order_only
 
     class DeltaRuleFunction(torch.autograd.Function):
         """``(O, S_n)`` of :func:`delta_forward` with the hand-written backward."""
@@ -300,7 +301,7 @@ def _torch_function_class():
             return o, sn
 
         @staticmethod
-        @once_differentiable
+        @first_order_only("dplr.delta_rule")
         def backward(ctx, do, dsn):
             q, k, v, beta, g, u, states = ctx.saved_tensors
             if do is None:

@@ -15,8 +15,18 @@ from typing import Any
 
 import numpy as np
 
-from .._runtime.backend import Array, backend_of, is_torch, single_threaded_blas
-from .._validate import Prepared, all_finite, positive_int, prepare, to_output
+from .._runtime.backend import Array, backend_of, single_threaded_blas
+from .._validate import (
+    Prepared,
+    check_cu_seqlens,
+    check_delta_shapes,
+    finite_scalar,
+    positive_int,
+    prepare,
+    require_present,
+    shape_error,
+    to_output,
+)
 from ._delta_grad import delta_forward_passes, delta_function
 
 __all__ = ["delta_rule", "gated_delta_rule"]
@@ -39,7 +49,8 @@ def delta_rule(
     beta : (B, T, H) array_like
         Write strengths.
     scale : float, optional
-        Output scale; default ``K ** -0.5``.
+        Output scale, a finite real number; default ``K ** -0.5`` (1 when
+        K = 0, where every output is 0).
     initial_state : (N, H, K, V) array_like, optional
         ``S_0`` for each sequence (N = B, or the number of sequences given by
         ``cu_seqlens``); default zeros.
@@ -67,9 +78,11 @@ def delta_rule(
     ------
     ValueError
         Mismatched shapes, bad ``cu_seqlens`` (not starting at 0, decreasing,
-        not ending at T, or given with B != 1), NaN or Inf in the input.
+        not ending at T, or given with B != 1), NaN or Inf in the input, a
+        ``scale`` that is NaN or Inf.
     TypeError
-        Complex or non-numeric input, or NumPy and torch inputs mixed.
+        A missing (None) q, k, v or beta, complex or non-numeric input, or
+        NumPy and torch inputs mixed.
 
     Notes
     -----
@@ -78,6 +91,8 @@ def delta_rule(
     and ``S_T = S_0 + K^T U`` (``docs/delta.md``).  Chunks of c tokens cost
     O(T c (K + V) + T K V) flops per head and O(T (K + V + c)) memory; no
     T x T matrix is formed.  float16 and bfloat16 compute in float32.  With
+    T = 0 the outputs are empty and the final state is a copy of
+    ``initial_state``.  With
     torch, gradients flow to q, k, v, beta and ``initial_state`` through a
     hand-written backward of about twice the cost that stores only the inputs,
     U and the state entering each chunk.
@@ -118,7 +133,9 @@ def gated_delta_rule(
     q, k, v, beta
         As in :func:`delta_rule`.
     g : (B, T, H) array_like
-        Log decay, ``g <= 0``: ``a_t = exp(g_t)``.  ``g = 0`` is the plain rule.
+        Log decay, ``g <= 0``: ``a_t = exp(g_t)``.  ``g = 0`` is the plain
+        rule; ``g = -inf`` is ``a_t = 0``, a full reset of the state.  Every
+        entry enters (``g[:, 0]`` decays ``initial_state``).
     scale, initial_state, output_final_state, cu_seqlens, chunk_size, use_qk_l2norm
         As in :func:`delta_rule`.
 
@@ -130,7 +147,8 @@ def gated_delta_rule(
     Raises
     ------
     ValueError
-        As :func:`delta_rule`, and for positive ``g``.
+        As :func:`delta_rule`, and for positive ``g`` (NaN or +Inf in ``g``;
+        -Inf is allowed).
 
     Notes
     -----
@@ -157,56 +175,7 @@ def gated_delta_rule(
     )  # fmt: skip
 
 
-# ---------------------------------------------------------------------------- validation
-def _shape_error(name: str, want: str, x: Array, why: str = "") -> ValueError:
-    return ValueError(f"{name!r} must have shape {want}{why}; got shape {tuple(x.shape)}")
-
-
-def _check_shapes(p: Prepared, gated: bool) -> tuple[int, int, int, int, int]:
-    q, k, v = p["q"], p["k"], p["v"]
-    if q.ndim != 4:
-        raise _shape_error("q", "(B, T, H, K)", q)
-    B, T, H, K = q.shape
-    if tuple(k.shape) != (B, T, H, K):
-        raise _shape_error("k", f"(B, T, H, K) = {(B, T, H, K)} like q", k)
-    if v.ndim != 4 or tuple(v.shape[:3]) != (B, T, H):
-        raise _shape_error("v", f"(B, T, H, V) with (B, T, H) = {(B, T, H)} like q", v)
-    names = ("beta", "g") if gated else ("beta",)
-    for name in names:
-        if tuple(p[name].shape) != (B, T, H):
-            raise _shape_error(name, f"(B, T, H) = {(B, T, H)} like q", p[name])
-    if gated and bool((p["g"] > 0).any()):
-        raise ValueError("'g' is a log decay and must be <= 0 (a_t = exp(g_t) in (0, 1])")
-    return B, T, H, K, int(v.shape[-1])
-
-
-def _require_finite(p: Prepared) -> None:
-    """``ValueError`` naming the first argument with NaN or Inf."""
-    for name, x in p.arrays.items():
-        if x is not None and not all_finite(x):
-            raise ValueError(f"{name!r} contains NaN or Inf")
-
-
-def _check_cu_seqlens(cu_seqlens: Any, B: int, T: int) -> np.ndarray | None:
-    if cu_seqlens is None:
-        return None
-    if is_torch(cu_seqlens):
-        cu_seqlens = cu_seqlens.detach().cpu().numpy()
-    cu = np.asarray(cu_seqlens)
-    if cu.ndim != 1 or cu.size < 2 or cu.dtype.kind not in "iu":
-        raise ValueError(
-            f"'cu_seqlens' must be a 1-D integer array of N + 1 >= 2 boundaries; "
-            f"got dtype {cu.dtype} and shape {cu.shape}"
-        )
-    if B != 1:
-        raise ValueError(f"'cu_seqlens' packs sequences along T and needs B == 1; got B = {B}")
-    if cu[0] != 0 or cu[-1] != T or bool((np.diff(cu) < 0).any()):
-        raise ValueError(
-            f"'cu_seqlens' must start at 0, never decrease and end at T = {T}; got {cu.tolist()}"
-        )
-    return cu.astype(np.int64)
-
-
+# ------------------------------------------------------------------------------ helpers
 def _l2norm(x: Array, torch: bool) -> Array:
     """Rows of unit L2 norm over the last axis; zero rows stay zero."""
     if torch:
@@ -223,19 +192,21 @@ def _delta(q, k, v, beta, g, *, scale, initial_state, output_final_state, cu_seq
            chunk_size, use_qk_l2norm):  # fmt: skip
     gated = g is not None
     chunk_size = positive_int("chunk_size", chunk_size)
+    require_present({"q": q, "k": k, "v": v, "beta": beta})
     p = prepare(
         {"q": q, "k": k, "v": v, "beta": beta, "g": g, "initial_state": initial_state},
-        check_finite=False,
+        log_decays=("g",),
+        skippable=False,
     )
-    _require_finite(p)
-    B, T, H, K, V = _check_shapes(p, gated)
-    cu = _check_cu_seqlens(cu_seqlens, B, T)
+    B, T, H, K, V = check_delta_shapes(p, gated)
+    cu = check_cu_seqlens(cu_seqlens, B, T)
     N = B if cu is None else len(cu) - 1
     s0 = p["initial_state"]
     if s0 is not None and tuple(s0.shape) != (N, H, K, V):
         why = "" if cu is None else " (N = len(cu_seqlens) - 1)"
-        raise _shape_error("initial_state", f"(N, H, K, V) = {(N, H, K, V)}", s0, why)
-    scale = K**-0.5 if scale is None else float(scale)
+        raise shape_error("initial_state", f"(N, H, K, V) = {(N, H, K, V)}", s0.shape, why)
+    # With K = 0 every output is an empty sum, 0, whatever the scale.
+    scale = (K**-0.5 if K else 1.0) if scale is None else finite_scalar("scale", scale)
     q, k, v, beta, g = p["q"], p["k"], p["v"], p["beta"], p["g"]
     if use_qk_l2norm:
         q, k = _l2norm(q, p.torch), _l2norm(k, p.torch)
@@ -253,8 +224,8 @@ def _run(p: Prepared, q, k, v, beta, g, s0, chunk_size) -> tuple[Array, Array]:
     """The forward pass (and torch autograd): O (B, T, H, V) and S_T (B, H, K, V)."""
     B, T, H, K = k.shape
     ops = backend_of(k)
-    if T == 0:
-        state = ops.zeros((B, H, K, v.shape[-1]), v) if s0 is None else s0
+    if T == 0:  # the final state is S_0, as a new array: never the caller's object
+        state = ops.zeros((B, H, K, v.shape[-1]), v) if s0 is None else ops.copy(s0)
         return ops.zeros(v.shape, v), state
     if p.torch:
         import torch

@@ -140,9 +140,60 @@ def solve_backward(
     return dq, dk, dlam, dld, dr, dh0
 
 
+def first_order_only(what: str):
+    """Decorator for a hand-written ``backward``: gradients, but no gradient of them.
+
+    Like :func:`torch.autograd.function.once_differentiable`, the backward
+    runs without recording a graph.  Under ``create_graph=True`` its results
+    are passed through a node whose own backward raises ``NotImplementedError``
+    naming ``what``, so that a second derivative fails with a message that
+    says it is unsupported (instead of torch's "does not require grad").
+    """
+    import functools
+
+    import torch
+
+    class SecondOrderUnsupported(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, anchor, *grads):
+            return tuple(g.clone() for g in grads)
+
+        @staticmethod
+        def backward(ctx, *_):
+            raise NotImplementedError(
+                f"second derivatives of {what} are not supported: its backward pass is "
+                "hand-written and not itself differentiable"
+            )
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grad_outputs):
+            recording = torch.is_grad_enabled()
+            with torch.no_grad():
+                grads = backward(ctx, *grad_outputs)
+            if not recording:
+                return grads
+            anchors = [x for x in (*ctx.saved_tensors, *grad_outputs) if _needs_grad(x)]
+            present = [i for i, g in enumerate(grads) if g is not None]
+            if not anchors or not present:
+                return grads
+            guarded = SecondOrderUnsupported.apply(anchors[0], *(grads[i] for i in present))
+            out = list(grads)
+            for i, g in zip(present, guarded, strict=True):
+                out[i] = g
+            return tuple(out)
+
+        return wrapper
+
+    return decorate
+
+
+def _needs_grad(x: object) -> bool:
+    return x is not None and bool(getattr(x, "requires_grad", False))
+
+
 def _torch_function_classes():
     import torch
-    from torch.autograd.function import once_differentiable
 
     class TrilSolve(torch.autograd.Function):
         """``(Y, h_n)`` of :func:`dplr.core._kernels.solve` with the hand-written backward."""
@@ -158,7 +209,7 @@ def _torch_function_classes():
             return y, hn
 
         @staticmethod
-        @once_differentiable
+        @first_order_only("dplr.LowRankTril.solve")
         def backward(ctx, dy, dhn):
             q, k, lam, log_decay, h0, y = ctx.saved_tensors
             if dy is None:
@@ -184,7 +235,7 @@ def _torch_function_classes():
             return y
 
         @staticmethod
-        @once_differentiable
+        @first_order_only("dplr.LowRankTril.matmul")
         def backward(ctx, dy):
             q, k, lam, log_decay, v, h0 = ctx.saved_tensors
             grads = matmul_backward(

@@ -18,9 +18,13 @@ from .._runtime.backend import Array, backend_of, single_threaded_blas
 from .._validate import (
     Prepared,
     broadcast_batch,
+    first_index,
     positive_int,
     prepare,
+    require_log_decay,
     require_ndim,
+    require_present,
+    shape_error,
     to_output,
 )
 from . import _kernels
@@ -29,11 +33,23 @@ from ._grad import torch_functions
 __all__ = ["LowRankTril", "tril_inv", "tril_matmul", "tril_solve"]
 
 
-def _first_index(mask: Array) -> tuple[int, ...]:
-    """Index of the first True entry of a NumPy or torch boolean array."""
-    if hasattr(mask, "nonzero") and not isinstance(mask, np.ndarray):
-        return tuple(int(i) for i in mask.nonzero()[0])
-    return tuple(int(i) for i in np.argwhere(mask)[0])
+def _without_first_decay(log_decay: Array, torch: bool) -> Array:
+    """Check a log decay and set its entry 0, which does not enter T, to 0.
+
+    ``D[i, j]`` sums ``log_decay[j+1 .. i]``, never ``log_decay[0]``: any value
+    is accepted there (NaN and +Inf only with ``check_finite=False``), and it
+    is replaced by 0 so that no kernel can turn it into Inf or NaN.  Entries
+    1.. must be ``<= 0``; -Inf is a decay factor of exactly 0.
+    """
+    require_log_decay("log_decay", log_decay, skip_first=True)
+    if torch:
+        import torch as _torch
+
+        zero = _torch.zeros_like(log_decay[..., :1])
+        return _torch.cat([zero, log_decay[..., 1:]], -1)
+    out = log_decay.copy()
+    out[..., :1] = 0.0
+    return out
 
 
 class LowRankTril:
@@ -51,20 +67,26 @@ class LowRankTril:
         Diagonal of T.  Default: ones (a unit triangular matrix).
     log_decay : (..., n) array_like, optional
         Log decay per row, ``<= 0``: ``D[i, j] = exp(log_decay[j+1] + ... +
-        log_decay[i])``.  ``log_decay[0]`` does not enter T.  Default: no
-        decay (``D = 1``).
+        log_decay[i])``; ``-inf`` is a decay factor of exactly 0 (rows after
+        it do not see rows before it).  ``log_decay[0]`` does not enter T, so
+        any value is accepted there (it is stored as 0).  Default: no decay
+        (``D = 1``).
     check_finite : bool, default True
         Raise if an input holds NaN or Inf (like :func:`scipy.linalg.solve`).
 
     Raises
     ------
     ValueError
-        Shapes that do not match or broadcast, positive ``log_decay``, NaN/Inf.
+        Shapes that do not match or broadcast, positive ``log_decay[1:]``,
+        NaN or Inf (in ``log_decay``: NaN or +Inf).
     TypeError
-        Complex or non-numeric input, or NumPy and torch inputs mixed.
+        A missing q or k, complex or non-numeric input, or NumPy and torch
+        inputs mixed.
 
     Notes
     -----
+    n = 0 is allowed: products, solves and inverses are empty and
+    ``slogdet`` is ``(1, 0)``, as in NumPy and SciPy.
     Inputs may be NumPy arrays (or anything :func:`numpy.asarray` takes) or
     torch tensors on any device; results have the type, device and promoted
     dtype of the inputs (integers promote to float64; float16 and bfloat16
@@ -85,7 +107,7 @@ class LowRankTril:
     (True, True)
     """
 
-    __slots__ = ("_batch", "_diag", "_k", "_log_decay", "_prep", "_q")
+    __slots__ = ("_batch", "_checked", "_diag", "_k", "_log_decay", "_prep", "_q")
 
     def __init__(
         self,
@@ -96,40 +118,32 @@ class LowRankTril:
         *,
         check_finite: bool = True,
     ) -> None:
+        require_present({"q": q, "k": k})
         prep = prepare(
-            {"q": q, "k": k, "diag": diag, "log_decay": log_decay}, check_finite=check_finite
+            {"q": q, "k": k, "diag": diag, "log_decay": log_decay},
+            check_finite=check_finite,
+            log_decays=("log_decay",),
         )
         q, k, diag, log_decay = prep["q"], prep["k"], prep["diag"], prep["log_decay"]
         require_ndim("q", q, 2, "(..., n, d)")
         require_ndim("k", k, 2, "(..., n, d)")
-        if q.shape[-2:] != k.shape[-2:]:
-            raise ValueError(
-                f"q and k must both be (..., n, d) with the same n and d; "
-                f"got q {tuple(q.shape)} and k {tuple(k.shape)}"
-            )
-        n = q.shape[-2]
-        if n == 0:
-            raise ValueError("T must have at least one row (n = 0)")
+        n, d = q.shape[-2:]
+        if k.shape[-2:] != q.shape[-2:]:
+            raise shape_error("k", f"(..., {n}, {d})", tuple(k.shape), ", the same n and d as 'q'")
         shapes = {"q": tuple(q.shape[:-2]), "k": tuple(k.shape[:-2])}
         for name, arr in (("diag", diag), ("log_decay", log_decay)):
             if arr is None:
                 continue
             require_ndim(name, arr, 1, "(..., n)")
             if arr.shape[-1] != n:
-                raise ValueError(
-                    f"{name!r} must have shape (..., {n}) to match q {tuple(q.shape)}; "
-                    f"got {tuple(arr.shape)}"
-                )
+                raise shape_error(name, f"(..., {n})", tuple(arr.shape), f" to match 'q' {(n, d)}")
             shapes[name] = tuple(arr.shape[:-1])
-        if log_decay is not None and bool((log_decay > 0).any()):
-            where = _first_index(log_decay > 0)
-            raise ValueError(
-                f"'log_decay' must be <= 0 (a decay factor in (0, 1]); "
-                f"log_decay{list(where)} = {float(log_decay[where])}"
-            )
+        if log_decay is not None:
+            log_decay = _without_first_decay(log_decay, prep.torch)
         self._q, self._k, self._diag, self._log_decay = q, k, diag, log_decay
         self._batch = broadcast_batch(shapes)
         self._prep = prep
+        self._checked = check_finite
 
     # ------------------------------------------------------------------ info
     @property
@@ -163,6 +177,7 @@ class LowRankTril:
 
     @property
     def log_decay(self) -> Array | None:
+        """The log decay T uses, (..., n); entry 0 (which does not enter T) reads 0."""
         return self._log_decay
 
     def __repr__(self) -> str:
@@ -181,18 +196,17 @@ class LowRankTril:
 
     def _operands(self, v: Any, check_finite: bool) -> tuple[Prepared, tuple, bool, Prepared]:
         """Validate a right-hand side and broadcast everything to one batch shape."""
+        require_present({"v": v})
         pv = prepare({"v": v}, check_finite=check_finite, like=self._prep)
         v = pv["v"]
-        require_ndim("v", v, 1, "(..., n, m) or (n,)")
+        n = self._q.shape[-2]
+        want, why = f"(..., {n}, m) or ({n},)", f" to match T ({n} x {n})"
+        require_ndim("v", v, 1, want)
+        if v.shape[-1 if v.ndim == 1 else -2] != n:
+            raise shape_error("v", want, tuple(v.shape), why)
         vector = v.ndim == 1
         if vector:
             v = v[:, None]
-        n = self._q.shape[-2]
-        if v.shape[-2] != n:
-            raise ValueError(
-                f"'v' has {v.shape[-2]} rows but T is {n} x {n}; v must be (..., {n}, m)"
-                + (" or (n,)" if vector else "")
-            )
         batch = broadcast_batch({"T": self._batch, "v": tuple(v.shape[:-2])})
         ops = backend_of(v)
         dtype = pv.compute_dtype
@@ -218,7 +232,7 @@ class LowRankTril:
             return
         zero = self._diag == 0
         if bool(zero.any()):
-            where = list(_first_index(zero))
+            where = list(first_index(zero))
             raise SingularMatrixError(
                 f"T is singular: diag{where} == 0 (a triangular matrix is invertible "
                 "iff its diagonal has no zero)"
@@ -230,12 +244,14 @@ class LowRankTril:
         """Run the ``"matmul"`` or ``"solve"`` kernel (torch: through its autograd Function)."""
         chunk_size = positive_int("chunk_size", chunk_size)
         (q, k, lam, ld, v), _, vector, pv = self._operands(v, check_finite)
-        if pv.torch:
+        if v.shape[-2] == 0:  # n = 0: an empty result, as NumPy's and SciPy's solves give
+            y = v * 0.0
+        elif pv.torch:
             tril_solve_fn, tril_matmul_fn = torch_functions()
             fn = tril_solve_fn if op == "solve" else tril_matmul_fn
             y = fn.apply(q, k, lam, ld, v, None, transpose, chunk_size)
             y = y[0] if op == "solve" else y
-        else:
+        else:  # NumPy
             kernel = _kernels.solve if op == "solve" else _kernels.matmul
             with single_threaded_blas():
                 y, _ = kernel(
@@ -325,7 +341,7 @@ class LowRankTril:
         self._check_nonsingular()
         return self._apply("solve", v, transpose, chunk_size, check_finite)
 
-    def inv(self, chunk_size: int | None = None) -> Array:
+    def inv(self, chunk_size: int | None = None, *, check_finite: bool = True) -> Array:
         """The dense inverse ``T^-1``, (..., n, n).
 
         Block row J of the inverse is ``[-W_J Z, T_JJ^-1, 0]`` with
@@ -333,21 +349,39 @@ class LowRankTril:
         block triangle is computed.  Prefer :meth:`solve` when you need
         ``T^-1 v``: it is O(n).
 
+        Parameters
+        ----------
+        chunk_size : int, optional
+            Rows per chunk (default 32).  Only speed depends on it.
+        check_finite : bool, default True
+            Raise if an operand of T holds NaN or Inf.  The constructor
+            checked them already unless it was given ``check_finite=False``;
+            only then does this scan them.
+
         Raises
         ------
         SingularMatrixError
             If ``diag`` has an exact zero.
+        ValueError
+            If ``check_finite`` and an operand holds NaN or Inf.
         """
         chunk_size = positive_int("chunk_size", chunk_size)
+        if check_finite and not self._checked:
+            named = {"q": self._q, "k": self._k, "diag": self._diag, "log_decay": self._log_decay}
+            prepare(named, check_finite=True, log_decays=("log_decay",))
+            self._checked = True
         self._check_nonsingular()
         n = self._q.shape[-2]
+        ops = backend_of(self._q)
+        if n == 0:
+            return to_output(ops.zeros((*self._batch, 0, 0), self._q), self._prep)
         if self._prep.torch:
             # Differentiable through the solve: T^-1 = solve(I).
-            eye = backend_of(self._q).eye(n, self._q)
+            eye = ops.eye(n, self._q)
             return self.solve(eye, chunk_size=chunk_size, check_finite=False)
         (q, k, lam, ld, _), _, _, _ = self._operands(np.zeros((n, 1)), False)
         with single_threaded_blas():
-            out = _kernels.inverse(backend_of(q), q, k, lam, ld, chunk_size=chunk_size)
+            out = _kernels.inverse(ops, q, k, lam, ld, chunk_size=chunk_size)
         return to_output(out, self._prep)
 
     def to_dense(self) -> Array:
@@ -423,4 +457,5 @@ def tril_inv(
 
     See :meth:`LowRankTril.inv` for cost and errors.
     """
-    return LowRankTril(q, k, diag, log_decay, check_finite=check_finite).inv(chunk_size)
+    T = LowRankTril(q, k, diag, log_decay, check_finite=check_finite)
+    return T.inv(chunk_size, check_finite=check_finite)
