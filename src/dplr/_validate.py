@@ -308,23 +308,40 @@ def to_output(y: Array, prepared: Prepared) -> Array:
 
 
 # ------------------------------------------------------------- the delta rule
-def check_delta_shapes(p: Prepared, gated: bool) -> tuple[int, int, int, int, int]:
-    """(B, T, H, K, V) of the delta rule's prepared operands; ``g <= 0`` when gated."""
+def check_delta_shapes(
+    p: Prepared, gated: bool, per_channel: bool = False
+) -> tuple[int, int, int, int, int, int]:
+    """(B, T, H, HV, K, V) of the delta rules' prepared operands; ``g <= 0`` when gated.
+
+    Value heads HV are a positive multiple of the key heads H (or both 0);
+    v, beta, g and the state carry HV heads.  ``per_channel``: g has one log
+    decay per key channel, (B, T, HV, K) (KDA), else (B, T, HV).
+    """
     q, k, v = p["q"], p["k"], p["v"]
     if q.ndim != 4:
         raise shape_error("q", "(B, T, H, K)", q.shape)
     B, T, H, K = q.shape
     if tuple(k.shape) != (B, T, H, K):
         raise shape_error("k", f"(B, T, H, K) = {(B, T, H, K)} like q", k.shape)
-    if v.ndim != 4 or tuple(v.shape[:3]) != (B, T, H):
-        raise shape_error("v", f"(B, T, H, V) with (B, T, H) = {(B, T, H)} like q", v.shape)
-    names = ("beta", "g") if gated else ("beta",)
-    for name in names:
-        if tuple(p[name].shape) != (B, T, H):
-            raise shape_error(name, f"(B, T, H) = {(B, T, H)} like q", p[name].shape)
+    if v.ndim != 4 or tuple(v.shape[:2]) != (B, T) or not _is_group_count(H, v.shape[2]):
+        why = f" with (B, T) = {(B, T)} like q and HV a multiple of H = {H}"
+        raise shape_error("v", "(B, T, HV, V)", v.shape, why)
+    HV = int(v.shape[2])
+    if tuple(p["beta"].shape) != (B, T, HV):
+        raise shape_error("beta", f"(B, T, HV) = {(B, T, HV)} like v", p["beta"].shape)
     if gated:
+        want, what = ((B, T, HV, K), "(B, T, HV, K)") if per_channel else ((B, T, HV), "(B, T, HV)")
+        if tuple(p["g"].shape) != want:
+            raise shape_error("g", f"{what} = {want} like v and q", p["g"].shape)
         require_log_decay("g", p["g"])
-    return B, T, H, K, int(v.shape[-1])
+    return B, T, H, HV, K, int(v.shape[-1])
+
+
+def _is_group_count(heads: int, value_heads: int) -> bool:
+    """True if ``value_heads`` is a positive multiple of ``heads`` (or both are 0)."""
+    if heads == 0:
+        return value_heads == 0
+    return value_heads >= heads and value_heads % heads == 0
 
 
 def check_cu_seqlens(cu_seqlens: Any, B: int, T: int) -> np.ndarray | None:

@@ -427,3 +427,65 @@ def test_second_derivatives_raise_a_clear_error(gated):
     dq, ds0 = torch.autograd.grad(o.sum() + sn.sum(), [q, s0], create_graph=True)
     with pytest.raises(NotImplementedError, match=r"second derivatives of dplr\.delta_rule"):
         (dq.sum() + ds0.sum()).backward()
+
+
+# --------------------------------------------------------------- grouped value heads
+def _grouped_inputs(rng, B, T, H, groups, K, V, gated):
+    """Key heads H, value heads H * groups; the value-side arrays drawn per value head."""
+    q, k, _, _, _, _ = make_inputs(rng, B, T, H, K, V)
+    _, _, v, beta, g, s0 = make_inputs(rng, B, T, H * groups, K, V, gated=gated, state=True)
+    return q, k, v, beta, g, s0
+
+
+def _expand(x, groups):
+    """Value head i reads key head i // groups: written as an index, not a repeat."""
+    index = np.arange(x.shape[2] * groups) // groups
+    return x[:, :, torch.as_tensor(index) if isinstance(x, torch.Tensor) else index]
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize(("H", "groups", "T", "chunk"), [(1, 2, 37, 8), (2, 3, 5, None)])
+def test_grouped_value_heads_match_recurrence(H, groups, T, chunk, gated):
+    rng = np.random.default_rng(16 + groups)
+    B, K, V = 2, 4, 3
+    q, k, v, beta, g, s0 = _grouped_inputs(rng, B, T, H, groups, K, V, gated)
+    o, sn = run(q, k, v, beta, g, initial_state=s0, output_final_state=True, chunk_size=chunk)
+    o_ref, s_ref = recurrence(_expand(q, groups), _expand(k, groups), v, beta, g, s0=s0)
+    assert o.shape == (B, T, H * groups, V) and sn.shape == (B, H * groups, K, V)
+    tol = tolerance(np.float64, T, K, V, chunk or 64)
+    assert rel_err(o, o_ref) < tol and rel_err(sn, s_ref) < tol
+
+
+@needs_torch
+@pytest.mark.parametrize("gated", [False, True])
+def test_grouped_value_heads_gradients(gated):
+    """The gradients of q and k sum over the value heads that share them."""
+    rng = np.random.default_rng(17)
+    B, T, H, groups, K, V = 1, 21, 2, 2, 3, 2
+    arrays = _grouped_inputs(rng, B, T, H, groups, K, V, gated)
+    inputs = dict(zip(GRAD_NAMES, _torch(*arrays, grad=True), strict=True))
+    wo = torch.tensor(rng.standard_normal((B, T, H * groups, V)))
+    ws = torch.tensor(rng.standard_normal((B, H * groups, K, V)))
+
+    def ours(x):
+        return run(x["q"], x["k"], x["v"], x["beta"], x["g"], initial_state=x["initial_state"],
+                   output_final_state=True, chunk_size=4)  # fmt: skip
+
+    def reference(x):
+        return recurrence(_expand(x["q"], groups), _expand(x["k"], groups), x["v"], x["beta"],
+                          x["g"], s0=x["initial_state"])  # fmt: skip
+
+    got, want = _grads(ours, inputs, wo, ws), _grads(reference, inputs, wo, ws)
+    assert got["q"].shape == (B, T, H, K)
+    for name in got:
+        assert rel_err(got[name], want[name]) < 10 * tolerance(torch.float64, T, K, V, 4), name
+
+
+def test_value_heads_must_be_a_multiple_of_key_heads():
+    rng = np.random.default_rng(18)
+    q, k, _, _, _, _ = make_inputs(rng, 1, 6, 2, 3, 2)
+    _, _, v, beta, _, _ = make_inputs(rng, 1, 6, 3, 3, 2)
+    with pytest.raises(ValueError, match=r"'v'.*multiple of H = 2"):
+        dplr.delta_rule(q, k, v, beta)
+    with pytest.raises(ValueError, match="'beta'"):
+        dplr.delta_rule(q, k, np.concatenate([v, v[:, :, :1]], 2), beta)

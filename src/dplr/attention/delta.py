@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .._runtime.backend import Array, backend_of, single_threaded_blas
+from .._runtime.backend import Array, backend_of, is_torch, single_threaded_blas
 from .._validate import (
     Prepared,
     check_cu_seqlens,
@@ -44,14 +44,16 @@ def delta_rule(
     q, k : (B, T, H, K) array_like
         Queries and keys.  For the state to stay bounded, rows of k should
         have norm 1 (see ``use_qk_l2norm``) and beta lie in [0, 2].
-    v : (B, T, H, V) array_like
-        Values.
-    beta : (B, T, H) array_like
+    v : (B, T, HV, V) array_like
+        Values.  HV is a multiple of H: value head i reads the queries and
+        keys of head ``i // (HV // H)`` (grouped value heads; HV = H is the
+        ungrouped rule).
+    beta : (B, T, HV) array_like
         Write strengths.
     scale : float, optional
         Output scale, a finite real number; default ``K ** -0.5`` (1 when
         K = 0, where every output is 0).
-    initial_state : (N, H, K, V) array_like, optional
+    initial_state : (N, HV, K, V) array_like, optional
         ``S_0`` for each sequence (N = B, or the number of sequences given by
         ``cu_seqlens``); default zeros.
     output_final_state : bool, default False
@@ -69,9 +71,9 @@ def delta_rule(
 
     Returns
     -------
-    o : (B, T, H, V) array
+    o : (B, T, HV, V) array
         ``o_t = scale * S_t^T q_t``, in the inputs' library, device and dtype.
-    final_state : (N, H, K, V) array or None
+    final_state : (N, HV, K, V) array or None
         ``S_T`` of every sequence if ``output_final_state``, else None.
 
     Raises
@@ -95,7 +97,9 @@ def delta_rule(
     ``initial_state``.  With
     torch, gradients flow to q, k, v, beta and ``initial_state`` through a
     hand-written backward of about twice the cost that stores only the inputs,
-    U and the state entering each chunk.
+    U and the state entering each chunk.  Grouped value heads run as HV heads
+    on shared copies of q and k (O(T HV K) memory); the gradients of q and k
+    sum over each group.
 
     Examples
     --------
@@ -132,7 +136,7 @@ def gated_delta_rule(
     ----------
     q, k, v, beta
         As in :func:`delta_rule`.
-    g : (B, T, H) array_like
+    g : (B, T, HV) array_like
         Log decay, ``g <= 0``: ``a_t = exp(g_t)``.  ``g = 0`` is the plain
         rule; ``g = -inf`` is ``a_t = 0``, a full reset of the state.  Every
         entry enters (``g[:, 0]`` decays ``initial_state``).
@@ -141,8 +145,8 @@ def gated_delta_rule(
 
     Returns
     -------
-    o : (B, T, H, V) array
-    final_state : (N, H, K, V) array or None
+    o : (B, T, HV, V) array
+    final_state : (N, HV, K, V) array or None
 
     Raises
     ------
@@ -176,6 +180,19 @@ def gated_delta_rule(
 
 
 # ------------------------------------------------------------------------------ helpers
+def share_key_heads(x: Array, groups: int) -> Array:
+    """(B, T, H, K) -> (B, T, H * groups, K): value head i reads key head i // groups.
+
+    The ``repeat_interleave`` convention of the model libraries; with torch,
+    the gradient of the copy sums each group back onto its key head.
+    """
+    if groups == 1:
+        return x
+    if is_torch(x):
+        return x.repeat_interleave(groups, dim=2)
+    return np.repeat(x, groups, axis=2)
+
+
 def _l2norm(x: Array, torch: bool) -> Array:
     """Rows of unit L2 norm over the last axis; zero rows stay zero."""
     if torch:
@@ -198,19 +215,20 @@ def _delta(q, k, v, beta, g, *, scale, initial_state, output_final_state, cu_seq
         log_decays=("g",),
         skippable=False,
     )
-    B, T, H, K, V = check_delta_shapes(p, gated)
+    B, T, H, HV, K, V = check_delta_shapes(p, gated)
     cu = check_cu_seqlens(cu_seqlens, B, T)
     N = B if cu is None else len(cu) - 1
     s0 = p["initial_state"]
-    if s0 is not None and tuple(s0.shape) != (N, H, K, V):
+    if s0 is not None and tuple(s0.shape) != (N, HV, K, V):
         why = "" if cu is None else " (N = len(cu_seqlens) - 1)"
-        raise shape_error("initial_state", f"(N, H, K, V) = {(N, H, K, V)}", s0.shape, why)
+        raise shape_error("initial_state", f"(N, HV, K, V) = {(N, HV, K, V)}", s0.shape, why)
     # With K = 0 every output is an empty sum, 0, whatever the scale.
     scale = (K**-0.5 if K else 1.0) if scale is None else finite_scalar("scale", scale)
     q, k, v, beta, g = p["q"], p["k"], p["v"], p["beta"], p["g"]
     if use_qk_l2norm:
         q, k = _l2norm(q, p.torch), _l2norm(k, p.torch)
-    q = q * scale
+    groups = HV // H if H else 1
+    q, k = share_key_heads(q * scale, groups), share_key_heads(k, groups)
     if cu is not None:
         q, k, v, beta, g, valid = _pack(p.torch, cu, q, k, v, beta, g)
     o, sn = _run(p, q, k, v, beta, g, s0, chunk_size)
