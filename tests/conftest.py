@@ -44,3 +44,17 @@ def delta_family(rng, shape, n, d, dtype=np.float64, decay=False):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(params=["compiled", "device"])
+def path(request, monkeypatch):
+    """Run a torch test on the compiled CPU loops or on the pure-torch loops.
+
+    "device" forces the branch that tensors on other devices (CUDA) take,
+    on CPU tensors, by making the backend believe they are elsewhere.
+    """
+    if request.param == "device":
+        from dplr._runtime import backend as _backend
+
+        monkeypatch.setattr(_backend, "_all_cpu", lambda *xs: False)
+    return request.param

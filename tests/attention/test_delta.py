@@ -186,6 +186,28 @@ def test_zero_key_dimension_gives_zero_outputs(gated, scale):
     np.testing.assert_array_equal(o, 0.0)
 
 
+@pytest.mark.xfail(
+    strict=True, reason="the kernels' exact zero for g = -inf is not in this tree yet"
+)
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_minus_inf_gate_resets_the_state(chunk):
+    """g = -inf is a_t = 0: the state before t is forgotten, exactly."""
+    rng = np.random.default_rng(18)
+    q, k, v, beta, g, s0 = make_inputs(rng, 2, 30, 2, 4, 3, gated=True, state=True)
+    g[:, [0, 7, 29], :] = -np.inf
+    g[1, 13, 1] = -np.inf
+    o, sn = dplr.gated_delta_rule(
+        q, k, v, g, beta, initial_state=s0, output_final_state=True, chunk_size=chunk
+    )
+    o_ref, s_ref = recurrence(q, k, v, beta, g, s0=s0)
+    assert np.isfinite(o).all() and np.isfinite(sn).all()
+    tol = tolerance(np.float64, 30, 4, 3, chunk or 64)
+    assert rel_err(o, o_ref) < tol and rel_err(sn, s_ref) < tol
+    # after the reset at t = 7, outputs do not depend on S_0 at all
+    o2, _ = dplr.gated_delta_rule(q, k, v, g, beta, chunk_size=chunk)
+    np.testing.assert_array_equal(o[:, 7:], o2[:, 7:])
+
+
 @pytest.mark.parametrize("lib", ["numpy", "torch"])
 def test_l2norm_keeps_zero_rows_zero(lib):
     if lib == "torch" and torch is None:
@@ -268,18 +290,21 @@ def _torch(*xs, dtype=None, grad=False):
 
 @needs_torch
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
-def test_torch_values_and_dtypes(dtype):
+def test_torch_values_and_dtypes(dtype, path):
     dtype = getattr(torch, dtype)
     rng = np.random.default_rng(9)
-    q, k, v, beta, g, s0 = make_inputs(rng, 2, 70, 2, 8, 4, gated=True, state=True)
-    o_ref, s_ref = recurrence(q, k, v, beta, g, s0=s0)
-    tq, tk, tv, tb, tg, ts = _torch(q, k, v, beta, g, s0, dtype=dtype)
+    arrays = make_inputs(rng, 2, 70, 2, 8, 4, gated=True, state=True)
+    tq, tk, tv, tb, tg, ts = _torch(*arrays, dtype=dtype)
     o, sn = dplr.gated_delta_rule(tq, tk, tv, tg, tb, initial_state=ts, output_final_state=True)
     assert isinstance(o, torch.Tensor) and o.dtype == dtype and sn.dtype == dtype
-    # Half-precision inputs are rounded once (eps of their dtype) and then
-    # computed in float32; the output is rounded once more.
-    tol = tolerance(dtype if dtype in (torch.float64, torch.float32) else torch.float32, 70, 8, 4)
-    tol = max(tol, 50 * eps(dtype))
+    # The reference runs in float64 on the inputs as rounded to `dtype`.  Half
+    # precision computes in float32 (its error bound) and rounds the result
+    # once to `dtype` (at most half its eps, relative to the largest entry).
+    q, k, v, beta, g, s0 = (x.double() for x in (tq, tk, tv, tb, tg, ts))
+    o_ref, s_ref = recurrence(q, k, v, beta, g, s0=s0)
+    half = dtype not in (torch.float64, torch.float32)
+    tol = tolerance(torch.float32 if half else dtype, 70, 8, 4)
+    tol += 0.5 * eps(dtype) if half else 0.0
     assert rel_err(o, o_ref) < tol
     assert rel_err(sn, s_ref) < tol
 
@@ -300,7 +325,7 @@ def _grads(fn, inputs, wo, ws):
     ("gated", "l2norm", "chunk", "T"),
     [(False, False, None, 40), (True, False, 8, 37), (True, True, 16, 50), (False, True, 1, 9)],
 )
-def test_gradients_match_autograd_through_recurrence(gated, l2norm, chunk, T):
+def test_gradients_match_autograd_through_recurrence(gated, l2norm, chunk, T, path):
     rng = np.random.default_rng(10)
     B, H, K, V = 2, 2, 5, 3
     arrays = make_inputs(rng, B, T, H, K, V, gated=gated, state=True, l2norm=l2norm)
@@ -419,7 +444,7 @@ def test_backward_keeps_no_graph_of_the_chunk_loop():
 
 @needs_torch
 @pytest.mark.parametrize("gated", [False, True])
-def test_second_derivatives_raise_a_clear_error(gated):
+def test_second_derivatives_raise_a_clear_error(gated, path):
     rng = np.random.default_rng(17)
     q, k, v, beta, g, s0 = _torch(*make_inputs(rng, 1, 10, 1, 3, 2, gated=gated, state=True),
                                   grad=True)  # fmt: skip

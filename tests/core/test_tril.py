@@ -1,11 +1,25 @@
-"""LowRankTril (NumPy) against dense references.
+"""LowRankTril (NumPy) against dense references built here from the definition.
 
-Tolerances.  The chunked product sums the same terms as the dense product in
-another order, so its error is bounded by ``gamma_{n+d} (|Q||K|^T ⊙ D + |diag|) |v|``
-with ``gamma_k ~ k eps``: tests use ``2 (n + d) eps`` times that magnitude.
-Solves are compared with the dense float64 solution; their forward error is
-bounded by ``cond(T)`` times a backward error of the same ``(n + d) eps``
-order, so tests use ``4 (n + d) eps cond_inf(T)``.
+References.  Dense matrices come from :func:`dplr.reference.tril_dense` (the
+definition ``diag(lam) + tril(Q K^T ⊙ D, -1)``, tested on its own) or from the
+entry-by-entry loop below, never from the code under test; ``to_dense`` is
+itself tested entry by entry.
+
+Tolerances.  With ``|T|_r = |Q||K|^T ⊙ D + |diag|`` (the scale of the rounding
+errors in forming and applying T) and ``gamma = (n + d) eps``:
+
+* product: the chunked product sums the terms of the dense one in another
+  order, ``|Y - T V| <= 2 gamma |T|_r |V|`` entrywise (Higham, Accuracy and
+  Stability, 3.5);
+* solve and inverse: the chunked substitution has a componentwise backward
+  error ``|dT| <= gamma |T|_r``, so the forward error is bounded through
+  Skeel's condition number, ``|X - X*| <= gamma |T^-1| |T|_r |X*|``
+  (Higham 7.2), measured in the max norm against the float64 solution of the
+  same inputs.  Measured over 300 random float32 draws the error stayed below
+  0.12 of this bound.  Zeros as the answer fail whenever the bound is below 1;
+  the checks require it below ``MEANINGFUL`` = 1e-2 (property draws above it,
+  about 0.3% of float32 draws, whose float32 answer has almost no correct
+  digit, are excluded with ``assume``).
 """
 
 from __future__ import annotations
@@ -13,11 +27,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.linalg as sl
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import dplr
 from conftest import delta_family, eps, rel_err
+from dplr.reference import tril_dense
+
+#: Largest solve error bound at which the answer is checked (see the docstring).
+MEANINGFUL = 1e-2
 
 
 def dense_loop(q, k, diag, log_decay):
@@ -45,50 +63,79 @@ def random_operands(rng, batch, n, d, dtype, with_diag, with_decay):
     )
 
 
-def abs_dense(q, k, diag, log_decay, transpose):
-    """``|Q||K|^T ⊙ D + |diag|`` (or its transpose) in float64: the scale of rounding errors."""
-    absT = dplr.LowRankTril(
-        np.abs(q), np.abs(k), None if diag is None else np.abs(diag), log_decay
-    ).to_dense()
-    return np.swapaxes(absT, -1, -2) if transpose else absT
+def dense_pair(ops64, transpose):
+    """T and ``|T|_r = |Q||K|^T ⊙ D + |diag|`` (or their transposes) in float64."""
+    q, k, diag, ld = ops64
+    dense = tril_dense(q, k, diag, ld)
+    absolute = tril_dense(np.abs(q), np.abs(k), None if diag is None else np.abs(diag), ld)
+    if transpose:
+        return np.swapaxes(dense, -1, -2), np.swapaxes(absolute, -1, -2)
+    return dense, absolute
 
 
 def as64(*xs):
     return [None if x is None else np.asarray(x, np.float64) for x in xs]
 
 
+def solve_bound(dense, absolute, x_ref, n, d, dtype):
+    """``(n + d) eps max(|T^-1| |T|_r |X|) / max|X|``: the solve's relative error bound."""
+    skeel = np.abs(np.linalg.inv(dense)) @ absolute @ np.abs(x_ref)
+    return (n + d) * eps(dtype) * skeel.max() / max(np.abs(x_ref).max(), np.finfo(float).tiny)
+
+
 def check_product(T, ops64, v, transpose, chunk, dtype):
-    dense = dplr.LowRankTril(*ops64).to_dense()
-    if transpose:
-        dense = np.swapaxes(dense, -1, -2)
+    dense, absolute = dense_pair(ops64, transpose)
     y = T.matmul(v, transpose=transpose, chunk_size=chunk)
     assert y.dtype == dtype and y.shape == np.broadcast_shapes((*T.shape[:-1], 1), v.shape)
     n, d = T.shape[-1], T.rank
-    scale = np.abs(abs_dense(*ops64, transpose) @ np.abs(v.astype(float))).max()
-    err = np.abs(y - dense @ v.astype(float)).max()
-    assert err <= 2 * (n + d) * eps(dtype) * scale
+    bound = 2 * (n + d) * eps(dtype) * (absolute @ np.abs(v.astype(float)))
+    assert (np.abs(y - dense @ v.astype(float)) <= bound).all()
 
 
-def check_solve(T, ops64, v, transpose, chunk, dtype):
-    q, k, diag, ld = ops64
-    dense = dplr.LowRankTril(q, k, diag, ld).to_dense()
-    if transpose:
-        dense = np.swapaxes(dense, -1, -2)
-    x = T.solve(v, transpose=transpose, chunk_size=chunk)
-    ref = np.linalg.solve(dense, np.broadcast_to(v.astype(float), x.shape))
+def check_solve(T, ops64, v, transpose, chunk, dtype, assume_meaningful=False):
+    dense, absolute = dense_pair(ops64, transpose)
     n, d = T.shape[-1], T.rank
-    cond = np.linalg.cond(dense.reshape(-1, n, n), p=np.inf).max()
+    batch = np.broadcast_shapes(T.shape[:-2], v.shape[:-2])
+    ref = np.linalg.solve(dense, np.broadcast_to(v.astype(float), (*batch, *v.shape[-2:])))
+    bound = solve_bound(dense, absolute, ref, n, d, dtype)
+    if assume_meaningful:
+        assume(bound <= MEANINGFUL)
+    assert bound <= MEANINGFUL, f"the case is too ill-conditioned for {np.dtype(dtype)}"
+    x = T.solve(v, transpose=transpose, chunk_size=chunk)
     assert x.dtype == dtype
-    assert rel_err(x, ref) <= 4 * (n + d) * eps(dtype) * cond
+    assert rel_err(x, ref) <= bound
+
+
+def check_inverse(T, ops64, chunk, dtype):
+    dense, absolute = dense_pair(ops64, False)
+    n, d = T.shape[-1], T.rank
+    ref = np.linalg.inv(dense)
+    bound = solve_bound(dense, absolute, ref, n, d, dtype)
+    assert bound <= MEANINGFUL
+    inv = T.inv(chunk_size=chunk)
+    assert inv.dtype == dtype
+    assert rel_err(inv, ref) <= bound
 
 
 # --------------------------------------------------------------------- to_dense
-@pytest.mark.parametrize("with_decay", [False, True])
-@pytest.mark.parametrize("with_diag", [False, True])
-def test_to_dense_matches_definition(rng, with_diag, with_decay):
-    q, k, diag, ld = random_operands(rng, (), 9, 3, np.float64, with_diag, with_decay)
-    T = dplr.LowRankTril(q, k, diag, ld)
-    np.testing.assert_allclose(T.to_dense(), dense_loop(q, k, diag, ld), rtol=1e-13, atol=1e-15)
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 12),
+    d=st.integers(1, 4),
+    batch=st.sampled_from([(), (2,), (2, 1)]),
+    with_diag=st.booleans(),
+    with_decay=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_to_dense_matches_definition_entry_by_entry(n, d, batch, with_diag, with_decay, seed):
+    rng = np.random.default_rng(seed)
+    q, k, diag, ld = random_operands(rng, batch, n, d, np.float64, with_diag, with_decay)
+    dense = dplr.LowRankTril(q, k, diag, ld).to_dense()
+    assert dense.shape == (*batch, n, n)
+    for idx in np.ndindex(*batch):
+        pick = [None if x is None else x[idx] for x in (diag, ld)]
+        ref = dense_loop(q[idx], k[idx], *pick)
+        np.testing.assert_allclose(dense[idx], ref, rtol=1e-13, atol=1e-15)
 
 
 # ----------------------------------------------------- grid of shapes and dtypes
@@ -116,11 +163,8 @@ def test_grid_against_dense(rng, shape, with_decay, dtype):
         check_product(T, ops64, v, transpose, chunk, dtype)
         check_solve(T, ops64, v, transpose, chunk, dtype)
     # inv and slogdet
-    dense = dplr.LowRankTril(*ops64).to_dense()
-    inv = T.inv(chunk_size=chunk)
-    cond = np.linalg.cond(dense.reshape(-1, n, n), p=np.inf).max()
-    assert inv.dtype == dtype
-    assert rel_err(inv, np.linalg.inv(dense)) <= 4 * (n + d) * eps(dtype) * cond
+    check_inverse(T, ops64, chunk, dtype)
+    dense = tril_dense(*ops64)
     sign, logabs = T.slogdet()
     ref_sign, ref_logabs = np.linalg.slogdet(dense)
     np.testing.assert_array_equal(sign, np.broadcast_to(ref_sign, sign.shape))
@@ -133,8 +177,10 @@ def test_vector_right_hand_side(rng):
     b = rng.standard_normal(20)
     x = T.solve(b)
     assert x.shape == (20,)
-    np.testing.assert_allclose(T @ x, b, rtol=1e-12, atol=1e-12)
+    dense = tril_dense(q, k, diag, ld)
+    np.testing.assert_allclose(x, np.linalg.solve(dense, b), rtol=1e-12, atol=1e-12)
     assert (T @ b).shape == (20,)
+    np.testing.assert_allclose(T @ b, dense @ b, rtol=1e-12, atol=1e-12)
 
 
 def test_integers_promote_to_float64():
@@ -148,8 +194,12 @@ def test_float16_computes_in_float32_and_returns_float16(rng):
     T = dplr.LowRankTril(q, k)
     x = T.solve(np.ones((30, 2), np.float16))
     assert x.dtype == np.float16
-    ref = np.linalg.solve(T.to_dense().astype(float), np.ones((30, 2)))
-    assert rel_err(x, ref) < 10 * eps(np.float16)
+    q64, k64 = as64(q, k)  # the float16 inputs, exactly
+    dense, absolute = dense_pair((q64, k64, None, None), False)
+    ref = np.linalg.solve(dense, np.ones((30, 2)))
+    # computed in float32, then rounded once to float16 (half an ulp)
+    bound = 0.5 * eps(np.float16) + solve_bound(dense, absolute, ref, 30, 4, np.float32)
+    assert rel_err(x, ref) <= bound
 
 
 # -------------------------------------------------------- the seed's two checks
@@ -161,7 +211,7 @@ def test_seed_checks_inverse_and_solve():
     k = rng.standard_normal((n, d)) / d**0.5
     v = rng.standard_normal((n, d)) / d**0.5
     T = dplr.LowRankTril(q, k)
-    dense = T.to_dense()
+    dense = tril_dense(q, k)
     assert np.allclose(T.inv(chunk_size=c) @ dense, np.eye(n))
     assert np.allclose(dense @ T.solve(v, chunk_size=c), v)
 
@@ -186,7 +236,7 @@ def test_property_against_dense(n, d, chunk, batch, with_diag, with_decay, dtype
     ops64 = as64(q, k, diag, ld)
     transpose = bool(rng.integers(2))
     check_product(T, ops64, v, transpose, chunk, dtype)
-    check_solve(T, ops64, v, transpose, chunk, dtype)
+    check_solve(T, ops64, v, transpose, chunk, dtype, assume_meaningful=True)
 
 
 @settings(max_examples=30, deadline=None)
@@ -214,22 +264,24 @@ def test_property_solve_inverts_matmul(n, seed):
 
 # ----------------------------------------------------------- ill-conditioned
 def test_ill_conditioned_tolerance_scales_with_condition_number(rng):
-    """diag near 0.01 and large q, k: cond(T) ~ 1e8; the error stays below cond * n * eps."""
+    """diag near 0.01 and large q, k: cond(T) ~ 1e8; the error stays within the Skeel bound."""
     n, d = 60, 3
     q = 3.0 * rng.standard_normal((n, d))
     k = 3.0 * rng.standard_normal((n, d))
     diag = rng.uniform(0.01, 0.02, n)
     T = dplr.LowRankTril(q, k, diag)
-    dense = T.to_dense()
+    dense, absolute = dense_pair(as64(q, k, diag, None), False)
     cond = np.linalg.cond(dense, p=np.inf)
     assert cond > 1e6  # the case is really ill-conditioned
     v = rng.standard_normal((n, 2))
     x = T.solve(v, chunk_size=16)
     ref = sl.solve_triangular(dense, v, lower=True)
-    assert rel_err(x, ref) <= 4 * (n + d) * eps(np.float64) * cond
-    # the normwise backward error is small however large cond is
-    residual = np.abs(dense @ x - v).max()
-    assert residual <= 4 * (n + d) * eps(np.float64) * np.abs(dense).sum(1).max() * np.abs(x).max()
+    bound = solve_bound(dense, absolute, ref, n, d, np.float64)
+    assert bound < 1e-6  # Skeel's condition number stays far below cond(T)
+    assert rel_err(x, ref) <= bound
+    # the componentwise backward error is small however large cond is
+    residual = np.abs(dense @ x - v)
+    assert (residual <= (n + d) * eps(np.float64) * (absolute @ np.abs(x))).all()
 
 
 # ----------------------------------------------------------- long sequences
@@ -248,8 +300,8 @@ def test_long_decay_does_not_overflow():
     # T is lower triangular: the leading rows of T^-1 v only see the leading block,
     # the trailing rows of T^-T v only the trailing block.
     m = 1500
-    head = dplr.LowRankTril(q[:m], k[:m], log_decay=ld[:m]).to_dense()
-    tail = dplr.LowRankTril(q[-m:], k[-m:], log_decay=ld[-m:]).to_dense()
+    head = tril_dense(q[:m], k[:m], log_decay=ld[:m])
+    tail = tril_dense(q[-m:], k[-m:], log_decay=ld[-m:])
     np.testing.assert_allclose(x[:m], np.linalg.solve(head, v[:m]), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(xt[-m:], np.linalg.solve(tail.T, v[-m:]), rtol=1e-10, atol=1e-12)
     assert rel_err(T.matmul(x), v) < 1e-12
@@ -293,6 +345,53 @@ def test_first_log_decay_does_not_enter_the_matrix(rng):
         np.testing.assert_allclose(T.inv(chunk_size=8)[0] @ v[0], ref, rtol=1e-12, atol=1e-12)
 
 
+def minus_inf_operands(rng, batch, n, d):
+    """Operands whose log decay is -inf (a decay factor of exactly 0) at a few rows."""
+    q, k, diag, ld = random_operands(rng, batch, n, d, np.float64, True, True)
+    for row in (1, n // 2, n - 1):
+        ld[..., row] = -np.inf
+    return q, k, diag, ld
+
+
+def dense_by_loop(q, k, diag, ld):
+    """Batched :func:`dense_loop` (the decay as exp of a sum: exp(-inf) = 0 exactly)."""
+    out = np.empty((*q.shape[:-1], q.shape[-2]))
+    for idx in np.ndindex(*q.shape[:-2]):
+        out[idx] = dense_loop(q[idx], k[idx], diag[idx], ld[idx])
+    return out
+
+
+MINUS_INF_KERNELS = pytest.mark.xfail(
+    strict=True, reason="the kernels' exact zero for log_decay = -inf is not in this tree yet"
+)
+
+
+@MINUS_INF_KERNELS
+@pytest.mark.parametrize("chunk", [None, 4, 7])
+def test_minus_inf_decay_is_an_exact_zero(rng, chunk):
+    """Rows after a -inf decay do not see rows before it: T is block diagonal there."""
+    q, k, diag, ld = minus_inf_operands(rng, (2,), 23, 3)
+    dense = dense_by_loop(q, k, diag, ld)
+    assert dense[0, 12, 10] == 0.0 and dense[0, 12, 11] != 0.0  # the reset at row 11
+    T = dplr.LowRankTril(q, k, diag, ld)
+    v = rng.standard_normal((2, 23, 2))
+    for transpose in (False, True):
+        a = np.swapaxes(dense, -1, -2) if transpose else dense
+        np.testing.assert_allclose(
+            T.matmul(v, transpose=transpose, chunk_size=chunk), a @ v, rtol=1e-12, atol=1e-12
+        )
+        np.testing.assert_allclose(
+            T.solve(v, transpose=transpose, chunk_size=chunk),
+            np.linalg.solve(a, v),
+            rtol=1e-11,
+            atol=1e-12,
+        )
+    np.testing.assert_allclose(
+        T.inv(chunk_size=chunk), np.linalg.inv(dense), rtol=1e-11, atol=1e-12
+    )
+    np.testing.assert_array_equal(T.to_dense() == 0, dense == 0)
+
+
 def test_singular_diagonal_raises_singular_matrix_error():
     q, k = _ops()
     T = dplr.LowRankTril(q, k, diag=np.array([[1.0, 2, 0, 1, 1]]))
@@ -322,7 +421,7 @@ def test_non_contiguous_inputs(rng):
     q, k, diag, ld = random_operands(rng, (), 40, 6, np.float64, True, True)
     v = np.asfortranarray(rng.standard_normal((40, 3)))
     T = dplr.LowRankTril(q[:, ::2], k[:, 1::2], diag[::1], ld)
-    ref = np.linalg.solve(T.to_dense(), v)
+    ref = np.linalg.solve(tril_dense(q[:, ::2], k[:, 1::2], diag, ld), v)
     np.testing.assert_allclose(T.solve(v), ref, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(T.solve(v[::-1][::-1]), ref, rtol=1e-12, atol=1e-12)
 
@@ -355,10 +454,7 @@ def test_concurrent_solves_from_several_threads(rng):
 
     problems = [random_operands(rng, (), 200 + 37 * i, 5, np.float64, True, True) for i in range(6)]
     rhs = [rng.standard_normal((p[0].shape[-2], 2)) for p in problems]
-    refs = [
-        np.linalg.solve(dplr.LowRankTril(*p).to_dense(), v)
-        for p, v in zip(problems, rhs, strict=True)
-    ]
+    refs = [np.linalg.solve(tril_dense(*p), v) for p, v in zip(problems, rhs, strict=True)]
 
     def solve(i: int) -> np.ndarray:
         return dplr.LowRankTril(*problems[i]).solve(rhs[i], chunk_size=16)
@@ -402,7 +498,7 @@ def test_wide_right_hand_sides_split_between_threads(monkeypatch, rng, threads, 
         if (i + 1) % 16 == 0 or i == 74:
             np.testing.assert_allclose(states[..., -(-(i + 1) // 16), :, :], state, rtol=1e-10)
     ref = np.linalg.solve(
-        dplr.LowRankTril(q64, k64, diag64, ld64).to_dense(),
+        tril_dense(q64, k64, diag64, ld64),
         v.astype(float) - np.exp(g)[..., None] * (q64 @ h0),
     )
     np.testing.assert_allclose(y, ref, rtol=1e-9, atol=1e-9)
