@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from ._runtime.backend import Array, is_torch, single_threaded_blas
+from ._runtime.backend import Array, is_torch
+from ._runtime.blas import single_threaded_blas
 
 
 @dataclass(frozen=True)

@@ -413,8 +413,8 @@ rng = np.random.default_rng(0)
 dplr.LowRankTril(rng.standard_normal((50, 3)), rng.standard_normal((50, 3))).solve(np.ones(50))
 L = np.linalg.cholesky(np.eye(40) * 2)
 dplr.cholesky_update(L, rng.standard_normal((40, 9)) * 0.1, method="blocked")
-from dplr._runtime.backend import _blas_controller
-limited = {lib.filepath for lib in _blas_controller().select(user_api="blas").lib_controllers}
+from dplr._runtime.blas import controlled_libraries
+limited = set(controlled_libraries())
 loaded = {info["filepath"] for info in threadpool_info() if info["user_api"] == "blas"}
 print(sorted(loaded - limited))
 """

@@ -474,12 +474,12 @@ def test_wide_right_hand_sides_split_between_threads(monkeypatch, rng, threads, 
     # its own columns of Y and of the state (m >= 32): every split must give
     # the dense answer, and the states those of a plain recurrence.  (Split
     # even though the problem is too small to be worth it.)
-    from dplr._runtime import backend as _backend
+    from dplr._runtime import tuning
     from dplr._runtime.backend import NumpyOps
     from dplr.core import _kernels
 
     monkeypatch.setenv("DPLR_NUM_THREADS", threads)
-    monkeypatch.setattr(_backend, "_LOOP_MIN_FLOPS", 0.0)
+    monkeypatch.setattr(tuning, "LOOP_MIN_FLOPS", 0.0)
     q, k, diag, ld = random_operands(rng, batch, 75, 4, dtype, True, True)
     v = rng.standard_normal((*batch, 75, m)).astype(dtype)
     T = dplr.LowRankTril(q, k, diag, ld)
@@ -519,22 +519,6 @@ def test_empty_cache_frees_the_scratch_buffers_and_the_cap_is_kept(rng, monkeypa
     monkeypatch.setattr(_workspace, "MAX_CACHED_BYTES", 1024)
     np.testing.assert_array_equal(T.solve(v), ref)
     assert not _workspace._buffers()  # requests above the cap are not kept
-
-
-def test_backend_refuses_an_out_array_it_could_only_fill_through_a_copy(rng):
-    # Results must land in `out`; a non-contiguous one would get a copy instead.
-    from dplr._runtime.backend import NumpyOps
-
-    q, k = rng.standard_normal((2, 4, 3, 5))
-    lam = 1.0 + rng.random((4, 3))
-    out = np.empty((4, 3, 6))[..., ::2]
-    with pytest.raises(ValueError, match="'out' must be C-contiguous"):
-        NumpyOps.chunk_blocks(q, k, lam, None, out=out)
-    good = np.empty((4, 3, 3))
-    assert NumpyOps.chunk_blocks(q, k, lam, None, out=good) is good
-    expected = np.tril(q @ k.mT, -1) + lam[..., None] * np.eye(3)
-    rows, cols = np.tril_indices(3)  # the blocks' only defined entries
-    np.testing.assert_allclose(good[:, rows, cols], expected[:, rows, cols], rtol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

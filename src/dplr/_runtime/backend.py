@@ -4,93 +4,32 @@ Kernels in dplr are written once against the small namespace returned by
 :func:`backend_of`.  Everything they need that is spelled the same way in both
 libraries (``@``, ``*``, ``.mT``, ``.reshape``, ``.sum(axis)``,
 ``.cumsum(axis)``, slicing) is used directly; everything else lives here.
+
+The compiled loops that some operations run are passed in by the caller
+(``kernel=``): the runtime knows how to spread a loop over threads and how to
+hand CPU tensors to it, not what it computes, and imports nothing of the
+algorithms.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
-import os
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from . import blas, threads, tuning
 from .workspace import scratch
 
 Array = Any  # numpy.ndarray or torch.Tensor
+Kernel = Callable[..., Any]  # a compiled loop over NumPy arrays (dplr.core._jit)
 
 
 def is_torch(x: object) -> bool:
     """True if ``x`` is a torch.Tensor (without importing torch)."""
     return type(x).__module__.startswith("torch") and hasattr(x, "requires_grad")
-
-
-@lru_cache(maxsize=1)
-def _blas_controller():
-    """The BLAS libraries dplr limits: NumPy's and SciPy's (each wheel bundles its own).
-
-    threadpoolctl sees only libraries loaded when the controller is made, so
-    SciPy's BLAS is loaded first: otherwise a process whose first dplr call
-    came before any ``scipy.linalg`` use left SciPy's OpenBLAS multi-threaded
-    for good, and the small triangular solves of the blocked Cholesky update
-    ran 16x slower (545 ms instead of 35 ms at N = 3000, M = 32).
-    """
-    import scipy.linalg  # noqa: F401  (loads SciPy's BLAS)
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController()
-
-
-@contextlib.contextmanager
-def single_threaded_blas() -> Iterator[None]:
-    """Limit NumPy/SciPy BLAS to one thread for loops of small products.
-
-    OpenBLAS's threading of small triangular solves and stacked small matrix
-    products is many times slower than one thread on the same work.
-    """
-    with _blas_controller().limit(limits=1, user_api="blas"):
-        yield
-
-
-def num_workers() -> int:
-    """Threads the NumPy backend uses: ``DPLR_NUM_THREADS``, else the usable CPUs."""
-    configured = os.environ.get("DPLR_NUM_THREADS", "")
-    if configured.isdigit() and int(configured) > 0:
-        return int(configured)
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-@lru_cache(maxsize=1)
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=num_workers(), thread_name_prefix="dplr")
-
-
-#: Below this many flops a product is not worth splitting over threads.
-_PARALLEL_MIN_FLOPS = 4e6
-
-#: Below this many flops the compiled loops of the solve run on the calling
-#: thread: handing them to the pool and waiting cost more than it saved up to
-#: n = 1024 (d = m = 64: 0.94 ms on one thread, 1.3 ms split over two) and
-#: broke even at n = 2048 (34 MFLOP in the state pass) on the 2-core VM.
-_LOOP_MIN_FLOPS = 3e7
-
-
-#: Narrowest column range worth a thread of its own in the state pass: the
-#: products of narrower ranges run too far below the compiled kernel's peak
-#: to gain.
-_MIN_LANE_COLUMNS = 16
-
-
-def _split(length: int, parts: int) -> list[slice]:
-    bounds = np.linspace(0, length, parts + 1).astype(int)
-    return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def _stack_view(out: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -106,12 +45,12 @@ def _stack_view(out: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 class NumpyOps:
     """NumPy/SciPy operations.
 
-    Kernels call these inside :func:`single_threaded_blas`: the small
-    products of the chunked algorithms run faster in one BLAS thread, and
-    the work is spread over the cores here instead, by splitting stacks of
-    independent products (``matmul``) and independent batch entries
-    (``substitution_pass``, ``map``)
-    between threads (NumPy releases the GIL inside BLAS).
+    Kernels call these inside :func:`dplr._runtime.blas.single_threaded_blas`:
+    the small products of the chunked algorithms run faster in one BLAS
+    thread, and the work is spread over the cores here instead, by splitting
+    stacks of independent products (``matmul``) and independent batch entries
+    and columns (``substitution_pass``) between dplr's threads (NumPy
+    releases the GIL inside BLAS, the compiled loops release it too).
     """
 
     name = "numpy"
@@ -119,22 +58,17 @@ class NumpyOps:
     @staticmethod
     def matmul(a: Array, b: Array) -> Array:
         """``a @ b`` for stacks of equal batch shape, split over threads when large."""
-        workers = num_workers()
         batch = a.shape[:-2]
         p, q, r = a.shape[-2], a.shape[-1], b.shape[-1]
         count = int(np.prod(batch))
-        if (
-            a.ndim < 3
-            or b.shape[:-2] != batch
-            or workers == 1
-            or count < 2
-            or 2.0 * count * p * q * r < _PARALLEL_MIN_FLOPS
-        ):
+        if a.ndim < 3 or b.shape[:-2] != batch or count < 2:
+            return a @ b
+        parts = threads.stack_parts(count, 2.0 * count * p * q * r, tuning.PARALLEL_MIN_FLOPS)
+        if len(parts) == 1:
             return a @ b
         af, bf = a.reshape(count, p, q), b.reshape(count, q, r)
         out = np.empty((count, p, r), dtype=np.result_type(a, b))
-        parts = _split(count, workers)
-        list(_pool().map(lambda s: np.matmul(af[s], bf[s], out=out[s]), parts))
+        threads.run_all(lambda s: np.matmul(af[s], bf[s], out=out[s]), parts)
         return out.reshape(*batch, p, r)
 
     @staticmethod
@@ -145,18 +79,23 @@ class NumpyOps:
 
     @staticmethod
     def chunk_blocks(
-        q: Array, k: Array, lam: Array, mask: Array | None, out: Array | None = None
+        q: Array,
+        k: Array,
+        lam: Array,
+        mask: Array | None,
+        out: Array | None = None,
+        *,
+        kernel: Kernel,
     ) -> Array:
         """The diagonal blocks ``diag(lam) + tril(q k^T ⊙ mask, -1)`` of T, lower triangles only.
 
         q, k: (..., nc, c, d); lam: (..., nc, c); mask: (..., nc, c, c), the
         strict decay mask, or None.  Returns (..., nc, c, c) whose entries
         above the diagonal are undefined (written into ``out`` if given, a
-        C-contiguous array of that shape).  Compiled
-        (:func:`dplr.core._jit.form_chunk_blocks`), the chunks split over threads.
+        C-contiguous array of that shape).  ``kernel`` is the compiled loop
+        (:func:`dplr.core._jit.form_chunk_blocks`); the chunks are split
+        over threads.
         """
-        from ..core._jit import form_chunk_blocks
-
         c = q.shape[-2]
         count = math.prod(q.shape[:-2])
         qf, kf = (np.ascontiguousarray(x.reshape(count, c, x.shape[-1])) for x in (q, k))
@@ -168,10 +107,10 @@ class NumpyOps:
 
         def run(s: slice) -> None:
             part_mask = maskf if mask is None else maskf[s]
-            form_chunk_blocks(qf[s], kf[s], lamf[s], part_mask, blocks_flat[s])
+            kernel(qf[s], kf[s], lamf[s], part_mask, blocks_flat[s])
 
-        parallel = count * c * c * qf.shape[-1] >= _LOOP_MIN_FLOPS
-        NumpyOps.map(run, _split(count, num_workers() if parallel else 1))
+        flops = count * c * c * qf.shape[-1]
+        threads.run_all(run, threads.stack_parts(count, flops, tuning.LOOP_MIN_FLOPS))
         return blocks
 
     @staticmethod
@@ -181,59 +120,43 @@ class NumpyOps:
         k_out: Array,
         decay: Array | None,
         v: Array,
-        z0: Array,
+        h0: Array,
         keep_states: bool,
+        *,
+        kernel: Kernel,
     ) -> tuple[Array, Array]:
         """The sequential pass of the chunked solve (see :func:`dplr.core._jit.substitution_pass`).
 
         q_in, k_out: (B, nc, c, d); blocks: (B, nc, c, c) lower triangular;
-        decay: (B, nc) or None; v: (B, nc, c, m); z0: (B, d, m).  Returns y
+        decay: (B, nc) or None; v: (B, nc, c, m); h0: (B, d, m).  Returns y
         (B, nc, c, m) and the states (B, nc + 1, d, m) entering every chunk
         and after the last, or (B, 1, d, m), the final state only, unless
-        ``keep_states`` (a large array not worth filling).
-        Batch entries run on the threads; with fewer entries than threads,
-        the columns of each entry are split between them too (the columns of
-        the state evolve independently).
+        ``keep_states`` (a large array not worth filling).  ``kernel`` is the
+        compiled pass, run on the lanes of :func:`dplr._runtime.threads.lanes`:
+        batch entries on the threads and, with fewer entries than threads,
+        the columns of each entry too (the columns of the state evolve
+        independently).
         """
-        from ..core._jit import substitution_pass
-
         count, nc, _, m = v.shape
         d = q_in.shape[-1]
-        q_in, blocks, k_out, v, z0 = (np.ascontiguousarray(x) for x in (q_in, blocks, k_out, v, z0))
+        q_in, blocks, k_out, v, h0 = (np.ascontiguousarray(x) for x in (q_in, blocks, k_out, v, h0))
         dec = np.ones((count, nc), v.dtype) if decay is None else np.ascontiguousarray(decay)
         y = np.empty(v.shape, v.dtype)
         states = np.empty((count, nc + 1 if keep_states else 1, d, m), v.dtype)
-        parallel = 4.0 * count * nc * q_in.shape[-2] * d * m >= _LOOP_MIN_FLOPS
-        workers = num_workers() if parallel else 1
-        column_parts = max(1, min(workers // max(count, 1), m // _MIN_LANE_COLUMNS))
-        lanes = list(
-            itertools.product(_split(count, min(workers, max(count, 1))), _split(m, column_parts))
-        )
 
         def lane(part: tuple[slice, slice]) -> None:
             rows, cols = part
-            substitution_pass(
-                q_in[rows], blocks[rows], k_out[rows], dec[rows], v[rows], z0[rows],
+            kernel(
+                q_in[rows], blocks[rows], k_out[rows], dec[rows], v[rows], h0[rows],
                 y[rows], states[rows], cols.start, cols.stop,
             )  # fmt: skip
 
-        NumpyOps.map(lane, lanes)
+        threads.run_all(lane, threads.lanes(count, m, 4.0 * count * nc * q_in.shape[-2] * d * m))
         return y, states
-
-    @staticmethod
-    def map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-        """``[fn(x) for x in items]``, on the thread pool when there are several."""
-        if len(items) == 1:
-            return [fn(items[0])]
-        return list(_pool().map(fn, items))
 
     @staticmethod
     def exp(x: Array) -> Array:
         return np.exp(x)
-
-    @staticmethod
-    def log(x: Array) -> Array:
-        return np.log(x)
 
     @staticmethod
     def where(cond: Array, a: Array, b: Array | float) -> Array:
@@ -276,10 +199,6 @@ class NumpyOps:
         return np.concatenate(xs, axis=axis)
 
     @staticmethod
-    def stack(xs: list[Array], axis: int) -> Array:
-        return np.stack(xs, axis=axis)
-
-    @staticmethod
     def pad_axis(x: Array, axis: int, after: int, value: float = 0.0) -> Array:
         """Append ``after`` entries equal to ``value`` along ``axis``."""
         if after == 0:
@@ -297,27 +216,76 @@ class NumpyOps:
         return np.array(x, copy=True)
 
     @staticmethod
-    def solve_lower_blocks(L: Array, B: Array) -> Array:
+    def solve_lower_blocks(L: Array, B: Array, *, kernel: Kernel) -> Array:
         """Solve ``L X = B`` for a stack of lower-triangular blocks.
 
         L: (..., c, c) non-unit lower triangular, B: (..., c, r); the batch
-        dimensions of the two must be equal.  Compiled forward substitution
-        (:func:`dplr.core._jit.solve_lower_stack`), the blocks split over threads.
+        dimensions of the two must be equal.  ``kernel`` is the compiled
+        forward substitution (:func:`dplr.core._jit.solve_lower_stack`); the
+        blocks are split over threads.
         """
-        from ..core._jit import solve_lower_stack
-
         c, r = B.shape[-2:]
         count = math.prod(L.shape[:-2])
         Lf = np.ascontiguousarray(L.reshape(count, c, c))
         Bf = np.ascontiguousarray(B.reshape(count, c, r))
         X = np.empty_like(Bf)
-        parts = _split(count, num_workers())
-        NumpyOps.map(lambda s: solve_lower_stack(Lf[s], Bf[s], X[s]), parts)
+        threads.run_all(
+            lambda s: kernel(Lf[s], Bf[s], X[s]), threads.split(count, threads.num_workers())
+        )
         return X.reshape(B.shape)
 
     @staticmethod
-    def cholesky(a: Array) -> Array:
-        return np.linalg.cholesky(a)
+    def solve_lower_dense(lower: Array, b: Array) -> Array:
+        """``lower^-1 b`` for dense lower-triangular matrices (only their triangle is read).
+
+        lower: (..., n, n), b: (..., n, m), batch dimensions broadcast.  One
+        LAPACK triangular solve (``trsm``) per batch entry.
+        """
+        from scipy.linalg import solve_triangular
+
+        batch = np.broadcast_shapes(lower.shape[:-2], b.shape[:-2])
+        if not batch:
+            return solve_triangular(lower, b, lower=True, check_finite=False)
+        lb = np.broadcast_to(lower, (*batch, *lower.shape[-2:]))
+        bb = np.broadcast_to(b, (*batch, *b.shape[-2:]))
+        out = np.empty(bb.shape, dtype=np.result_type(lower, b))
+        for idx in np.ndindex(*batch):
+            out[idx] = solve_triangular(lb[idx], bb[idx], lower=True, check_finite=False)
+        return out
+
+    @staticmethod
+    def cholesky_flagged(a: Array) -> tuple[Array, Array]:
+        """Lower Cholesky factors of a stack of SPD matrices, and where it worked.
+
+        Returns ``(lt, ok)``: ``ok`` (...) is False for a matrix that is not
+        positive definite, whose ``lt`` is then the identity (so that the
+        callers' arithmetic stays finite; they discard those entries).
+        """
+        try:
+            return np.linalg.cholesky(a), np.ones(a.shape[:-2], dtype=bool)
+        except np.linalg.LinAlgError:
+            pass
+        flat = a.reshape(-1, *a.shape[-2:])
+        lt = np.empty_like(flat)
+        ok = np.ones(flat.shape[0], dtype=bool)
+        for i in range(flat.shape[0]):
+            try:
+                lt[i] = np.linalg.cholesky(flat[i])
+            except np.linalg.LinAlgError:
+                lt[i] = np.eye(a.shape[-1], dtype=a.dtype)
+                ok[i] = False
+        return lt.reshape(a.shape), ok.reshape(a.shape[:-2])
+
+    @staticmethod
+    def matmul_into(a: Array, b: Array, out: Array) -> None:
+        """``out[...] = a @ b``, written straight into a (possibly strided) ``out``."""
+        np.matmul(a, b, out=out)
+
+    @staticmethod
+    def blas_scopes(panel_threads: int | None) -> tuple[Any, Any, Any]:
+        """BLAS thread scopes for a loop of small steps and panel products
+        (see :func:`dplr._runtime.blas.panel_scopes`)."""
+        return blas.panel_scopes(panel_threads)
 
 
 class TorchOps:
@@ -342,14 +310,20 @@ class TorchOps:
 
     @staticmethod
     def chunk_blocks(
-        q: Array, k: Array, lam: Array, mask: Array | None, out: Array | None = None
+        q: Array,
+        k: Array,
+        lam: Array,
+        mask: Array | None,
+        out: Array | None = None,
+        *,
+        kernel: Kernel,
     ) -> Array:
         """As :meth:`NumpyOps.chunk_blocks` (CPU tensors share memory with NumPy views)."""
         if _all_cpu(q, k):
             q_np, k_np, lam_np = (_numpy_view(x) for x in (q, k, lam))
             mask_np = None if mask is None else _numpy_view(mask)
             out_np = None if out is None else _numpy_view(out)
-            blocks = NumpyOps.chunk_blocks(q_np, k_np, lam_np, mask_np, out_np)
+            blocks = NumpyOps.chunk_blocks(q_np, k_np, lam_np, mask_np, out_np, kernel=kernel)
             return out if out is not None else _from_numpy(blocks)
         import torch
 
@@ -364,38 +338,35 @@ class TorchOps:
         k_out: Array,
         decay: Array | None,
         v: Array,
-        z: Array,
+        h0: Array,
         keep_states: bool,
+        *,
+        kernel: Kernel,
     ) -> tuple[Array, Array]:
         """As :meth:`NumpyOps.substitution_pass`.  CPU tensors share their memory
         with NumPy views and use the compiled loop; other devices loop in torch."""
-        if _all_cpu(q_in, blocks, k_out, v, z):
+        if _all_cpu(q_in, blocks, k_out, v, h0):
             views = (None if x is None else _numpy_view(x) for x in (q_in, blocks, k_out, decay))
-            out = NumpyOps.substitution_pass(*views, _numpy_view(v), _numpy_view(z), keep_states)
+            out = NumpyOps.substitution_pass(
+                *views, _numpy_view(v), _numpy_view(h0), keep_states, kernel=kernel
+            )
             return tuple(_from_numpy(x) for x in out)
         import torch
 
         y = torch.empty_like(v)
-        states = [z]
+        h = h0
+        states = [h]
         for j in range(v.shape[1]):
-            rhs = v[:, j] - q_in[:, j] @ z
+            rhs = v[:, j] - q_in[:, j] @ h
             y[:, j] = torch.linalg.solve_triangular(blocks[:, j], rhs, upper=False)
-            z = k_out[:, j].mT @ y[:, j] + (z if decay is None else decay[:, j, None, None] * z)
+            h = k_out[:, j].mT @ y[:, j] + (h if decay is None else decay[:, j, None, None] * h)
             if keep_states:
-                states.append(z)
-        return y, torch.stack(states if keep_states else [z], 1)
-
-    @staticmethod
-    def map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-        return [fn(x) for x in items]
+                states.append(h)
+        return y, torch.stack(states if keep_states else [h], 1)
 
     @staticmethod
     def exp(x: Array) -> Array:
         return x.exp()
-
-    @staticmethod
-    def log(x: Array) -> Array:
-        return x.log()
 
     @staticmethod
     def where(cond: Array, a: Array, b: Array | float) -> Array:
@@ -442,12 +413,6 @@ class TorchOps:
         return torch.cat(xs, dim=axis)
 
     @staticmethod
-    def stack(xs: list[Array], axis: int) -> Array:
-        import torch
-
-        return torch.stack(xs, dim=axis)
-
-    @staticmethod
     def pad_axis(x: Array, axis: int, after: int, value: float = 0.0) -> Array:
         if after == 0:
             return x
@@ -464,20 +429,44 @@ class TorchOps:
         return x.clone()
 
     @staticmethod
-    def solve_lower_blocks(L: Array, B: Array) -> Array:
+    def solve_lower_blocks(L: Array, B: Array, *, kernel: Kernel) -> Array:
         """As :meth:`NumpyOps.solve_lower_blocks` (the compiled loop for CPU tensors,
         which is several times faster there than ``torch.linalg.solve_triangular``)."""
         if _all_cpu(L, B):
-            return _from_numpy(NumpyOps.solve_lower_blocks(_numpy_view(L), _numpy_view(B)))
+            x = NumpyOps.solve_lower_blocks(_numpy_view(L), _numpy_view(B), kernel=kernel)
+            return _from_numpy(x)
         import torch
 
         return torch.linalg.solve_triangular(L, B, upper=False)
 
     @staticmethod
-    def cholesky(a: Array) -> Array:
+    def solve_lower_dense(lower: Array, b: Array) -> Array:
+        """As :meth:`NumpyOps.solve_lower_dense` (``torch.linalg.solve_triangular``)."""
         import torch
 
-        return torch.linalg.cholesky(a)
+        return torch.linalg.solve_triangular(lower, b, upper=False)
+
+    @staticmethod
+    def cholesky_flagged(a: Array) -> tuple[Array, Array]:
+        """As :meth:`NumpyOps.cholesky_flagged` (``torch.linalg.cholesky_ex``)."""
+        import torch
+
+        lt, info = torch.linalg.cholesky_ex(a)
+        ok = info == 0
+        if not bool(ok.all()):
+            lt = torch.where(ok[..., None, None], lt, TorchOps.eye(a.shape[-1], a))
+        return lt, ok
+
+    @staticmethod
+    def matmul_into(a: Array, b: Array, out: Array) -> None:
+        """``out[...] = a @ b`` (torch has no strided ``out=`` for batched products)."""
+        out[...] = a @ b
+
+    @staticmethod
+    def blas_scopes(panel_threads: int | None) -> tuple[Any, Any, Any]:
+        """No scopes: torch manages its own threads."""
+        null = contextlib.nullcontext
+        return null, null, null
 
 
 def _all_cpu(*xs: Array) -> bool:
@@ -498,3 +487,6 @@ def _from_numpy(x: np.ndarray) -> Array:
 def backend_of(x: Array) -> type[NumpyOps] | type[TorchOps]:
     """The operations namespace for the array type of ``x``."""
     return TorchOps if is_torch(x) else NumpyOps
+
+
+Ops = type[NumpyOps] | type[TorchOps]

@@ -15,11 +15,15 @@ grown, never shrunk, up to :data:`MAX_CACHED_BYTES` each;
 array is valid until the next request for the same name in the same thread,
 so it must never be returned to a caller or kept past the call that asked
 for it.
+
+A process forked from one that holds buffers starts with none (the
+buffers of the parent's threads would only be dead weight there).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import threading
 
 import numpy as np
@@ -66,3 +70,12 @@ def empty_cache() -> None:
     >>> dplr.empty_cache()
     """
     _buffers().clear()
+
+
+def _reset_after_fork() -> None:
+    """In a forked child: start without buffers (nothing in the child uses the parent's)."""
+    global _local
+    _local = threading.local()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

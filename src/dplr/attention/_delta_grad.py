@@ -27,7 +27,8 @@ from __future__ import annotations
 import numpy as np
 
 from .._runtime.backend import Array, TorchOps, is_torch
-from ..core import _kernels
+from .._runtime.tuning import DELTA_PASS_ROWS
+from ..core import _jit, _kernels
 from ..core._kernels import Ops
 
 
@@ -133,7 +134,8 @@ def delta_backward(
     uc, doc = _kernels.chunk_rows(ops, u, c), _kernels.chunk_rows(ops, do, c)
     # L^-1 explicitly (one block solve with c columns): it gives W here and
     # L^-T below by products, cheaper than a second, transposed block solve.
-    l_inv = ops.solve_lower_blocks(l_blocks, ops.broadcast_to(eye, l_blocks.shape))
+    eyes = ops.broadcast_to(eye, l_blocks.shape)
+    l_inv = ops.solve_lower_blocks(l_blocks, eyes, kernel=_jit.solve_lower_stack)
     w = l_inv @ sol.q_in
     ut = uc + w @ h
 
@@ -195,12 +197,9 @@ def delta_backward(
     return dq, dk, dv, dbeta, dg, ds0
 
 
-#: Rows (batch x heads x tokens) per pass over the sequence.  Longer inputs are
-#: run in consecutive passes of whole chunks with the state carried between
-#: them: the same chunks and the same arithmetic, but the per-pass arrays stay
-#: a few MiB instead of growing with T (on the development machine a single
-#: pass over T = 65536 ran at half the tokens per second of T = 4096).
-PASS_ROWS = 16384
+#: Rows (batch x heads x tokens) per pass over the sequence (the measurement:
+#: :data:`dplr._runtime.tuning.DELTA_PASS_ROWS`).
+PASS_ROWS = DELTA_PASS_ROWS
 
 
 def pass_length(shape: tuple[int, ...], chunk_size: int | None) -> int:

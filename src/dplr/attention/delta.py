@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .._runtime.backend import Array, backend_of, is_torch, single_threaded_blas
+from .._runtime.backend import Array, backend_of, is_torch
+from .._runtime.blas import single_threaded_blas
 from .._validate import (
     Prepared,
     check_cu_seqlens,

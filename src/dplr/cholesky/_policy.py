@@ -6,22 +6,23 @@ The thresholds are measurements, not theory: see ``benchmarks/cholesky.py``
 
 from __future__ import annotations
 
-#: Rows per chunk of the blocked path's Schur recursion and panel products
-#: (32 to 64 measured within noise at N = 3000, M = 32; 96 slower).
-CHUNK = 64
+from .._runtime import tuning as _t
+
+#: Rows per chunk of the blocked path (:data:`dplr._runtime.tuning.CHOLESKY_CHUNK_ROWS`).
+CHUNK = _t.CHOLESKY_CHUNK_ROWS
 
 
 def choose_method(n: int, m: int, batch: int, torch: bool) -> str:
     """``"rank1"``, ``"blocked"`` or ``"refactor"`` for an N x N factor, rank M, batch size."""
     if torch:
-        return "refactor" if 2 * m >= n or n <= 64 else "blocked"
-    if m <= 2 or (batch > 1 and m <= 8):
+        return "refactor" if 2 * m >= n or n <= _t.AUTO_TORCH_REFACTOR_MAX_ORDER else "blocked"
+    if m <= _t.AUTO_RANK1_MAX_RANK or (batch > 1 and m <= _t.AUTO_RANK1_BATCHED_MAX_RANK):
         return "rank1"
-    if n <= 128:  # a new factorisation costs ~0.15 ms here: beats M sweeps from M ~ 8
-        return "refactor" if m >= 8 else "rank1"
-    if m <= 4 and n <= 1000:
+    if n <= _t.AUTO_SMALL_ORDER:  # a new factorisation costs ~0.15 ms here
+        return "refactor" if m >= _t.AUTO_SMALL_REFACTOR_MIN_RANK else "rank1"
+    if m <= _t.AUTO_RANK1_MEDIUM_MAX_RANK and n <= _t.AUTO_RANK1_MEDIUM_MAX_ORDER:
         return "rank1"
-    if 2 * m >= n and n <= 500:  # measured tie with "blocked" at N = 500, M = 256
+    if 2 * m >= n and n <= _t.AUTO_REFACTOR_WIDE_MAX_ORDER:  # tie with "blocked" at 500, 256
         return "refactor"
     return "blocked"
 
@@ -38,4 +39,4 @@ def panel_threads(n: int, m: int, batch: int) -> int:
     threadpoolctl or ``OPENBLAS_NUM_THREADS`` there.)  Below N = 1000 the panels
     are small and one thread is as fast.
     """
-    return 0 if n >= 1000 else 1
+    return 0 if n >= _t.THREADED_BLAS_MIN_ORDER else 1

@@ -31,11 +31,13 @@ import math
 
 import numpy as np
 
-from ..core._jit import jit as _jit
+from .._runtime import threads
+from .._runtime.jit import jit as _jit
+from .._runtime.tuning import RANK1_GROUP_ROWS, RANK1_SMALL_ORDER
 
 #: Rows of the lower factor advanced together by the row-oriented update, so
 #: that GROUP independent rotation chains overlap in the floating-point units.
-GROUP = 8
+GROUP = RANK1_GROUP_ROWS
 
 
 _SERIAL = {"nogil": True, "fastmath": {"contract"}}
@@ -95,7 +97,7 @@ def _update_rows_one(src, dst, x, cs, sn, xs):
 #: by column: the factor then sits in L1, so the strided column reads are
 #: cheap, rotation k+1 can start while step k still updates the rows below,
 #: and the caller's memory is read and written once, row by row.
-SMALL = 64
+SMALL = RANK1_SMALL_ORDER
 
 
 @_jit(**_SERIAL)
@@ -347,11 +349,10 @@ def _sweep_range(src, src_idx, dst, x, down, ok, fin, pos, inplace, rows, lo, hi
         fin[b] = _diag_finite(d)
 
 
-#: Batch size from which the sweeps are split between the threads of
-#: :meth:`dplr._runtime.backend.NumpyOps.map` (plain Python threads running a nogil
-#: kernel: nothing keeps spinning afterwards, unlike an OpenMP pool, which was
-#: measured to slow the caller's next multi-threaded BLAS call up to 20x).
-PARALLEL_BATCH = 64
+# Large batches of sweeps are split between dplr's threads
+# (:func:`dplr._runtime.threads.batch_parts`: plain Python threads running a
+# nogil kernel: nothing keeps spinning afterwards, unlike an OpenMP pool, which
+# was measured to slow the caller's next multi-threaded BLAS call up to 20x).
 
 
 def sweep(src, src_idx, dst, x, down, ok, inplace: bool, rows: bool):
@@ -362,22 +363,15 @@ def sweep(src, src_idx, dst, x, down, ok, inplace: bool, rows: bool):
     the result's diagonal is finite, and whether the input's diagonal is
     positive (factors where it is not are skipped: not written, ``ok`` false).
     """
-    from .._runtime.backend import NumpyOps, _split, num_workers
-
     count = dst.shape[0]
     fin = np.empty(count, dtype=bool)
     pos = np.empty(count, dtype=bool)
-    # several parts per thread: a thread slowed by another process takes fewer
-    parts = min(4 * num_workers(), count // 16) if count >= PARALLEL_BATCH else 1
 
     def run(part: slice) -> None:
         args = (src, src_idx, dst, x, down, ok, fin, pos, inplace, rows)
         _sweep_range(*args, part.start, part.stop)
 
-    if parts == 1:
-        run(slice(0, count))
-    else:
-        NumpyOps.map(run, _split(count, parts))
+    threads.run_all(run, threads.batch_parts(count))
     return fin, pos
 
 
@@ -411,14 +405,8 @@ def tri_all_finite(src: np.ndarray, rows: bool) -> np.ndarray:
     The other triangle is not read.  Split over dplr's threads for a large
     batch, like :func:`sweep`.
     """
-    from .._runtime.backend import NumpyOps, _split, num_workers
-
     count = src.shape[0]
     out = np.empty(count, dtype=bool)
-    parts = min(4 * num_workers(), count // 16) if count >= PARALLEL_BATCH else 1
-    if parts <= 1:
-        _tri_finite_range(src, rows, out, 0, count)
-    else:
-        NumpyOps.map(lambda sl: _tri_finite_range(src, rows, out, sl.start, sl.stop),
-                     _split(count, parts))  # fmt: skip
+    parts = threads.batch_parts(count)
+    threads.run_all(lambda sl: _tri_finite_range(src, rows, out, sl.start, sl.stop), parts)
     return out

@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 
 from .._errors import NotPositiveDefiniteError
-from .._runtime.backend import Array, backend_of, is_torch, single_threaded_blas
+from .._runtime.backend import Array, backend_of, is_torch
+from .._runtime.blas import single_threaded_blas
+from .._runtime.tuning import THREADED_BLAS_MIN_ORDER
 from .._validate import (
     all_finite,
     broadcast_batch,
@@ -205,7 +207,7 @@ def _blocked_path(pb: _Problem, target: Array | None, check_finite: bool, chunk:
 def _refactor_path(pb: _Problem) -> tuple[Array, Array]:
     """Form ``L L^T + U diag(w) U^T`` and factor it again: O(N^3)."""
     ops = pb.ops
-    with _blas_threads(pb, 1 if pb.n < 1000 else 0):
+    with _blas_threads(pb, 1 if pb.n < THREADED_BLAS_MIN_ORDER else 0):
         low = _kernels._tril_block(ops, pb.lower)
         b = low @ low.mT + (pb.u * pb.w[..., None, :]) @ pb.u.mT
         lt, ok = _kernels.cholesky_flagged(ops, b)

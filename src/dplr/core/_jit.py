@@ -14,34 +14,16 @@ Three loops of the chunked algorithms are not single level-3 calls:
   block is slow at this size (about 13 GFLOP/s in float64 here, one thread)
   and holds the GIL, so the blocks could not be shared between threads.
 
-All take C-contiguous float32/float64 arrays (the callers ensure that).  The
-:func:`jit` decorator is shared with the Cholesky kernels (``_rank1.py``).
+All take C-contiguous float32/float64 arrays (the callers ensure that); the
+runtime's operations (:mod:`dplr._runtime.backend`) receive them as
+``kernel=`` and spread them over threads.
 """
 
 from __future__ import annotations
 
-import warnings
-
-import numba as nb
 import numpy as np
 
-
-def jit(**options):
-    """``numba.njit`` with an on-disk cache when some cache directory is writable.
-
-    Numba caches next to the source file, or in the user-wide cache directory
-    (``NUMBA_CACHE_DIR`` overrides both) when the package is read-only; if no
-    location is writable, compile in memory instead of failing at import.
-    """
-
-    def wrap(fn):
-        try:
-            return nb.njit(cache=True, **options)(fn)
-        except RuntimeError as exc:  # "no locator available": nowhere to cache
-            warnings.warn(f"dplr: numba cache disabled ({exc})", RuntimeWarning, stacklevel=2)
-            return nb.njit(cache=False, **options)(fn)
-
-    return wrap
+from .._runtime.jit import jit
 
 
 @jit(nogil=True, fastmath={"contract", "reassoc"})

@@ -21,14 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._runtime.backend import Array, NumpyOps, TorchOps
-
-Ops = type[NumpyOps] | type[TorchOps]
-
-#: Default rows per chunk.  The chunk sweep of ``benchmarks/core.py`` and
-#: sweeps over d in 16..128, batches and dtypes measured 32 fastest or within
-#: noise of the fastest here (64 was up to 15% slower, 128 up to 60%).
-DEFAULT_CHUNK = 32
+from .._runtime.backend import Array, Ops
+from .._runtime.tuning import CHUNK_ROWS as DEFAULT_CHUNK
+from .._runtime.tuning import PANEL_MIN_ROWS
+from . import _jit
 
 
 @dataclass(frozen=True)
@@ -236,7 +232,7 @@ def solve(
     ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
     # The blocks die here: they live in scratch memory.
     out = ops.scratch("blocks", (*ch.q.shape[:-1], ch.c), q)
-    blocks = ops.chunk_blocks(ch.q, ch.k, ch.lam, ch.mask, out)
+    blocks = ops.chunk_blocks(ch.q, ch.k, ch.lam, ch.mask, out, kernel=_jit.form_chunk_blocks)
     yc, states = _substitution_pass(
         ops, ch.q_in, blocks, ch.k_out, ch.chunk_decay, chunk_rows(ops, v, ch.c), h0, return_states
     )
@@ -268,7 +264,9 @@ def _substitution_pass(
     )
     decay = None if chunk_decay is None else chunk_decay.reshape(count, nc)
     z0 = ops.zeros((count, d, m), vc) if h0 is None else h0.reshape(count, d, m)
-    yc, st = ops.substitution_pass(q_in, blocks, k_out, decay, vc, z0, keep_states)
+    yc, st = ops.substitution_pass(
+        q_in, blocks, k_out, decay, vc, z0, keep_states, kernel=_jit.substitution_pass
+    )
     return yc.reshape(*batch, nc, c, m), st.reshape(*batch, st.shape[1], d, m)
 
 
@@ -294,7 +292,7 @@ def inverse(
     eye = ops.eye(c, q)
     diag_blocks = strict_blocks(ops, ch) + ch.lam[..., :, None] * eye
     rhs = ops.concat([ch.q_in, ops.broadcast_to(eye, (*ch.q_in.shape[:-1], c))], -1)
-    wx = ops.solve_lower_blocks(diag_blocks, rhs)
+    wx = ops.solve_lower_blocks(diag_blocks, rhs, kernel=_jit.solve_lower_stack)
     w, x = wx[..., :d], wx[..., d:]
     out = ops.zeros((*batch, nc * c, nc * c), q)
     z = ops.zeros((*batch, d, nc * c), q)
@@ -507,7 +505,7 @@ def _product_loop(ops, lower, z, c_state, out, c, steps, given, clean, small, bi
                 steps.append((w_j, lt, p))
             out[..., s:e, s:e] = l_jj @ lt
         if e < n:  # only the last chunk can be short, and nothing lies below it
-            with big() if n - e >= 256 else small():
+            with big() if n - e >= PANEL_MIN_ROWS else small():
                 zp = z[..., e:, :c]
                 zp[...] = lower[..., e:, s:e]
                 z[..., e:, c:] -= zp @ w_j
@@ -528,29 +526,9 @@ def _matmul_into(ops: Ops, a: Array, b: Array, out: Array) -> None:
 
 
 def _thread_scopes(ops: Ops, panel_threads: int | None):
-    """Context managers: around the whole loop, for small blocks, for the panel products."""
-    import contextlib
-
-    if ops.name == "torch" or panel_threads is None:
-        return contextlib.nullcontext, contextlib.nullcontext, contextlib.nullcontext
-    from .._runtime.backend import _blas_controller
-
-    libs = _blas_controller().select(user_api="blas").lib_controllers
-    default = [lib.num_threads for lib in libs]
-
-    @contextlib.contextmanager
-    def threads(k: int | None):
-        for lib, d in zip(libs, default, strict=True):
-            lib.set_num_threads(d if k is None else k)
-        try:
-            yield
-        finally:
-            for lib, d in zip(libs, default, strict=True):
-                lib.set_num_threads(d)
-
-    if panel_threads == 1:  # one setting for the whole loop: no switching per chunk
-        return (lambda: threads(1)), contextlib.nullcontext, contextlib.nullcontext
-    return contextlib.nullcontext, (lambda: threads(1)), (lambda: threads(panel_threads or None))
+    """Context managers: around the whole loop, for small blocks, for the panel products
+    (the process-wide BLAS limit of :mod:`dplr._runtime.blas`)."""
+    return ops.blas_scopes(panel_threads)
 
 
 def _tril_block(ops: Ops, a: Array) -> Array:

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from .._errors import SingularMatrixError
-from .._runtime.backend import Array, backend_of, single_threaded_blas
+from .._runtime.backend import Array, backend_of
+from .._runtime.blas import single_threaded_blas
 from .._validate import (
     Prepared,
     broadcast_batch,

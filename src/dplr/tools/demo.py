@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 import scipy.linalg
 
-from .._runtime.backend import single_threaded_blas
+from .._runtime.blas import single_threaded_blas
 
 Method = Literal["update", "refactor"]
 

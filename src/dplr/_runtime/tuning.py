@@ -1,0 +1,119 @@
+"""Every tuning threshold of dplr, with the measurement behind it.
+
+Each value below was chosen by timing on the 2-core development machine
+(AMD EPYC, OpenBLAS, float64 unless stated); the comment says what was
+measured.  None of them changes a result, only how fast it arrives: the
+tests pin them to extreme values to reach every code path.
+
+The modules that use a value import it from here (under the same or a
+local name), so this file is the one place to read or change them.  Values
+read inside Numba-compiled code (``RANK1_GROUP_ROWS``, ``RANK1_SMALL_ORDER``)
+are frozen into the on-disk compilation cache, which tracks only the file
+that defines the compiled function: after changing one of them, delete the
+``__pycache__`` folder of ``dplr/cholesky`` (or touch ``_rank1.py``).
+"""
+
+from __future__ import annotations
+
+# ------------------------------------------------------------------ core solve
+#: Rows per chunk of the core's chunked product, solve and inverse (the
+#: default ``chunk_size``).  The chunk sweep of ``benchmarks/core.py`` and
+#: sweeps over d in 16..128, batches and dtypes measured 32 fastest or within
+#: noise of the fastest (64 was up to 15% slower, 128 up to 60%).
+CHUNK_ROWS = 32
+
+#: Below this many flops a stacked product is not worth splitting over
+#: threads (set with the first thread lanes; no sweep was recorded).
+PARALLEL_MIN_FLOPS = 4e6
+
+#: Below this many flops the compiled loops of the solve run on the calling
+#: thread: handing them to the pool and waiting cost more than it saved up to
+#: n = 1024 (d = m = 64: 0.94 ms on one thread, 1.3 ms split over two) and
+#: broke even at n = 2048 (34 MFLOP in the state pass).
+LOOP_MIN_FLOPS = 3e7
+
+#: Narrowest column range worth a thread of its own in the state pass: the
+#: products of narrower ranges run too far below the compiled kernel's peak
+#: (its 4 x 4 tiles need several tiles per row of the state) to gain.
+MIN_LANE_COLUMNS = 16
+
+#: Parts per thread when a batch of independent problems is split: a thread
+#: slowed by another process then holds back less of the batch (a two-way
+#: split of 10000 rank-1 sweeps measured 11 or 18 ms, bimodal, on the shared
+#: machine; four parts per thread removed the slow mode).
+PARTS_PER_THREAD = 4
+
+# ----------------------------------------------------------- attention (delta)
+#: Rows (batch x heads x tokens) per pass over the sequence in the delta
+#: rule's forward and backward.  Longer inputs run in consecutive passes of
+#: whole chunks with the state carried between them, so the per-pass arrays
+#: stay a few MiB: a single pass over T = 65536 ran at half the tokens per
+#: second of T = 4096.
+DELTA_PASS_ROWS = 16384
+
+# ---------------------------------------------------------------- Cholesky
+#: Rows per chunk of the blocked update's Schur recursion and panel products:
+#: 32 to 64 measured within noise of each other at N = 3000, M = 32; 96 was
+#: slower.
+CHOLESKY_CHUNK_ROWS = 64
+
+#: Rows of a lower factor that the row-order rank-1 update advances together,
+#: so that this many independent rotation chains overlap in the floating-point
+#: units (set with the first compiled sweeps; no sweep over it was recorded).
+#: Read inside compiled code.
+RANK1_GROUP_ROWS = 8
+
+#: Largest order N for which the row-order rank-1 update runs on an L1 scratch
+#: copy, column by column (64 x 64 float64 is 32 KiB, the L1 data cache): for
+#: 10000 factors of 32 x 32 it runs in about 1 us per factor and thread.
+#: Read inside compiled code.
+RANK1_SMALL_ORDER = 64
+
+#: Batch size from which the rank-1 sweeps are split over dplr's threads;
+#: smaller batches stay on the calling thread, where a split's hand-off cost
+#: more than it saved.
+RANK1_PARALLEL_BATCH = 64
+
+#: Fewest factors per part when a batch of rank-1 sweeps is split
+#: (``count // 16`` parts at most), so that each hand-off carries enough work
+#: (set with the split; no sweep was recorded).
+RANK1_MIN_FACTORS_PER_PART = 16
+
+#: Rows below the current chunk from which the blocked update's panel product
+#: runs with the BLAS library's own thread count; smaller panels run in one
+#: thread (set with the combined panel product; no sweep was recorded).
+PANEL_MIN_ROWS = 256
+
+#: Order N from which the Cholesky paths use the BLAS library's thread count
+#: for their large products (the blocked update's panels, the refactorised
+#: product and factorisation); below it they run in one thread.  Blocked
+#: panels measured N = 3000, M = 32 at 29-35 ms threaded against 40-41 ms in
+#: one thread, and N = 4000, M = 64 at 61 ms against 92 ms; below N = 1000 the
+#: products are small and one thread is as fast.
+THREADED_BLAS_MIN_ORDER = 1000
+
+# ---- method="auto" of the Cholesky update (benchmarks/cholesky.py grid,
+# docs/cholesky.md section 5: N in 100..4000, M in 1..256, one factor)
+
+#: Rank up to which rank-1 sweeps win at every N.
+AUTO_RANK1_MAX_RANK = 2
+
+#: Rank up to which rank-1 sweeps win for a batch of factors (the sweeps then
+#: run in parallel over the batch).
+AUTO_RANK1_BATCHED_MAX_RANK = 8
+
+#: Order up to which a new factorisation (about 0.15 ms at N = 100) beats M
+#: sweeps from ``AUTO_SMALL_REFACTOR_MIN_RANK`` columns on.
+AUTO_SMALL_ORDER = 128
+AUTO_SMALL_REFACTOR_MIN_RANK = 8
+
+#: Rank-1 sweeps win up to M = 4 for N <= 1000 (rank1 ≈ blocked at N = 2000).
+AUTO_RANK1_MEDIUM_MAX_RANK = 4
+AUTO_RANK1_MEDIUM_MAX_ORDER = 1000
+
+#: With 2M >= N a new factorisation tied with the blocked update at N = 500,
+#: M = 256, and lost for N >= 2000.
+AUTO_REFACTOR_WIDE_MAX_ORDER = 500
+
+#: Torch tensors (no rank-1 path): refactorise up to this order.
+AUTO_TORCH_REFACTOR_MAX_ORDER = 64
