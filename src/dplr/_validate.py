@@ -128,16 +128,17 @@ def first_index(mask: Array) -> tuple[int, ...]:
     return tuple(int(i) for i in np.argwhere(mask)[0])
 
 
-def require_log_decay(name: str, x: Array, *, skip_first: bool = False) -> None:
+def require_log_decay(name: str, x: Array, *, skip_first: bool = False, axis: int = -1) -> None:
     """``ValueError`` naming the first positive entry of a log decay (NaN passes).
 
     A log decay is ``<= 0``: its factor ``exp(x)`` lies in [0, 1], with -Inf
-    an exact 0 (a full reset).  ``skip_first``: entry 0 of the last axis is
-    not checked (it does not enter the matrix).
+    an exact 0 (a full reset).  ``skip_first``: entry 0 along ``axis`` (the
+    rows: -1, or -2 for a decay per channel) is not checked (it does not
+    enter the matrix).
     """
     positive = x > 0
     if skip_first:
-        positive[..., :1] = False
+        positive[(..., slice(None, 1)) + (slice(None),) * (-1 - axis)] = False
     if bool(positive.any()):
         where = first_index(positive)
         raise ValueError(

@@ -128,7 +128,8 @@ class NumpyOps:
         """The sequential pass of the chunked solve (see :func:`dplr.core._jit.substitution_pass`).
 
         q_in, k_out: (B, nc, c, d); blocks: (B, nc, c, c) lower triangular;
-        decay: (B, nc) or None; v: (B, nc, c, m); h0: (B, d, m).  Returns y
+        decay: (B, nc, 1), per channel (B, nc, d), or None; v: (B, nc, c, m);
+        h0: (B, d, m).  Returns y
         (B, nc, c, m) and the states (B, nc + 1, d, m) entering every chunk
         and after the last, or (B, 1, d, m), the final state only, unless
         ``keep_states`` (a large array not worth filling).  ``kernel`` is the
@@ -140,7 +141,7 @@ class NumpyOps:
         count, nc, _, m = v.shape
         d = q_in.shape[-1]
         q_in, blocks, k_out, v, h0 = (np.ascontiguousarray(x) for x in (q_in, blocks, k_out, v, h0))
-        dec = np.ones((count, nc), v.dtype) if decay is None else np.ascontiguousarray(decay)
+        dec = np.ones((count, nc, 1), v.dtype) if decay is None else np.ascontiguousarray(decay)
         y = np.empty(v.shape, v.dtype)
         states = np.empty((count, nc + 1 if keep_states else 1, d, m), v.dtype)
 
@@ -359,7 +360,7 @@ class TorchOps:
         for j in range(v.shape[1]):
             rhs = v[:, j] - q_in[:, j] @ h
             y[:, j] = torch.linalg.solve_triangular(blocks[:, j], rhs, upper=False)
-            h = k_out[:, j].mT @ y[:, j] + (h if decay is None else decay[:, j, None, None] * h)
+            h = k_out[:, j].mT @ y[:, j] + (h if decay is None else decay[:, j, :, None] * h)
             if keep_states:
                 states.append(h)
         return y, torch.stack(states if keep_states else [h], 1)

@@ -9,13 +9,53 @@ saves only the operands and the result, never the graph of the chunk loop.
 
 from __future__ import annotations
 
+import math
+
 from .._runtime.backend import Array, TorchOps
-from ._kernels import Ops, matmul, solve
+from ._decay import channel_pull_blocks, global_weights
+from ._kernels import (
+    Ops,
+    _state_sequence,
+    chunk_rows,
+    is_per_channel,
+    make_chunked,
+    matmul,
+    reversed_operands,
+    solve,
+    unchunk_rows,
+)
 
 
-def reverse_cumsum(ops: Ops, x: Array) -> Array:
-    """``out[s] = sum_{m >= s} x[m]`` along the last axis (the adjoint of cumsum)."""
-    return ops.flip(ops.flip(x, -1).cumsum(-1), -1)
+def reverse_cumsum(ops: Ops, x: Array, axis: int = -1) -> Array:
+    """``out[s] = sum_{m >= s} x[m]`` along ``axis`` (the adjoint of cumsum)."""
+    return ops.flip(ops.flip(x, axis).cumsum(axis), axis)
+
+
+def log_decay_grad(ops: Ops, q: Array, log_decay: Array, dg: Array) -> Array:
+    """``dlog_decay`` from ``dG`` (G = cumsum(log_decay) along n); 0 at ``-inf`` entries."""
+    dld = reverse_cumsum(ops, dg, -2 if is_per_channel(q, log_decay) else -1)
+    return ops.where(log_decay == -math.inf, 0.0 * dld, dld)
+
+
+def channel_pullback(
+    ops: Ops, k: Array, log_decay: Array, left: Array, right: Array, chunk_size: int | None
+) -> Array:
+    """``dq_ic = sum_{j<i} (left_i . right_j) k_jc exp(G_ic - G_jc)`` for per-channel decay.
+
+    The q-gradient of ``sum_ij dT_ij T_ij`` for ``dT = left right^T``: inside
+    each chunk by :func:`dplr.core._decay.channel_pull_blocks`; from earlier
+    chunks through the state ``Z = sum_j Diag(exp(G_s - G_j)) k_j right_j^T``
+    of the product (the same recurrence as the forward state),
+    ``dq_i += exp(G_i - G_s) ⊙ (Z left_i)``.  O(n c (d + m) + n d m).
+    """
+    ones = 0.0 * k + 1.0
+    # With q = 1, q_in holds the weights exp(G_i - G_s) themselves.
+    ch = make_chunked(ops, ones, k, ones[..., 0], log_decay, chunk_size)
+    lc, rc = chunk_rows(ops, left, ch.c), chunk_rows(ops, right, ch.c)
+    dq = channel_pull_blocks(ops, ops.matmul(lc, rc.mT), ch.k, ch.decay)
+    states = _state_sequence(ops, ch, ops.matmul(ch.k_out.mT, rc), None)
+    dq = dq + ch.q_in * ops.matmul(lc, states[..., :-1, :, :].mT)
+    return unchunk_rows(dq, ch.n)
 
 
 def structure_grads(
@@ -35,24 +75,41 @@ def structure_grads(
     ``dG = rowdot(q, dq) - rowdot(k, dk)``.  Returns ``dq, dk, dlam, dG``
     (``dG`` is with respect to the cumulative ``G``, None without decay).
     """
+    dlam = (left * right).sum(-1)
+    if is_per_channel(q, log_decay):
+        # Per channel: dG_ic = q_ic dq_ic - k_ic dk_ic, and dk by reversal.
+        dq = channel_pullback(ops, k, log_decay, left, right, chunk_size)
+        _, rk, _, rdecay = reversed_operands(ops, q, k, dlam, log_decay)
+        rleft, rright = ops.flip(right, -2), ops.flip(left, -2)
+        dk = ops.flip(channel_pullback(ops, rk, rdecay, rleft, rright, chunk_size), -2)
+        return dq, dk, dlam, q * dq - k * dk
     zero = ops.zeros(left.shape[:-1], left)
     dq, _ = matmul(ops, left, right, zero, log_decay, k, chunk_size=chunk_size)
     dk, _ = matmul(ops, left, right, zero, log_decay, q, transpose=True, chunk_size=chunk_size)
-    dlam = (left * right).sum(-1)
     dg = None if log_decay is None else (q * dq).sum(-1) - (k * dk).sum(-1)
     return dq, dk, dlam, dg
 
 
-def _decay_weights(ops: Ops, log_decay: Array | None) -> tuple[Array | None, Array | None]:
-    """``exp(G)`` and ``exp(G[-1] - G)`` (both <= 1), or None without decay."""
+def _decay_weights(ops: Ops, q: Array, log_decay: Array | None):
+    """``exp(G)`` and ``exp(G[-1] - G)`` (both <= 1, resets exact), or None without decay.
+
+    (..., n), or (..., n, d) per channel.
+    """
     if log_decay is None:
         return None, None
-    big_g = log_decay.cumsum(-1)
-    return ops.exp(big_g), ops.exp(big_g[..., -1:] - big_g)
+    return global_weights(ops, log_decay, -2 if is_per_channel(q, log_decay) else -1)
 
 
 def _scale_rows(x: Array, w: Array | None) -> Array:
-    return x if w is None else x * w[..., None]
+    """Rows of x (..., n, d) times w: (..., n) per row or (..., n, d) per channel."""
+    if w is None:
+        return x
+    return x * w if w.ndim == x.ndim else x * w[..., None]
+
+
+def _per_decay(x: Array, w: Array) -> Array:
+    """A per-channel term x (..., n, d) summed over channels when the decay is per row."""
+    return x if w.ndim == x.ndim else x.sum(-1)
 
 
 def matmul_backward(
@@ -77,12 +134,13 @@ def matmul_backward(
     dq, dk, dlam, dg = structure_grads(ops, q, k, log_decay, left, right, chunk_size)
     dh0 = None
     if h0 is not None:
-        e_g, _ = _decay_weights(ops, log_decay)
-        dq = dq + _scale_rows(dy @ h0.mT, e_g)
+        e_g, _ = _decay_weights(ops, q, log_decay)
+        dy_h = dy @ h0.mT
+        dq = dq + _scale_rows(dy_h, e_g)
         dh0 = _scale_rows(q, e_g).mT @ dy
         if dg is not None:
-            dg = dg + e_g * (dy * (q @ h0)).sum(-1)
-    dld = None if dg is None else reverse_cumsum(ops, dg)
+            dg = dg + e_g * _per_decay(q * dy_h, e_g)
+    dld = None if dg is None else log_decay_grad(ops, q, log_decay, dg)
     return dq, dk, dlam, dld, dv, dh0
 
 
@@ -106,7 +164,8 @@ def solve_backward(
     With ``R = T^-T dY`` (``T^-1 dY`` for the transposed solve): ``dV = R`` and
     ``dT = -R Y^T`` (``-Y R^T``).  Returns ``dq, dk, dlam, dlog_decay, dv, dh0``.
     """
-    e_g, e_tail = _decay_weights(ops, log_decay)
+    e_g, e_tail = _decay_weights(ops, q, log_decay)
+    channel = is_per_channel(q, log_decay)
     dk_extra = dh0 = dg_extra = None
     if dhn is not None:
         # h_n depends on Y (and k, G, h0) directly: fold that into dY first.
@@ -114,15 +173,23 @@ def solve_backward(
         y_dh = y @ dhn.mT  # (..., n, d): row j is dhn y_j
         dy = dy + k_tail @ dhn
         dk_extra = _scale_rows(y_dh, e_tail)
+        # The decay of h0 across the whole sequence: (..., d) per channel, else (...).
+        e_last = None if e_g is None else e_g[..., -1, :] if channel else e_g[..., -1]
         if h0 is not None:
-            dh0 = dhn if e_g is None else e_g[..., -1, None, None] * dhn
+            dh0 = (
+                dhn
+                if e_g is None
+                else dhn * (e_last[..., None] if channel else e_last[..., None, None])
+            )
         if log_decay is not None:
-            t = (k_tail * y_dh).sum(-1)
+            t = _per_decay(k_tail * y_dh, e_g)
             dg_extra = -t
-            last = t.sum(-1)
+            last = t.sum(-2 if channel else -1)
             if h0 is not None:
-                last = last + e_g[..., -1] * (h0 * dhn).sum((-2, -1))
-            dg_extra[..., -1] = dg_extra[..., -1] + last
+                h0_dhn = (h0 * dhn).sum(-1)  # (..., d)
+                last = last + e_last * (h0_dhn if channel else h0_dhn.sum(-1))
+            row = (..., -1, slice(None)) if channel else (..., -1)
+            dg_extra[row] = dg_extra[row] + last
     dr, _ = solve(ops, q, k, lam, log_decay, dy, transpose=not transpose, chunk_size=chunk_size)
     left, right = (-y, dr) if transpose else (-dr, y)
     dq, dk, dlam, dg = structure_grads(ops, q, k, log_decay, left, right, chunk_size)
@@ -131,12 +198,12 @@ def solve_backward(
         from_r = -(_scale_rows(q, e_g).mT @ dr)
         dh0 = from_r if dh0 is None else dh0 + from_r
         if dg is not None:
-            dg = dg - e_g * (dr * (q @ h0)).sum(-1)
+            dg = dg - e_g * _per_decay(q * (dr @ h0.mT), e_g)
     if dk_extra is not None:
         dk = dk + dk_extra
     if dg_extra is not None:
         dg = dg + dg_extra
-    dld = None if dg is None else reverse_cumsum(ops, dg)
+    dld = None if dg is None else log_decay_grad(ops, q, log_decay, dg)
     return dq, dk, dlam, dld, dr, dh0
 
 

@@ -154,13 +154,13 @@ def substitution_pass(
     """The sequential part of the chunked solve for a stack of B problems.
 
     q_in, k_out: (B, nc, c, d); blocks: (B, nc, c, c) lower triangular;
-    decay: (B, nc); v, y: (B, nc, c, m); z0: (B, d, m); states:
+    decay: (B, nc, 1) or, per channel, (B, nc, d); v, y: (B, nc, c, m); z0: (B, d, m); states:
     (B, nc + 1, d, m), or (B, 1, d, m) to keep only the final state.  Writes
     columns ``col_start:col_stop`` of y and states::
 
         states[:, 0] = z0
         y[:, J] = blocks[:, J]^-1 (v[:, J] - q_in[:, J] @ states[:, J])
-        states[:, J + 1] = decay[:, J] * states[:, J] + k_out[:, J]^T @ y[:, J]
+        states[:, J + 1] = Diag(decay[:, J]) states[:, J] + k_out[:, J]^T @ y[:, J]
 
     Problems are independent, and so are the columns of one problem: threads
     can run disjoint slices of the stack or disjoint column ranges.
@@ -181,6 +181,7 @@ def substitution_pass(
     z_t = np.empty((width, d), v.dtype)
     keep = states.shape[1] > 1
     nc = v.shape[1]
+    per_channel = decay.shape[2] > 1
     sink = 0.0
     for b in range(v.shape[0]):
         for p in range(d):
@@ -206,7 +207,14 @@ def substitution_pass(
             for r in range(c):
                 for p in range(d):
                     k_t[p, r] = kj[r, p]
-            _dot_products(y_t, k_t, z_t, decay[b, j])
+            if per_channel:  # scale column p of the transposed state by its decay
+                dj = decay[b, j]
+                for s in range(width):
+                    for p in range(d):
+                        z_t[s, p] *= dj[p]
+                _dot_products(y_t, k_t, z_t, 1.0)
+            else:
+                _dot_products(y_t, k_t, z_t, decay[b, j, 0])
             if keep:
                 _store_transposed(z_t, states[b, j + 1], col_start)
         if not keep:  # the final state only

@@ -4,12 +4,15 @@ The derivations are in ``docs/algorithms.md`` (section 1).  All functions here
 are pure, backend-neutral (NumPy or torch through ``ops``) and assume clean
 input: same dtype, finite, batch dimensions already broadcast, so that
 
-    q, k : (..., n, d)      lam : (..., n)      log_decay : (..., n) or None
-    v    : (..., n, m)      state h : (..., d, m)
+    q, k : (..., n, d)      lam : (..., n)      v : (..., n, m)      state h : (..., d, m)
+    log_decay : (..., n) (one decay per row), (..., n, d) (per channel) or None
 
-The decay mask is ``D[i, j] = exp(G[i] - G[j])`` with ``G = cumsum(log_decay)``.
-It is only ever formed relative to the start of a chunk, so no exponent is
-positive and nothing overflows however long the sequence.
+With one decay per row, ``T_ij = q_i . k_j exp(G_i - G_j)`` for i > j, with
+``G = cumsum(log_decay)``; per channel, ``T_ij = sum_c q_ic k_jc exp(G_ic -
+G_jc)``.  The state decays per channel in the same way (``Diag(a) h``).  A
+``-inf`` entry is an exact reset (:mod:`dplr.core._decay`).  Decay factors
+are only ever formed relative to the start of a chunk or to an anchor row
+inside it, so no exponent overflows however long the sequence.
 
 Chunking happens here and nowhere else in the library: the delta rule and the
 Cholesky update call these functions.
@@ -25,6 +28,7 @@ from .._runtime.backend import Array, Ops
 from .._runtime.tuning import CHUNK_ROWS as DEFAULT_CHUNK
 from .._runtime.tuning import PANEL_MIN_ROWS
 from . import _jit
+from ._decay import ChunkDecay, channel_strict_blocks, chunk_decay, rel_exp, split_resets
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,9 @@ class Chunked:
     ``q_in[i] = q[i] exp(g[i])`` reads the state left by earlier chunks,
     ``k_out[j] = k[j] exp(g[c-1] - g[j])`` writes row j into the state passed on,
     and ``chunk_decay = exp(g[c-1])`` decays the state across a whole chunk.
-    ``g`` is the cumulative log decay *within* each chunk.
+    ``g`` is the cumulative log decay *within* each chunk.  With per-channel
+    decay these weights are per channel (``chunk_decay`` (..., nc, d)),
+    ``mask`` is None and ``decay`` holds what :func:`strict_blocks` needs.
     """
 
     q: Array  # (..., nc, c, d)
@@ -44,9 +50,15 @@ class Chunked:
     mask: Array | None  # (..., nc, c, c): D inside each chunk, zero on and above the diagonal
     q_in: Array  # (..., nc, c, d)
     k_out: Array  # (..., nc, c, d)
-    chunk_decay: Array | None  # (..., nc), None without decay
+    chunk_decay: Array | None  # (..., nc) or per channel (..., nc, d); None without decay
     n: int
     c: int
+    decay: ChunkDecay | None = None  # per-channel decay only
+
+    def state_decay(self, j: int) -> Array:
+        """The factor of the state across chunk j, shaped to multiply a (..., d, m) state."""
+        a = self.chunk_decay
+        return a[..., j, :, None] if self.decay is not None else a[..., j, None, None]
 
     @property
     def nc(self) -> int:
@@ -71,6 +83,11 @@ def effective_chunk(n: int, chunk_size: int | None) -> int:
     return max(1, min(chunk_size or DEFAULT_CHUNK, n))
 
 
+def is_per_channel(q: Array, log_decay: Array | None) -> bool:
+    """True for a (..., n, d) log decay (one per channel), False for (..., n) or None."""
+    return log_decay is not None and log_decay.ndim == q.ndim
+
+
 def make_chunked(
     ops: Ops,
     q: Array,
@@ -83,6 +100,8 @@ def make_chunked(
 
     The blocks ``T_JJ`` themselves are left to the caller: the solve forms
     them in compiled code, the others with :func:`strict_blocks`.
+    ``log_decay`` is (..., n), (..., n, d) or None; ``-inf`` entries are
+    exact resets.
     """
     n = q.shape[-2]
     c = effective_chunk(n, chunk_size)
@@ -90,35 +109,51 @@ def make_chunked(
     lamc = chunk_rows(ops, lam[..., None], c, 1.0)[..., 0]
     if log_decay is None:
         return Chunked(qc, kc, lamc, None, qc, kc, None, n, c)
-    g = chunk_rows(ops, log_decay[..., None], c)[..., 0].cumsum(-1)
-    mask = decay_mask(ops, g, ops.strict_lower_mask(c, q))
-    g_last = g[..., -1:]
+    channel = is_per_channel(q, log_decay)
+    dec = chunk_decay(ops, log_decay if channel else log_decay[..., None], c, chunk_rows)
+    g, r = dec.g, dec.r
+    g_last, r_last = g[..., -1:, :], None if r is None else r[..., -1:, :]
+    zero = 0.0 * g_last
+    w_in = rel_exp(ops, g, r, zero, None if r is None else zero)
+    w_out = rel_exp(ops, g_last, r_last, g, r)
+    a = rel_exp(ops, g_last, r_last, zero, None if r is None else zero)[..., 0, :]
+    mask = None
+    if not channel:
+        rr = None if r is None else r[..., 0]
+        mask = decay_mask(ops, g[..., 0], ops.strict_lower_mask(c, q), rr)
     return Chunked(
         q=qc,
         k=kc,
         lam=lamc,
         mask=mask,
-        q_in=qc * ops.exp(g)[..., None],
-        k_out=kc * ops.exp(g_last - g)[..., None],
-        chunk_decay=ops.exp(g_last[..., 0]),
+        q_in=qc * w_in,
+        k_out=kc * w_out,
+        chunk_decay=a if channel else a[..., 0],
         n=n,
         c=c,
+        decay=dec if channel else None,
     )
 
 
 def strict_blocks(ops: Ops, ch: Chunked) -> Array:
-    """``tril(q_J k_J^T ⊙ D_JJ, -1)`` for every chunk, (..., nc, c, c)."""
+    """``tril(T_JJ, -1)`` for every chunk, (..., nc, c, c)."""
+    if ch.decay is not None:
+        return channel_strict_blocks(ops, ch.q, ch.k, ch.decay)
     blocks = ops.matmul(ch.q, ch.k.mT)
     return ops.keep_strict_lower(blocks) if ch.mask is None else ops.multiply_(blocks, ch.mask)
 
 
-def decay_mask(ops: Ops, g: Array, strict: Array) -> Array:
+def decay_mask(ops: Ops, g: Array, strict: Array, resets: Array | None = None) -> Array:
     """``exp(g_i - g_j)`` where ``strict`` holds (i > j), else 0, for cumulative log decay g.
 
     The exponent is masked *before* ``exp``: above the diagonal ``g_i - g_j``
-    is positive and could overflow.  g: (..., c) -> (..., c, c).
+    is positive and could overflow.  g: (..., c) -> (..., c, c).  ``resets``
+    (..., c), the running count of ``-inf`` entries left out of g, zeroes the
+    pairs with a reset between them.
     """
     rel = g[..., :, None] - g[..., None, :]
+    if resets is not None:
+        strict = strict & (resets[..., :, None] == resets[..., None, :])
     return ops.exp(ops.where(strict, rel, -float("inf")))
 
 
@@ -128,14 +163,20 @@ def reversed_operands(
     """Operands of ``P T^T P`` (P the reversal permutation), again lower triangular.
 
     ``(P T^T P)[i, j] = T[n-1-j, n-1-i]``: the roles of q and k swap, rows are
-    reversed, and the decay between rows i-1 and i becomes ``log_decay[n-i]``.
+    reversed, and the decay between rows i-1 and i becomes ``log_decay[n-i]``
+    (per channel alike).
     """
     rq, rk, rlam = ops.flip(k, -2), ops.flip(q, -2), ops.flip(lam, -1)
     if log_decay is None:
         return rq, rk, rlam, None
-    flipped = ops.flip(log_decay, -1)
-    rdecay = ops.concat([ops.zeros((*flipped.shape[:-1], 1), flipped), flipped[..., :-1]], -1)
-    return rq, rk, rlam, rdecay
+    axis = -2 if is_per_channel(q, log_decay) else -1
+    flipped = ops.flip(log_decay, axis)
+    first = [slice(None)] * flipped.ndim
+    first[axis] = slice(None, 1)
+    rest = list(first)
+    rest[axis] = slice(None, -1)
+    zero = ops.zeros(flipped[tuple(first)].shape, flipped)
+    return rq, rk, rlam, ops.concat([zero, flipped[tuple(rest)]], axis)
 
 
 def _through_reversal(op, ops: Ops, q, k, lam, log_decay, v, chunk_size) -> tuple[Array, Array]:
@@ -160,7 +201,7 @@ def _state_sequence(ops: Ops, ch: Chunked, contrib: Array, h0: Array | None) -> 
     for j in range(nc):
         prev = states[..., j, :, :]
         if ch.chunk_decay is not None:
-            prev = ch.chunk_decay[..., j, None, None] * prev
+            prev = ch.state_decay(j) * prev
         states[..., j + 1, :, :] = prev + contrib[..., j, :, :]
     return states
 
@@ -230,9 +271,14 @@ def solve(
             raise NotImplementedError("states are only defined for T, not T^T")
         return _through_reversal(solve, ops, q, k, lam, log_decay, v, chunk_size)
     ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
-    # The blocks die here: they live in scratch memory.
-    out = ops.scratch("blocks", (*ch.q.shape[:-1], ch.c), q)
-    blocks = ops.chunk_blocks(ch.q, ch.k, ch.lam, ch.mask, out, kernel=_jit.form_chunk_blocks)
+    if ch.decay is None:
+        # The blocks die here: they live in scratch memory.
+        out = ops.scratch("blocks", (*ch.q.shape[:-1], ch.c), q)
+        blocks = ops.chunk_blocks(
+            ch.q, ch.k, ch.lam, ch.mask, out, kernel=_jit.form_chunk_blocks
+        )
+    else:
+        blocks = strict_blocks(ops, ch) + ch.lam[..., None] * ops.eye(ch.c, q)
     yc, states = _substitution_pass(
         ops, ch.q_in, blocks, ch.k_out, ch.chunk_decay, chunk_rows(ops, v, ch.c), h0, return_states
     )
@@ -252,17 +298,17 @@ def _substitution_pass(
 ) -> tuple[Array, Array]:
     """The sequential part of the solve (the backend runs it, see ``substitution_pass``).
 
-    ``Y_J = T_JJ^-1 (V_J - q_in_J Z_J)`` and ``Z_{J+1} = a_J Z_J + k_out_J^T Y_J``
-    with ``Z_0 = h0``.  Returns Y (..., nc, c, m) and the states
-    (..., nc + 1, d, m), or only the final state (..., 1, d, m) unless
-    ``keep_states``.
+    ``Y_J = T_JJ^-1 (V_J - q_in_J Z_J)`` and ``Z_{J+1} = Diag(a_J) Z_J + k_out_J^T Y_J``
+    with ``Z_0 = h0`` (a_J (..., nc) or per channel (..., nc, d)).  Returns Y
+    (..., nc, c, m) and the states (..., nc + 1, d, m), or only the final
+    state (..., 1, d, m) unless ``keep_states``.
     """
     batch, (nc, c, m), d = vc.shape[:-3], vc.shape[-3:], q_in.shape[-1]
     count = int(np.prod(batch))
     q_in, blocks, k_out, vc = (
         x.reshape(count, nc, c, x.shape[-1]) for x in (q_in, blocks, k_out, vc)
     )
-    decay = None if chunk_decay is None else chunk_decay.reshape(count, nc)
+    decay = None if chunk_decay is None else chunk_decay.reshape(count, nc, -1)
     z0 = ops.zeros((count, d, m), vc) if h0 is None else h0.reshape(count, d, m)
     yc, st = ops.substitution_pass(
         q_in, blocks, k_out, decay, vc, z0, keep_states, kernel=_jit.substitution_pass
@@ -303,19 +349,30 @@ def inverse(
         out[..., s:e, s:e] = x[..., j, :, :]
         update = ch.k_out[..., j, :, :].mT @ out[..., s:e, :e]
         if ch.chunk_decay is not None:
-            z[..., :, :e] = ch.chunk_decay[..., j, None, None] * z[..., :, :e] + update
+            z[..., :, :e] = ch.state_decay(j) * z[..., :, :e] + update
         else:
             z[..., :, :e] = z[..., :, :e] + update
     return out[..., : ch.n, : ch.n]
 
 
 def dense(ops: Ops, q: Array, k: Array, lam: Array, log_decay: Array | None) -> Array:
-    """The dense (..., n, n) matrix T, straight from the definition."""
+    """The dense (..., n, n) matrix T, straight from the definition (channel by channel
+    for per-channel decay: O(n^2) memory)."""
     n = q.shape[-2]
     strict = ops.strict_lower_mask(n, q)
-    low = q @ k.mT
-    if log_decay is not None:
-        low = low * decay_mask(ops, log_decay.cumsum(-1), strict)
+    if log_decay is None:
+        low = q @ k.mT
+    else:
+        channel = is_per_channel(q, log_decay)
+        ld = log_decay if channel else log_decay[..., None]
+        dec = chunk_decay(ops, ld, n, chunk_rows)  # one chunk: the whole matrix
+        g, r = dec.g[..., 0, :, :], None if dec.r is None else dec.r[..., 0, :, :]
+        low = 0.0
+        for c in range(ld.shape[-1]):
+            rc = None if r is None else r[..., c]
+            mask = decay_mask(ops, g[..., c], strict, rc)
+            pair = q[..., :, c, None] * k[..., None, :, c] if channel else q @ k.mT
+            low = low + pair * mask
     out = ops.where(strict, low, 0.0)
     return out + lam[..., :, None] * ops.eye(n, q)
 

@@ -2,6 +2,9 @@
 
     T = diag(diag) + tril(Q K^T ⊙ D, -1),   D[i, j] = exp(sum_{s=j+1..i} log_decay[s])
 
+or, with one decay per channel (``log_decay`` of shape (..., n, d)),
+``T[i, j] = sum_c q[i, c] k[j, c] exp(sum_{s=j+1..i} log_decay[s, c])``.
+
 The class is a small immutable description of T; the arithmetic lives in the
 pure functions of :mod:`dplr.core._kernels` (forward) and :mod:`dplr.core._grad`
 (backward).  Derivations: ``docs/algorithms.md``, section 1.
@@ -34,27 +37,46 @@ from ._grad import torch_functions
 __all__ = ["LowRankTril", "tril_inv", "tril_matmul", "tril_solve"]
 
 
-def _without_first_decay(log_decay: Array, torch: bool) -> Array:
-    """Check a log decay and set its entry 0, which does not enter T, to 0.
+def _reads_per_channel(log_decay: Array | None, q: Array) -> bool:
+    """Whether ``log_decay`` is per channel, (..., n, d), rather than (..., n).
+
+    A (..., n, d) array is per channel; when d == n the same shape could be a
+    batch of (n,) decays, and it is read per channel when it has at least as
+    many dimensions as q.
+    """
+    if log_decay is None or log_decay.ndim < 2:
+        return False
+    n, d = q.shape[-2:]
+    if tuple(log_decay.shape[-2:]) != (n, d):
+        return False
+    return d != n or log_decay.ndim >= q.ndim
+
+
+def _without_first_decay(log_decay: Array, torch: bool, per_channel: bool = False) -> Array:
+    """Check a log decay and set its row 0, which does not enter T, to 0.
 
     ``D[i, j]`` sums ``log_decay[j+1 .. i]``, never ``log_decay[0]``: any value
     is accepted there (NaN and +Inf only with ``check_finite=False``), and it
-    is replaced by 0 so that no kernel can turn it into Inf or NaN.  Entries
-    1.. must be ``<= 0``; -Inf is a decay factor of exactly 0.
+    is replaced by 0 so that no kernel can turn it into Inf or NaN.  Rows
+    1.. must be ``<= 0``; -Inf is a decay factor of exactly 0.  The rows are
+    the last axis, or the one before it for a per-channel decay.
     """
-    require_log_decay("log_decay", log_decay, skip_first=True)
+    axis = -2 if per_channel else -1
+    require_log_decay("log_decay", log_decay, skip_first=True, axis=axis)
+    first = (..., slice(None, 1), slice(None)) if per_channel else (..., slice(None, 1))
     if torch:
-        import torch as _torch
-
-        zero = _torch.zeros_like(log_decay[..., :1])
-        return _torch.cat([zero, log_decay[..., 1:]], -1)
-    out = log_decay.copy()
-    out[..., :1] = 0.0
+        out = log_decay.clone()
+    else:
+        out = log_decay.copy()
+    out[first] = 0.0
     return out
 
 
 class LowRankTril:
     """Lower-triangular ``T = diag(diag) + tril(q k^T ⊙ D, -1)`` with optional decay.
+
+    The decay is one per row, or one per row and channel (as in gated linear
+    attention with per-channel gates).
 
     Nothing of size n x n is stored or formed, except by :meth:`inv` and
     :meth:`to_dense`.  Leading dimensions are batch dimensions and broadcast
@@ -66,12 +88,16 @@ class LowRankTril:
         Low-rank factors: ``T[i, j] = q[i] . k[j] * D[i, j]`` for ``i > j``.
     diag : (..., n) array_like, optional
         Diagonal of T.  Default: ones (a unit triangular matrix).
-    log_decay : (..., n) array_like, optional
+    log_decay : (..., n) or (..., n, d) array_like, optional
         Log decay per row, ``<= 0``: ``D[i, j] = exp(log_decay[j+1] + ... +
         log_decay[i])``; ``-inf`` is a decay factor of exactly 0 (rows after
         it do not see rows before it).  ``log_decay[0]`` does not enter T, so
         any value is accepted there (it is stored as 0).  Default: no decay
-        (``D = 1``).
+        (``D = 1``).  Of shape (..., n, d) it is a decay per channel:
+        ``T[i, j] = sum_c q[i, c] k[j, c] exp(log_decay[j+1, c] + ... +
+        log_decay[i, c])`` for ``i > j`` (-inf then resets one channel).
+        When d == n, a (..., n, n) array is read per channel if it has at
+        least as many dimensions as q.
     check_finite : bool, default True
         Raise if an input holds NaN or Inf (like :func:`scipy.linalg.solve`).
 
@@ -96,6 +122,12 @@ class LowRankTril:
     respect to q, k, diag, log_decay and the right-hand side, with a
     hand-written O(n) backward.
 
+    Per-channel decay costs what one decay per row costs, up to the
+    exponentials: the decay factors are formed relative to anchor rows a few
+    rows apart (``docs/algorithms.md``, section 10), so that float32 stays
+    exact to its precision for decays down to -5 per row and no result or
+    gradient is NaN for any decay ``<= 0``, ``-inf`` included.
+
     Examples
     --------
     >>> import numpy as np, dplr
@@ -108,7 +140,7 @@ class LowRankTril:
     (True, True)
     """
 
-    __slots__ = ("_batch", "_checked", "_diag", "_k", "_log_decay", "_prep", "_q")
+    __slots__ = ("_batch", "_checked", "_diag", "_k", "_log_decay", "_per_channel", "_prep", "_q")
 
     def __init__(
         self,
@@ -132,15 +164,19 @@ class LowRankTril:
         if k.shape[-2:] != q.shape[-2:]:
             raise shape_error("k", f"(..., {n}, {d})", tuple(k.shape), ", the same n and d as 'q'")
         shapes = {"q": tuple(q.shape[:-2]), "k": tuple(k.shape[:-2])}
+        self._per_channel = _reads_per_channel(log_decay, q)
+        if self._per_channel:
+            shapes["log_decay"] = tuple(log_decay.shape[:-2])
         for name, arr in (("diag", diag), ("log_decay", log_decay)):
-            if arr is None:
+            if arr is None or (name == "log_decay" and self._per_channel):
                 continue
             require_ndim(name, arr, 1, "(..., n)")
             if arr.shape[-1] != n:
-                raise shape_error(name, f"(..., {n})", tuple(arr.shape), f" to match 'q' {(n, d)}")
+                want = f"(..., {n}) or (..., {n}, {d})" if name == "log_decay" else f"(..., {n})"
+                raise shape_error(name, want, tuple(arr.shape), f" to match 'q' {(n, d)}")
             shapes[name] = tuple(arr.shape[:-1])
         if log_decay is not None:
-            log_decay = _without_first_decay(log_decay, prep.torch)
+            log_decay = _without_first_decay(log_decay, prep.torch, self._per_channel)
         self._q, self._k, self._diag, self._log_decay = q, k, diag, log_decay
         self._batch = broadcast_batch(shapes)
         self._prep = prep
@@ -184,6 +220,7 @@ class LowRankTril:
     def __repr__(self) -> str:
         lib = "torch" if self._prep.torch else "numpy"
         decay = ", decay" if self._log_decay is not None else ""
+        decay = ", per-channel decay" if self._per_channel else decay
         return (
             f"LowRankTril(shape={self.shape}, rank={self.rank}, dtype={self.dtype}, {lib}{decay})"
         )
@@ -224,7 +261,7 @@ class LowRankTril:
         q = full(self._q, (n, d))
         k = full(self._k, (n, d))
         lam = full(self._lam(self._prep), (n,))
-        log_decay = full(self._log_decay, (n,))
+        log_decay = full(self._log_decay, (n, d) if self._per_channel else (n,))
         v = full(v, (n, m))
         return (q, k, lam, log_decay, v), batch, vector, pv
 

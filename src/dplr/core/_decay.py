@@ -1,0 +1,220 @@
+"""Cumulative log decay with exact resets, and the per-channel diagonal blocks.
+
+A log decay entry may be ``-inf`` (a decay factor of exactly 0: a reset).
+``G = cumsum(log_decay)`` would then hold ``-inf`` and ``G_i - G_j`` would be
+``-inf - -inf = NaN``.  Instead the decay is kept as two cumulative sums:
+``g``, of the finite entries only, and ``r``, the number of resets so far.
+The factor between rows j <= i is
+
+    exp(g_i - g_j)   if r_i == r_j   (no reset in (j, i]),   else 0,
+
+computed by :func:`rel_exp` with the test applied to the exponent, so it is
+exact, finite, and never NaN.  ``r`` is None when there is no reset.
+
+Per-channel decay (``log_decay`` of shape (..., n, d)) makes the strict lower
+part ``T_ij = sum_c q_ic k_jc exp(G_ic - G_jc)``, no longer a mask on
+``q k^T``.  :func:`channel_strict_blocks` forms the diagonal c x c blocks of
+T as products of rescaled factors, anchored per sub-block of ``sub`` rows so
+that every exponent stays inside the dtype's range (docs/algorithms.md,
+section 10), and :func:`channel_pull_blocks` is its adjoint (the part of
+``dq`` inside the chunks).  Shapes: chunked factors (..., nc, c, d); chunked
+decay ``g``, ``r`` (..., nc, c, e) with e = 1 (one decay per row) or d.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._runtime.backend import Array
+
+#: The largest exponent a sub-block may span, by dtype: e^80 and e^-80 are
+#: normal float32 numbers (float32 ends near e^88 and e^-87), e^600 leaves
+#: float64 (e^709) room for factors up to 1e48.
+_EXPONENT_BUDGET = {4: 80.0, 8: 600.0}
+
+#: Flagged sub-blocks (those with a reset inside) are formed pair by pair in
+#: groups of at most this many elements of the (group, L, L, d) factor tensor.
+_PAIRWISE_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class ChunkDecay:
+    """Cumulative decay inside each chunk, from the row before the chunk.
+
+    ``g`` (..., nc, c, e): sum of the finite log decays of the chunk up to and
+    including each row; ``r``: the number of resets (``-inf``) among them, or
+    None when the whole sequence has none; ``sub``: rows per sub-block for
+    the per-channel blocks (see :func:`sub_block_length`).
+    """
+
+    g: Array
+    r: Array | None
+    sub: int
+
+
+def split_resets(ops, log_decay: Array) -> tuple[Array, Array | None]:
+    """``(finite part, 1.0 where -inf else 0.0)``; the second is None without resets."""
+    reset = log_decay == -math.inf
+    if not bool(reset.any()):
+        return log_decay, None
+    zero = ops.zeros(log_decay.shape, log_decay)
+    return ops.where(reset, zero, log_decay), ops.where(reset, zero + 1.0, zero)
+
+
+def rel_exp(ops, g_to: Array, r_to: Array | None, g_from: Array, r_from: Array | None) -> Array:
+    """``exp(g_to - g_from)`` where no reset lies between, else exactly 0 (broadcasting)."""
+    expo = g_to - g_from
+    if r_to is not None:
+        expo = ops.where(r_to == r_from, expo, -math.inf)
+    return ops.exp(expo)
+
+
+def global_weights(ops, log_decay: Array, axis: int) -> tuple[Array, Array]:
+    """``exp(G)`` and ``exp(G[last] - G)`` along ``axis`` (both <= 1), resets exact."""
+    finite, reset = split_resets(ops, log_decay)
+    g = finite.cumsum(axis)
+    r = None if reset is None else reset.cumsum(axis)
+    last = [slice(None)] * g.ndim
+    last[axis] = slice(-1, None)
+    last = tuple(last)
+    zero = 0.0 * g
+    e_g = rel_exp(ops, g, r, zero, None if r is None else zero)
+    e_tail = rel_exp(ops, g[last], None if r is None else r[last], g, r)
+    return e_g, e_tail
+
+
+def sub_block_length(finite: Array, c: int, itemsize: int) -> int:
+    """Rows per sub-block: the largest power of two <= c over which no decay exceeds the budget.
+
+    Inside a sub-block of L rows the exponents span at most (L - 1) times the
+    steepest finite log decay per row (float32 at -5 per row: 16 rows).
+    """
+    steepest = max(0.0, float(-finite.min()))
+    budget = _EXPONENT_BUDGET.get(itemsize, _EXPONENT_BUDGET[4])
+    length = 1
+    while length * 2 <= c and (length * 2 - 1) * steepest <= budget:
+        length *= 2
+    return c if (c - 1) * steepest <= budget else length
+
+
+def chunk_decay(ops, log_decay: Array, c: int, chunk_rows) -> ChunkDecay:
+    """Cut a log decay (..., n, e) into chunks of c rows and accumulate inside each."""
+    finite, reset = split_resets(ops, log_decay)
+    g = chunk_rows(ops, finite, c).cumsum(-2)
+    r = None if reset is None else chunk_rows(ops, reset, c).cumsum(-2)
+    return ChunkDecay(g, r, sub_block_length(finite, c, finite.dtype.itemsize))
+
+
+def _rows(x: Array | None, s: int, e: int) -> Array | None:
+    return None if x is None else x[..., s:e, :]
+
+
+def _sub_blocks(c: int, sub: int):
+    """``(s, e)`` row ranges of the sub-blocks of a chunk."""
+    return [(s, min(s + sub, c)) for s in range(0, c, sub)]
+
+
+def _anchored(ops, dec: ChunkDecay, s: int, e: int):
+    """Weights for the sub-block of rows s:e (see :func:`channel_strict_blocks`).
+
+    Returns ``(wq_in, wk_in, wq_below, wk_below)``: rows s:e scaled by
+    ``exp(g_i - g_s)`` (<= 1) and ``exp(g_s - g_j)`` (>= 1, at most e^budget),
+    rows e: by ``exp(g_i - g_a)`` and rows s:e by ``exp(g_a - g_j)`` with the
+    anchor a = e - 1 (both <= 1, resets exact); the last two are None for the
+    last sub-block.
+    """
+    g, r = dec.g, dec.r
+    g_s = g[..., s : s + 1, :]
+    wq_in = ops.exp(g[..., s:e, :] - g_s)
+    wk_in = ops.exp(g_s - g[..., s:e, :])
+    if e == g.shape[-2]:
+        return wq_in, wk_in, None, None
+    g_a, r_a = g[..., e - 1 : e, :], _rows(r, e - 1, e)
+    wq_below = rel_exp(ops, g[..., e:, :], _rows(r, e, None), g_a, r_a)
+    wk_below = rel_exp(ops, g_a, r_a, g[..., s:e, :], _rows(r, s, e))
+    return wq_in, wk_in, wq_below, wk_below
+
+
+def _flagged(ops, dec: ChunkDecay, s: int, e: int) -> Array | None:
+    """Flat indices of the chunks whose sub-block s:e has a reset after its first row."""
+    if dec.r is None or e - s < 2:
+        return None
+    flag = (dec.r[..., e - 1, :] != dec.r[..., s, :]).any(-1).reshape(-1)
+    if not bool(flag.any()):
+        return None
+    return flag.nonzero()[0] if isinstance(flag, np.ndarray) else flag.nonzero()[:, 0]
+
+
+def _pairwise_factors(ops, dec: ChunkDecay, idx: Array, s: int, e: int) -> Array:
+    """``exp(G_ic - G_jc)`` for i > j in rows s:e of the chunks ``idx``, else 0: (F, L, L, e)."""
+    g = dec.g.reshape(-1, *dec.g.shape[-2:])[idx, s:e]
+    r = dec.r.reshape(-1, *dec.r.shape[-2:])[idx, s:e]
+    strict = ops.strict_lower_mask(e - s, g)[..., None]
+    same = (r[:, :, None, :] == r[:, None, :, :]) & strict
+    return ops.exp(ops.where(same, g[:, :, None, :] - g[:, None, :, :], -math.inf))
+
+
+def _groups(idx: Array, per_item: int):
+    step = max(1, _PAIRWISE_ELEMENTS // max(per_item, 1))
+    return [idx[i : i + step] for i in range(0, idx.shape[0], step)]
+
+
+def channel_strict_blocks(ops, qc: Array, kc: Array, dec: ChunkDecay) -> Array:
+    """``tril(T_JJ, -1)`` of every chunk for per-channel decay, (..., nc, c, c).
+
+    For the sub-blocks I, J of ``dec.sub`` rows: below the diagonal
+    (I after J) ``T_IJ = (Q_I exp(G_I - G_a)) (K_J exp(G_a - G_J))^T`` with
+    a the last row of J, both factors <= 1; on the diagonal, anchored at the
+    first row s of J, ``(Q_J exp(G_J - G_s)) (K_J exp(G_s - G_J))^T``, with
+    exponents within the budget of :func:`sub_block_length`.  A diagonal
+    sub-block with a reset inside is formed pair by pair instead.
+    O(c^2 d) per chunk, and c d exponentials per sub-block.
+    """
+    c = qc.shape[-2]
+    out = ops.zeros((*qc.shape[:-1], c), qc)
+    for s, e in _sub_blocks(c, dec.sub):
+        wq_in, wk_in, wq_below, wk_below = _anchored(ops, dec, s, e)
+        block = (qc[..., s:e, :] * wq_in) @ (kc[..., s:e, :] * wk_in).mT
+        out[..., s:e, s:e] = ops.where(ops.strict_lower_mask(e - s, qc), block, 0.0)
+        if wq_below is not None:
+            out[..., e:, s:e] = (qc[..., e:, :] * wq_below) @ (kc[..., s:e, :] * wk_below).mT
+        idx = _flagged(ops, dec, s, e)
+        if idx is not None:
+            flat_out = out.reshape(-1, c, c)
+            qf, kf = qc.reshape(-1, c, qc.shape[-1]), kc.reshape(-1, c, kc.shape[-1])
+            for part in _groups(idx, (e - s) ** 2 * qc.shape[-1]):
+                fac = _pairwise_factors(ops, dec, part, s, e)
+                prod = qf[part, s:e][:, :, None, :] * fac * kf[part, s:e][:, None, :, :]
+                flat_out[part, s:e, s:e] = prod.sum(-1)
+    return out
+
+
+def channel_pull_blocks(ops, a: Array, kc: Array, dec: ChunkDecay) -> Array:
+    """``dq_ic = sum_{j<i in the chunk} a_ij k_jc exp(G_ic - G_jc)`` for every chunk.
+
+    a: (..., nc, c, c), read below the diagonal only; kc: (..., nc, c, d).
+    The adjoint of :func:`channel_strict_blocks` with respect to q (with the
+    same anchoring): ``dq = sum over J of wq ⊙ (a[:, J] (K_J ⊙ wk))``.
+    """
+    c = kc.shape[-2]
+    a = ops.where(ops.strict_lower_mask(c, a), a, 0.0)
+    dq = ops.zeros(kc.shape, kc)
+    for s, e in _sub_blocks(c, dec.sub):
+        wq_in, wk_in, wq_below, wk_below = _anchored(ops, dec, s, e)
+        inside = wq_in * (a[..., s:e, s:e] @ (kc[..., s:e, :] * wk_in))
+        idx = _flagged(ops, dec, s, e)
+        if idx is not None:
+            flat = inside.reshape(-1, e - s, kc.shape[-1])
+            af, kf = a.reshape(-1, c, c), kc.reshape(-1, c, kc.shape[-1])
+            for part in _groups(idx, (e - s) ** 2 * kc.shape[-1]):
+                fac = _pairwise_factors(ops, dec, part, s, e)
+                terms = af[part, s:e, s:e][..., None] * fac * kf[part, s:e][:, None, :, :]
+                flat[part] = terms.sum(-2)
+        dq[..., s:e, :] = dq[..., s:e, :] + inside
+        if wq_below is not None:
+            below = a[..., e:, s:e] @ (kc[..., s:e, :] * wk_below)
+            dq[..., e:, :] = dq[..., e:, :] + wq_below * below
+    return dq
