@@ -134,15 +134,15 @@ def test_initial_and_final_state_against_dense(mode):
     """The kernels' state form: Y = T^-1 (V - exp(G) ⊙ (Q h0)), h_n = Diag(exp(G_n - G_j))
     weighted sum of k_j y_j^T plus Diag(exp(G_n)) h0; values and gradcheck."""
     solve_fn, matmul_fn = torch_functions()
-    q, k, diag, ld, v = make(4, (), 10, 3, 2, mode)
-    h0 = torch.randn(3, 2, dtype=F64)
+    q, k, diag, ld, v = make(4, (2,), 10, 3, 2, mode)
+    h0 = torch.randn(2, 3, 2, dtype=F64)
     e_g = from_start(ld, 3)
     A = dense_torch(q, k, diag, ld)
     y, hn = solve_fn.apply(q, k, diag, ld, v, h0, False, 4)
     y_ref = torch.linalg.solve_triangular(A, v - (q * e_g) @ h0, upper=False)
-    tail = pair_factors(ld, 3)[-1]  # row n-1: exp(G_n - G_j) for j < n - 1
-    tail[-1] = 1.0
-    hn_ref = e_g[-1, :, None] * h0 + (k * tail).mT @ y_ref
+    tail = pair_factors(ld, 3)[..., -1, :, :]  # row n-1: exp(G_n - G_j) for j < n - 1
+    tail[..., -1, :] = 1.0
+    hn_ref = e_g[..., -1, :, None] * h0 + (k * tail).mT @ y_ref
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(hn, hn_ref, rtol=1e-12, atol=1e-12)
     prod = matmul_fn.apply(q, k, diag, ld, v, h0, False, 4)
