@@ -92,6 +92,8 @@ def sub_block_length(finite: Array, c: int, itemsize: int) -> int:
     Inside a sub-block of L rows the exponents span at most (L - 1) times the
     steepest finite log decay per row (float32 at -5 per row: 16 rows).
     """
+    if math.prod(finite.shape) == 0:
+        return c
     steepest = max(0.0, float(-finite.min()))
     budget = _EXPONENT_BUDGET.get(itemsize, _EXPONENT_BUDGET[4])
     length = 1

@@ -274,9 +274,7 @@ def solve(
     if ch.decay is None:
         # The blocks die here: they live in scratch memory.
         out = ops.scratch("blocks", (*ch.q.shape[:-1], ch.c), q)
-        blocks = ops.chunk_blocks(
-            ch.q, ch.k, ch.lam, ch.mask, out, kernel=_jit.form_chunk_blocks
-        )
+        blocks = ops.chunk_blocks(ch.q, ch.k, ch.lam, ch.mask, out, kernel=_jit.form_chunk_blocks)
     else:
         blocks = strict_blocks(ops, ch) + ch.lam[..., None] * ops.eye(ch.c, q)
     yc, states = _substitution_pass(
@@ -365,8 +363,8 @@ def dense(ops: Ops, q: Array, k: Array, lam: Array, log_decay: Array | None) -> 
     else:
         channel = is_per_channel(q, log_decay)
         ld = log_decay if channel else log_decay[..., None]
-        dec = chunk_decay(ops, ld, n, chunk_rows)  # one chunk: the whole matrix
-        g, r = dec.g[..., 0, :, :], None if dec.r is None else dec.r[..., 0, :, :]
+        finite, reset = split_resets(ops, ld)
+        g, r = finite.cumsum(-2), None if reset is None else reset.cumsum(-2)
         low = 0.0
         for c in range(ld.shape[-1]):
             rc = None if r is None else r[..., c]
