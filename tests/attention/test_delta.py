@@ -186,9 +186,6 @@ def test_zero_key_dimension_gives_zero_outputs(gated, scale):
     np.testing.assert_array_equal(o, 0.0)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the kernels' exact zero for g = -inf is not in this tree yet"
-)
 @pytest.mark.parametrize("chunk", [None, 4])
 def test_minus_inf_gate_resets_the_state(chunk):
     """g = -inf is a_t = 0: the state before t is forgotten, exactly."""

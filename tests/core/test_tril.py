@@ -361,12 +361,6 @@ def dense_by_loop(q, k, diag, ld):
     return out
 
 
-MINUS_INF_KERNELS = pytest.mark.xfail(
-    strict=True, reason="the kernels' exact zero for log_decay = -inf is not in this tree yet"
-)
-
-
-@MINUS_INF_KERNELS
 @pytest.mark.parametrize("chunk", [None, 4, 7])
 def test_minus_inf_decay_is_an_exact_zero(rng, chunk):
     """Rows after a -inf decay do not see rows before it: T is block diagonal there."""

@@ -183,9 +183,6 @@ def test_second_derivatives_raise_a_clear_error(op, path):
         dq.sum().backward()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the kernels' exact zero for log_decay = -inf is not in this tree yet"
-)
 @pytest.mark.parametrize("transpose", [False, True])
 def test_minus_inf_decay_is_an_exact_zero(transpose, path):
     q, k, diag, ld, v = make(8, (2,), 19, 3, 2)
