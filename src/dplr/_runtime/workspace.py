@@ -78,4 +78,5 @@ def _reset_after_fork() -> None:
     _local = threading.local()
 
 
-os.register_at_fork(after_in_child=_reset_after_fork)
+if hasattr(os, "register_at_fork"):  # POSIX; Windows has no fork
+    os.register_at_fork(after_in_child=_reset_after_fork)
