@@ -1,0 +1,224 @@
+"""Context parallelism: the (gated) delta rule over a sequence split across ranks.
+
+Each rank of a ``torch.distributed`` process group holds a contiguous slice
+of the sequence.  A slice's state map is affine in its incoming state,
+``S_out = M S_in + E``; one pass of the single-process kernels with values
+``[v | 0]`` and initial state ``[0 | I]`` returns ``[E | M]`` as its final
+state and, as its outputs, ``[o_E | scale * M_t^T q_t]``.  The ranks
+all-gather ``(M, E)``, fold the prefix, and each rank's outputs follow from
+its true incoming state with one product:
+``o_t = o_E,t + S_in^T (scale * M_t^T q_t)`` (``docs/distributed.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..attention import delta_rule as _delta_rule
+from ..attention import gated_delta_rule as _gated_delta_rule
+
+__all__ = ["delta_rule", "gated_delta_rule"]
+
+def delta_rule(
+    q: Any, k: Any, v: Any, beta: Any, *, scale: float | None = None,
+    initial_state: Any = None, output_final_state: bool = False, cu_seqlens: Any = None,
+    chunk_size: int | None = None, use_qk_l2norm: bool = False, group: Any = None,
+) -> tuple[Any, Any]:  # fmt: skip
+    """:func:`dplr.delta_rule` over a sequence split across the ranks of ``group``.
+
+    Every rank of ``group`` calls this at the same point with its contiguous
+    slice of the sequence; rank r holds the tokens after those of ranks
+    0 .. r-1.  Slices may differ in length, and may be empty.
+
+    Parameters
+    ----------
+    q, k : (B, T_r, H, K) torch.Tensor
+        This rank's queries and keys (``T_r`` may differ between ranks, or be 0).
+    v : (B, T_r, H, V) torch.Tensor
+        This rank's values.
+    beta : (B, T_r, H) torch.Tensor
+        This rank's write strengths.
+    scale, chunk_size, use_qk_l2norm
+        As in :func:`dplr.delta_rule`; the same on every rank.
+    initial_state : (B, H, K, V) torch.Tensor, optional
+        The state before the first token of rank 0: the same tensor (values)
+        on every rank, or None on every rank.
+    output_final_state : bool, default False
+        Also return the state after the last token of the last rank; every
+        rank receives the same tensor.
+    cu_seqlens : None
+        Packed sequences are not supported across ranks: passing anything
+        but None raises ``ValueError`` on every rank.
+    group : torch.distributed.ProcessGroup, optional
+        The ranks that share the sequence, in sequence order (default: the
+        world).
+
+    Returns
+    -------
+    o : (B, T_r, H, V) torch.Tensor
+        This rank's outputs, equal to its slice of the single-process outputs.
+    final_state : (B, H, K, V) torch.Tensor or None
+        The state after the whole sequence if ``output_final_state``.
+
+    Raises
+    ------
+    RuntimeError
+        torch.distributed is not initialised, or another rank failed (every
+        rank raises; the failing ones raise their own error).
+    ValueError
+        Bad shapes, NaN or Inf, ``cu_seqlens`` given, or arguments that
+        differ between ranks (B, H, K, V, dtype, scale, ...).
+    TypeError
+        Inputs that are not torch tensors.
+
+    Notes
+    -----
+    Per rank: one single-process pass over its slice with K extra value
+    columns (about ``1 + K / (K + V)`` times the flops of the plain pass,
+    plus one ``T_r K V`` product), an all-gather of ``B H K (K + V)``
+    numbers from each rank and a fold of ``world`` small products.  The
+    transition maps are kept in float32 or wider whatever the input dtype.
+
+    Gradients reach q, k, v, beta and ``initial_state``.  Each rank's
+    gradients are its slice of the single-process gradients of the sum of
+    all ranks' losses; the ``initial_state`` gradients of the ranks sum to
+    the single-process one (all-reduce them, as for any replicated
+    parameter).  The backward runs one all-reduce of the same size as the
+    forward's all-gather, so every rank must run its backward through its
+    outputs.  A loss that uses the final state on every rank counts it once
+    per rank.
+
+    Examples
+    --------
+    Under ``torchrun --nproc-per-node 2 script.py``:
+
+    >>> import torch, torch.distributed as dist, dplr.distributed
+    >>> dist.init_process_group("gloo")                        # doctest: +SKIP
+    >>> rank, T = dist.get_rank(), 1024                        # doctest: +SKIP
+    >>> q, k = torch.randn(2, 1, T, 4, 64)                     # doctest: +SKIP
+    >>> v, beta = torch.randn(1, T, 4, 64), torch.rand(1, T, 4)  # doctest: +SKIP
+    >>> o, s = dplr.distributed.delta_rule(
+    ...     q, k, v, beta, use_qk_l2norm=True, output_final_state=True)  # doctest: +SKIP
+    """
+    inputs = {"q": q, "k": k, "v": v, "beta": beta}
+    options = {"scale": scale, "chunk_size": chunk_size, "use_qk_l2norm": use_qk_l2norm}
+
+    def single(x: dict[str, Any], values: Any, state: Any) -> tuple[Any, Any]:
+        return _delta_rule(x["q"], x["k"], values, x["beta"], initial_state=state,
+                           output_final_state=True, **options)  # fmt: skip
+
+    return _context_parallel(
+        "delta_rule", single, inputs, options, initial_state, output_final_state,
+        cu_seqlens, group,
+    )  # fmt: skip
+
+
+def gated_delta_rule(
+    q: Any, k: Any, v: Any, g: Any, beta: Any, *, scale: float | None = None,
+    initial_state: Any = None, output_final_state: bool = False, cu_seqlens: Any = None,
+    chunk_size: int | None = None, use_qk_l2norm: bool = False, group: Any = None,
+) -> tuple[Any, Any]:  # fmt: skip
+    """:func:`dplr.gated_delta_rule` over a sequence split across the ranks of ``group``.
+
+    Parameters
+    ----------
+    q, k, v, beta
+        As in :func:`delta_rule`: this rank's slice.
+    g : (B, T_r, H) torch.Tensor
+        This rank's log decay, ``g <= 0``.
+    scale, initial_state, output_final_state, cu_seqlens, chunk_size, use_qk_l2norm, group
+        As in :func:`delta_rule`.
+
+    Returns
+    -------
+    o : (B, T_r, H, V) torch.Tensor
+    final_state : (B, H, K, V) torch.Tensor or None
+
+    Raises
+    ------
+    RuntimeError, ValueError, TypeError
+        As :func:`delta_rule`, and ``ValueError`` for positive ``g``.
+
+    Notes
+    -----
+    As :func:`delta_rule`; gradients also reach g.  The map ``M`` of a slice
+    holds its total decay ``exp(sum g)``: a slice with strong decay forgets
+    what came before it, exactly as in one process.
+
+    Examples
+    --------
+    Called like :func:`delta_rule`, with ``g`` before ``beta``:
+
+    >>> o, s = dplr.distributed.gated_delta_rule(
+    ...     q, k, v, g, beta, output_final_state=True)  # doctest: +SKIP
+    """
+    inputs = {"q": q, "k": k, "v": v, "g": g, "beta": beta}
+    options = {"scale": scale, "chunk_size": chunk_size, "use_qk_l2norm": use_qk_l2norm}
+
+    def single(x: dict[str, Any], values: Any, state: Any) -> tuple[Any, Any]:
+        return _gated_delta_rule(x["q"], x["k"], values, x["g"], x["beta"], initial_state=state,
+                                 output_final_state=True, **options)  # fmt: skip
+
+    return _context_parallel(
+        "gated_delta_rule", single, inputs, options, initial_state, output_final_state,
+        cu_seqlens, group,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ the driver
+Single = Callable[[dict[str, Any], Any, Any], tuple[Any, Any]]
+
+
+def _context_parallel(name: str, single: Single, inputs: dict[str, Any], options: dict,
+                      initial_state: Any, output_final_state: bool, cu_seqlens: Any,
+                      group: Any) -> tuple[Any, Any]:  # fmt: skip
+    """Validate, run the slice once with ``[v | 0]`` from ``[0 | I]``, agree, fold, combine."""
+    from . import _collective as coll
+
+    world, rank = coll.require_group(name, group)
+    local: tuple | None = None
+    error: BaseException | None = None
+    try:
+        coll.check_slice(inputs, initial_state, cu_seqlens)
+        local = _slice_maps(single, inputs, initial_state)
+    except Exception as exc:  # every rank must hear of it before the exchange
+        error = exc
+    meta = coll.describe(inputs, initial_state, output_final_state, options) if local else None
+    coll.agree(name, group, rank, world, meta, error, inputs)
+    o_aug, maps, s0, wide = local
+    s_in, s_final = coll.prefix_fold(maps, s0, group, rank, world)
+    vdim = inputs["v"].shape[-1]
+    dtype = inputs["v"].dtype
+    o = o_aug[..., :vdim] + _apply_state(o_aug[..., vdim:], s_in)
+    return o.to(dtype), (s_final.to(dtype) if output_final_state else None)
+
+
+def _slice_maps(single: Single, inputs: dict[str, Any], initial_state: Any):
+    """One single-process pass of this slice: outputs ``[o_E | scale M_t^T q_t]`` and ``[E | M]``.
+
+    Everything runs in float32 or wider (``wide``), so that the transition
+    maps keep their precision whatever the input dtype.
+    """
+    import torch
+
+    v = inputs["v"]
+    wide = torch.promote_types(v.dtype, torch.float32)
+    x = {key: t.to(wide) for key, t in inputs.items()}
+    batch, length, heads, vdim = v.shape
+    kdim = x["k"].shape[-1]
+    zeros = v.new_zeros((batch, length, heads, kdim), dtype=wide)
+    eye = torch.eye(kdim, dtype=wide, device=v.device).expand(batch, heads, kdim, kdim)
+    start = torch.cat([v.new_zeros((batch, heads, kdim, vdim), dtype=wide), eye], -1)
+    o_aug, maps = single(x, torch.cat([x["v"], zeros], -1), start)
+    s0 = None if initial_state is None else initial_state.to(wide)
+    if s0 is None:
+        s0 = v.new_zeros((batch, heads, kdim, vdim), dtype=wide)
+    return o_aug, maps, s0, wide
+
+
+def _apply_state(mq: Any, state: Any) -> Any:
+    """``S^T (scale M_t^T q_t)`` for every token: (B, T, H, K) x (B, H, K, V) -> (B, T, H, V)."""
+    import torch
+
+    return torch.einsum("bthk,bhkv->bthv", mq, state)
