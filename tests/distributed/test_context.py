@@ -97,17 +97,33 @@ def compare(fn: str, lens, group, p: dict, *, with_s0: bool, options: dict) -> d
     gate = whole["g"] if "g" in whole else None
     s0 = whole["s0"] if with_s0 else None
     scale = options.get("scale") or K**-0.5
-    o_ref, s_ref = recurrence(whole["q"], whole["k"], whole["v"], whole["beta"], gate, s0
-                              if s0 is not None else torch.zeros_like(whole["s0"]), scale,
-                              options.get("use_qk_l2norm", False))  # fmt: skip
+    o_ref, s_ref = recurrence(
+        whole["q"],
+        whole["k"],
+        whole["v"],
+        whole["beta"],
+        gate,
+        s0 if s0 is not None else torch.zeros_like(whole["s0"]),
+        scale,
+        options.get("use_qk_l2norm", False),
+    )
     ((o_ref * p["w"].double()).sum() + (s_ref * p["wf"].double()).sum()).backward()
-    single = getattr(dplr, fn)(*(p[n] for n in keys), initial_state=p["s0"] if with_s0 else None,
-                               output_final_state=True, **options)  # fmt: skip
+    single = getattr(dplr, fn)(
+        *(p[n] for n in keys),
+        initial_state=p["s0"] if with_s0 else None,
+        output_final_state=True,
+        **options,
+    )
 
     mine = {n: leaf(p[n][:, start:stop]) for n in keys}
     my_s0 = leaf(p["s0"]) if with_s0 else None
-    o, s = getattr(dplr.distributed, fn)(*(mine[n] for n in keys), initial_state=my_s0,
-                                         output_final_state=True, group=group, **options)  # fmt: skip
+    o, s = getattr(dplr.distributed, fn)(
+        *(mine[n] for n in keys),
+        initial_state=my_s0,
+        output_final_state=True,
+        group=group,
+        **options,
+    )
     # The loss of the whole sequence, split: each rank its outputs, the last rank the state.
     loss = (o * p["w"][:, start:stop]).sum()
     if rank == world - 1:
@@ -143,8 +159,13 @@ def caught(call) -> dict:
 
 def worker(rank: int, store: str, outdir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=300))  # fmt: skip
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=300),
+    )
     results: dict = {}
     try:
         pair = dist.new_group([1, 3])
@@ -171,12 +192,15 @@ def worker(rank: int, store: str, outdir: str) -> None:
         # Rank 3 passes another scale: every rank must refuse.
         scale = 0.5 if rank == 3 else None
         results["mismatch"] = caught(
-            lambda: dplr.distributed.delta_rule(mine["q"], mine["k"], mine["v"], mine["beta"],
-                                                scale=scale)  # fmt: skip
+            lambda: dplr.distributed.delta_rule(
+                mine["q"], mine["k"], mine["v"], mine["beta"], scale=scale
+            )
         )
         results["cu_seqlens"] = caught(
-            lambda: dplr.distributed.delta_rule(mine["q"], mine["k"], mine["v"], mine["beta"],
-                                                cu_seqlens=torch.tensor([0, 3])))  # fmt: skip
+            lambda: dplr.distributed.delta_rule(
+                mine["q"], mine["k"], mine["v"], mine["beta"], cu_seqlens=torch.tensor([0, 3])
+            )
+        )
     except Exception:
         results["crash"] = traceback.format_exc()
     finally:
@@ -194,11 +218,17 @@ def ranks(tmp_path_factory) -> list[dict]:
     outdir = tmp_path_factory.mktemp("context")
     for dtype in (torch.float32, torch.float64):  # compile (or load) the kernels once, here
         p = {n: leaf(x) for n, x in problem(4, dtype).items()}
-        o, _ = dplr.gated_delta_rule(p["q"], p["k"], p["v"], p["g"], p["beta"],
-                                     initial_state=p["s0"])  # fmt: skip
+        o, _ = dplr.gated_delta_rule(
+            p["q"], p["k"], p["v"], p["g"], p["beta"], initial_state=p["s0"]
+        )
         o.sum().backward()
-    ctx = mp.start_processes(worker, args=(str(outdir / "store"), str(outdir)), nprocs=WORLD,
-                             join=False, start_method="spawn")  # fmt: skip
+    ctx = mp.start_processes(
+        worker,
+        args=(str(outdir / "store"), str(outdir)),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.monotonic() + 600  # spawn and imports are slow on a loaded machine
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:

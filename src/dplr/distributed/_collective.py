@@ -67,7 +67,7 @@ def check_slice(inputs: dict[str, Any], initial_state: Any, cu_seqlens: Any) -> 
             f"'v' must have shape (B, T_r, H, V) with (B, T_r) = {tuple(q.shape[:2])} like q; "
             f"got shape {tuple(v.shape)}"
         )
-    batch, _, heads, kdim = q.shape
+    batch, _, _, kdim = q.shape
     want = (batch, v.shape[2], kdim, v.shape[3])
     if initial_state is not None and tuple(initial_state.shape) != want:
         raise ValueError(

@@ -20,6 +20,7 @@ from ..attention import gated_delta_rule as _gated_delta_rule
 
 __all__ = ["delta_rule", "gated_delta_rule"]
 
+
 def delta_rule(
     q: Any, k: Any, v: Any, beta: Any, *, scale: float | None = None,
     initial_state: Any = None, output_final_state: bool = False, cu_seqlens: Any = None,
@@ -186,7 +187,7 @@ def _context_parallel(name: str, single: Single, inputs: dict[str, Any], options
         error = exc
     meta = coll.describe(inputs, initial_state, output_final_state, options) if local else None
     coll.agree(name, group, rank, world, meta, error, inputs)
-    o_aug, maps, s0, wide = local
+    o_aug, maps, s0 = local
     s_in, s_final = coll.prefix_fold(maps, s0, group, rank, world)
     vdim = inputs["v"].shape[-1]
     dtype = inputs["v"].dtype
@@ -214,7 +215,7 @@ def _slice_maps(single: Single, inputs: dict[str, Any], initial_state: Any):
     s0 = None if initial_state is None else initial_state.to(wide)
     if s0 is None:
         s0 = v.new_zeros((batch, heads, kdim, vdim), dtype=wide)
-    return o_aug, maps, s0, wide
+    return o_aug, maps, s0
 
 
 def _apply_state(mq: Any, state: Any) -> Any:
