@@ -9,7 +9,9 @@ Every process and worker runs one thread (the machine has 2 cores):
 - Dask: a batch of rank-1 updates of 32 x 32 factors kept on the workers,
   one worker process against two.
 
-Run ``python -m dplr_bench.distributed`` (or ``python benchmarks/distributed.py``).
+Run ``python -m dplr_bench.distributed`` or ``python -m dplr bench --suite
+distributed`` (not ``python benchmarks/distributed.py``: as a script, this
+file's name would hide the ``distributed`` package).
 """
 
 from __future__ import annotations
@@ -117,8 +119,8 @@ def context_times(T: int, heads: int, repeats: int) -> dict:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "times.json")
-            mp.start_processes(_rank_main, args=(os.path.join(tmp, "store"), out, T, heads,
-                                                 repeats), nprocs=2, start_method="spawn")  # fmt: skip
+            args = (os.path.join(tmp, "store"), out, T, heads, repeats)
+            mp.start_processes(_rank_main, args=args, nprocs=2, start_method="spawn")
             return json.loads(Path(out).read_text())
     finally:
         if saved is None:
@@ -159,9 +161,9 @@ def dask_rows(count: int, n: int, repeats: int) -> list[Row]:
     import logging
 
     import dask.array as da
-    import distributed
     import numpy as np
 
+    import distributed
     from dplr.distributed import dask as ddk
 
     cluster = distributed.LocalCluster(
@@ -173,8 +175,8 @@ def dask_rows(count: int, n: int, repeats: int) -> list[Row]:
             first = sorted(client.scheduler_info()["workers"])[:1]
             rng = da.random.default_rng(0)
             x = rng.standard_normal((count, n, n), chunks=(count // 4, n, n))
-            low, u = x.map_blocks(_factors), rng.standard_normal((count, n, 1),
-                                                                 chunks=(count // 4, n, 1))  # fmt: skip
+            low = x.map_blocks(_factors)
+            u = rng.standard_normal((count, n, 1), chunks=(count // 4, n, 1))
             on_one = client.persist([low, u], workers=first)
             on_two = client.persist([low, u])
             distributed.wait([*on_one, *on_two])
@@ -224,6 +226,7 @@ def run(quick: bool = False, progress: Progress | None = None) -> list[Row]:
         progress("torch.distributed is not available: skipping the context-parallel rows")
     try:
         import dask.array  # noqa: F401
+
         import distributed  # noqa: F401
     except ImportError:
         progress("dask.distributed is not installed: skipping the Dask row")

@@ -39,10 +39,15 @@ FUNCTIONS = ("delta_rule", "gated_delta_rule")
 
 # ---------------------------------------------------------------- the reference
 def recurrence(q, k, v, beta, g, s0, scale, l2norm=False):
-    """S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, o_t = scale S_t^T q_t."""
+    """S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, o_t = scale S_t^T q_t.
+
+    With HV value heads for H query/key heads, value head i reads key head i // (HV // H).
+    """
     if l2norm:
         q = q / q.norm(dim=-1, keepdim=True)
         k = k / k.norm(dim=-1, keepdim=True)
+    groups = v.shape[2] // q.shape[2]
+    q, k = q.repeat_interleave(groups, 2), k.repeat_interleave(groups, 2)
     state, outs = s0, []
     for t in range(q.shape[1]):
         if g is not None:
@@ -54,7 +59,7 @@ def recurrence(q, k, v, beta, g, s0, scale, l2norm=False):
     return torch.stack(outs, 1), state
 
 
-def problem(total: int, dtype, seed: int = 0) -> dict:
+def problem(total: int, dtype, seed: int = 0, hv: int = H) -> dict:
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -64,12 +69,12 @@ def problem(total: int, dtype, seed: int = 0) -> dict:
     return {
         "q": rand(B, total, H, K).to(dtype),
         "k": (k / k.norm(dim=-1, keepdim=True)).to(dtype),
-        "v": rand(B, total, H, V).to(dtype),
-        "g": (-0.3 * torch.rand(B, total, H, generator=gen, dtype=torch.float64)).to(dtype),
-        "beta": torch.rand(B, total, H, generator=gen, dtype=torch.float64).to(dtype),
-        "s0": rand(B, H, K, V).to(dtype),
-        "w": rand(B, total, H, V).to(dtype),
-        "wf": rand(B, H, K, V).to(dtype),
+        "v": rand(B, total, hv, V).to(dtype),
+        "g": (-0.3 * torch.rand(B, total, hv, generator=gen, dtype=torch.float64)).to(dtype),
+        "beta": torch.rand(B, total, hv, generator=gen, dtype=torch.float64).to(dtype),
+        "s0": rand(B, hv, K, V).to(dtype),
+        "w": rand(B, total, hv, V).to(dtype),
+        "wf": rand(B, hv, K, V).to(dtype),
     }
 
 
@@ -173,6 +178,10 @@ def worker(rank: int, store: str, outdir: str) -> None:
         p = problem(sum(lens), torch.float64)
         for fn in FUNCTIONS:
             results[f"world {fn}"] = compare(fn, lens, None, p, with_s0=True, options={})
+        grouped = problem(sum(lens), torch.float64, seed=4, hv=2 * H)
+        results["world gated, 2 value heads per key head"] = compare(
+            "gated_delta_rule", lens, None, grouped, with_s0=True, options={}
+        )
         if rank in (1, 3):
             p2 = problem(13, torch.float64, seed=1)
             opts = {"scale": 0.7, "use_qk_l2norm": True, "chunk_size": 4}
@@ -257,6 +266,11 @@ def test_world_of_four_matches_one_process(ranks, fn):
         case = res[f"world {fn}"]
         assert case["dtype"] == "torch.float64", r
         check_errors(case, TOL64)
+
+
+def test_grouped_value_heads(ranks):
+    for res in ranks:
+        check_errors(res["world gated, 2 value heads per key head"], TOL64)
 
 
 def test_group_of_two_ranks(ranks):

@@ -81,10 +81,16 @@ def fake_suite(name: str, make_rows=None, error: Exception | None = None) -> typ
     return module
 
 
+def distributed_rows() -> list[Row]:
+    return [Row("distributed", "strong scaling", "T=1024", "one process", 0.02, 0.015, 1e-7)]
+
+
 @pytest.fixture
 def fake_suites(monkeypatch):
-    """Install working fakes of all three suites in place of the real modules."""
-    for name, rows in (("core", core_rows), ("cholesky", cholesky_rows), ("delta", delta_rows)):
+    """Install working fakes of all the suites in place of the real modules."""
+    suites = (("core", core_rows), ("cholesky", cholesky_rows), ("delta", delta_rows),
+              ("distributed", distributed_rows))  # fmt: skip
+    for name, rows in suites:
         monkeypatch.setitem(sys.modules, f"dplr_bench.{name}", fake_suite(name, rows))
 
 
@@ -105,13 +111,13 @@ def test_bench_all_writes_tables_json_and_plots(fake_suites, tmp_path, capsys):
     assert {"cores", "cpu", "date", "versions"} <= set(doc["machine"])
     assert {"numpy", "scipy", "torch", "dplr"} <= set(doc["machine"]["versions"])
     assert {s["status"] for s in doc["suites"].values()} == {"ok"}
-    assert len(doc["rows"]) == 10
+    assert len(doc["rows"]) == 11
     for row in doc["rows"]:
         for key in ("baseline_s", "dplr_s", "error", "ratio"):
             assert math.isfinite(row[key])
     markdown = (tmp_path / "results.md").read_text()
     assert markdown.startswith("Measured on ") and "(`--quick`)" in markdown
-    assert markdown.count("| case | size | baseline |") == 3  # one Markdown table per suite
+    assert markdown.count("| case | size | baseline |") == 4  # one Markdown table per suite
     for name in PNGS:
         path = tmp_path / name
         assert path.stat().st_size > 1000
@@ -132,6 +138,7 @@ def test_bench_one_suite_notes_the_missing_plots(fake_suites, tmp_path, capsys):
 def test_missing_suite_and_missing_torch_are_one_line_skips(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "dplr_bench.core", fake_suite("core", core_rows))
     monkeypatch.setitem(sys.modules, "dplr_bench.cholesky", None)  # module not there
+    monkeypatch.setitem(sys.modules, "dplr_bench.distributed", None)
     no_torch = ModuleNotFoundError("No module named 'torch'", name="torch")
     monkeypatch.setitem(sys.modules, "dplr_bench.delta", fake_suite("delta", error=no_torch))
     assert main(["bench", "--out", str(tmp_path)]) == 0
@@ -140,7 +147,7 @@ def test_missing_suite_and_missing_torch_are_one_line_skips(monkeypatch, tmp_pat
     assert "suite delta: skipped, needs torch, which is not installed" in out
     assert "Traceback" not in out
     suites = load_results(tmp_path)["suites"]
-    assert [s["status"] for s in suites.values()] == ["ok", "skipped", "skipped"]
+    assert [s["status"] for s in suites.values()] == ["ok", "skipped", "skipped", "skipped"]
 
 
 def test_suite_without_rows_is_skipped_with_its_last_message(monkeypatch, tmp_path, capsys):
@@ -161,6 +168,7 @@ def test_failing_suite_is_reported_and_exit_code_is_1(monkeypatch, tmp_path, cap
     boom = fake_suite("delta", error=RuntimeError("boom"))
     monkeypatch.setitem(sys.modules, "dplr_bench.delta", boom)
     monkeypatch.setitem(sys.modules, "dplr_bench.cholesky", fake_suite("cholesky", cholesky_rows))
+    monkeypatch.setitem(sys.modules, "dplr_bench.distributed", None)
     assert main(["bench", "--out", str(tmp_path)]) == 1
     assert "suite delta: FAILED, RuntimeError: boom" in capsys.readouterr().out
     assert load_results(tmp_path)["suites"]["delta"]["status"] == "failed"
@@ -220,6 +228,7 @@ delta = types.ModuleType("dplr_bench.delta")
 delta.run = needs_torch
 sys.modules["dplr_bench.delta"] = delta
 sys.modules["dplr_bench.cholesky"] = None
+sys.modules["dplr_bench.distributed"] = None
 from dplr.tools.cli import main
 sys.exit(main(["bench", "--quick", "--out", {out!r}]))
 """

@@ -62,16 +62,17 @@ def check_slice(inputs: dict[str, Any], initial_state: Any, cu_seqlens: Any) -> 
     q, v = inputs["q"], inputs["v"]
     if q.ndim != 4:
         raise ValueError(f"'q' must have shape (B, T_r, H, K); got shape {tuple(q.shape)}")
-    if v.ndim != 4 or tuple(v.shape[:2]) != tuple(q.shape[:2]):
+    heads = q.shape[2]
+    if v.ndim != 4 or tuple(v.shape[:2]) != tuple(q.shape[:2]) or v.shape[2] % max(heads, 1):
         raise ValueError(
-            f"'v' must have shape (B, T_r, H, V) with (B, T_r) = {tuple(q.shape[:2])} like q; "
-            f"got shape {tuple(v.shape)}"
+            f"'v' must have shape (B, T_r, HV, V) with (B, T_r) = {tuple(q.shape[:2])} like q "
+            f"and HV a multiple of H = {heads}; got shape {tuple(v.shape)}"
         )
     batch, _, _, kdim = q.shape
     want = (batch, v.shape[2], kdim, v.shape[3])
     if initial_state is not None and tuple(initial_state.shape) != want:
         raise ValueError(
-            f"'initial_state' must have shape (B, H, K, V) = {want}; "
+            f"'initial_state' must have shape (B, HV, K, V) = {want}; "
             f"got shape {tuple(initial_state.shape)}"
         )
 

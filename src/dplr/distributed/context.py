@@ -36,13 +36,14 @@ def delta_rule(
     ----------
     q, k : (B, T_r, H, K) torch.Tensor
         This rank's queries and keys (``T_r`` may differ between ranks, or be 0).
-    v : (B, T_r, H, V) torch.Tensor
-        This rank's values.
-    beta : (B, T_r, H) torch.Tensor
+    v : (B, T_r, HV, V) torch.Tensor
+        This rank's values (HV a multiple of H: grouped value heads, as in
+        :func:`dplr.delta_rule`).
+    beta : (B, T_r, HV) torch.Tensor
         This rank's write strengths.
     scale, chunk_size, use_qk_l2norm
         As in :func:`dplr.delta_rule`; the same on every rank.
-    initial_state : (B, H, K, V) torch.Tensor, optional
+    initial_state : (B, HV, K, V) torch.Tensor, optional
         The state before the first token of rank 0: the same tensor (values)
         on every rank, or None on every rank.
     output_final_state : bool, default False
@@ -57,9 +58,9 @@ def delta_rule(
 
     Returns
     -------
-    o : (B, T_r, H, V) torch.Tensor
+    o : (B, T_r, HV, V) torch.Tensor
         This rank's outputs, equal to its slice of the single-process outputs.
-    final_state : (B, H, K, V) torch.Tensor or None
+    final_state : (B, HV, K, V) torch.Tensor or None
         The state after the whole sequence if ``output_final_state``.
 
     Raises
@@ -126,15 +127,15 @@ def gated_delta_rule(
     ----------
     q, k, v, beta
         As in :func:`delta_rule`: this rank's slice.
-    g : (B, T_r, H) torch.Tensor
+    g : (B, T_r, HV) torch.Tensor
         This rank's log decay, ``g <= 0``.
     scale, initial_state, output_final_state, cu_seqlens, chunk_size, use_qk_l2norm, group
         As in :func:`delta_rule`.
 
     Returns
     -------
-    o : (B, T_r, H, V) torch.Tensor
-    final_state : (B, H, K, V) torch.Tensor or None
+    o : (B, T_r, HV, V) torch.Tensor
+    final_state : (B, HV, K, V) torch.Tensor or None
 
     Raises
     ------
