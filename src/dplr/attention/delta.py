@@ -29,6 +29,7 @@ from .._validate import (
     to_output,
 )
 from ._delta_grad import delta_forward_passes, delta_function
+from ._recurrent import recurrent_applies, recurrent_forward
 
 __all__ = ["delta_rule", "gated_delta_rule"]
 
@@ -226,6 +227,10 @@ def _delta(q, k, v, beta, g, *, scale, initial_state, output_final_state, cu_seq
     # With K = 0 every output is an empty sum, 0, whatever the scale.
     scale = (K**-0.5 if K else 1.0) if scale is None else finite_scalar("scale", scale)
     q, k, v, beta, g = p["q"], p["k"], p["v"], p["beta"], p["g"]
+    longest = T if cu is None else int(np.diff(cu).max())
+    if chunk_size is None and recurrent_applies(p.torch, (q, k, v, beta, g, s0), longest):
+        o, sn = recurrent_forward(p.torch, q, k, v, beta, g, s0, cu, scale, use_qk_l2norm)
+        return to_output(o, p), (to_output(sn, p) if output_final_state else None)
     if use_qk_l2norm:
         q, k = _l2norm(q, p.torch), _l2norm(k, p.torch)
     groups = HV // H if H else 1

@@ -1,0 +1,231 @@
+"""The delta rules token by token, compiled: decode steps and short blocks.
+
+For a few tokens the chunked algorithm's setup (blocks, masks, passes) costs
+more than the work.  Here one compiled loop per (sequence, value head) runs
+the recurrence directly, reading and writing the K x V state once per token::
+
+    S_t = (I - beta_t k_t k_t^T) Diag(a_t) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T q_t
+
+with ``a_t = exp(g_t)``: one per key channel (KDA), one per head (the gated
+rule, broadcast over channels) or 1 (the plain rule).  Expanding the product,
+
+    delta_t = beta_t (v_t - S_{t-1}^T (a_t ⊙ k_t))
+    o_t     = S_{t-1}^T (a_t ⊙ q_t) + (k_t . q_t) delta_t
+    S_t     = Diag(a_t) S_{t-1} + k_t delta_t^T
+
+so both products with the old state come before the state changes, and the
+row-by-row update of ``S_t`` also accumulates the next token's two products
+``S_t^T (a_{t+1} ⊙ k_{t+1})`` and ``S_t^T (a_{t+1} ⊙ q_{t+1})``: one pass
+over the state per token, 6 K V flops.  The pass runs in one thread per
+group of (sequence, head) pairs and releases the GIL.
+
+Forward only: gradients use the chunked algorithm (``delta.py`` chooses).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .._runtime.backend import Array, _split, num_workers
+from ..core._jit import jit
+
+#: Longest sequence (tokens per sequence) run by the recurrence when the
+#: algorithm is chosen automatically; longer ones run chunked.  Measured with
+#: ``python -m dplr_bench.models`` (the crossover table), B = 1, H = 32,
+#: K = V = 128, float32, torch, 2 cores: see ``docs/delta.md``.
+RECURRENT_MAX_T = 64
+
+#: Below this many state entries times tokens (about 6 flops each) the pass
+#: stays on the calling thread: handing lanes to the pool costs ~30 us.
+_PARALLEL_MIN_WORK = 1 << 18
+
+
+def recurrent_applies(torch: bool, tensors: tuple[Any, ...], longest: int) -> bool:
+    """Whether the compiled recurrence should run: short sequences, no autograd, CPU.
+
+    ``longest`` is the longest sequence's length in tokens.
+    """
+    if longest > RECURRENT_MAX_T:
+        return False
+    if not torch:
+        return True
+    import torch as _torch
+
+    present = [x for x in tensors if x is not None]
+    if any(x.device.type != "cpu" for x in present):
+        return False
+    return not (_torch.is_grad_enabled() and any(x.requires_grad for x in present))
+
+
+def recurrent_forward(
+    torch: bool,
+    q: Array,
+    k: Array,
+    v: Array,
+    beta: Array,
+    g: Array | None,
+    s0: Array | None,
+    cu: np.ndarray | None,
+    scale: float,
+    use_qk_l2norm: bool,
+) -> tuple[Array, Array]:
+    """Outputs (B, T, HV, V) and final states (N, HV, K, V) by the token recurrence.
+
+    q, k: (B, T, H, K); v: (B, T, HV, V); beta: (B, T, HV); g: (B, T, HV)
+    (one log decay per head), (B, T, HV, K) (per key channel) or None;
+    s0: (N, HV, K, V) or None; cu: the validated ``cu_seqlens`` or None.
+    All of one compute dtype, float32 or float64, on the CPU; q unscaled.
+    Value head h reads key head ``h // (HV // H)``.
+    """
+    q, k, v, beta, g, s0 = (_as_numpy(x) for x in (q, k, v, beta, g, s0))
+    B, T, HV, V = v.shape
+    K = k.shape[-1]
+    if cu is None:
+        batch = np.arange(B, dtype=np.int64)
+        start = np.zeros(B, np.int64)
+        stop = np.full(B, T, np.int64)
+    else:
+        batch = np.zeros(len(cu) - 1, np.int64)
+        start, stop = cu[:-1].astype(np.int64), cu[1:].astype(np.int64)
+    N = len(batch)
+    if g is None:
+        g = np.empty((B, T, HV, 0), v.dtype)
+    elif g.ndim == 3:
+        g = g[..., None]
+    out = np.empty((B, T, HV, V), v.dtype)
+    state = np.empty((N, HV, K, V), v.dtype)
+    has_s0 = s0 is not None
+    if not has_s0:
+        s0 = np.empty((N, HV, K, V), v.dtype)  # never read
+    args = (q, k, v, beta, g, s0, state, out, batch, start, stop,
+            v.dtype.type(scale), use_qk_l2norm, has_s0)  # fmt: skip
+    lanes = N * HV
+    work = int((stop - start).sum()) * HV * K * V
+    parts = min(num_workers(), lanes) if work >= _PARALLEL_MIN_WORK else 1
+    if parts == 1:
+        _recurrent_lanes(*args, 0, lanes)
+    else:
+        from .._runtime.backend import NumpyOps
+
+        NumpyOps.map(lambda s: _recurrent_lanes(*args, s.start, s.stop), _split(lanes, parts))
+    if torch:
+        import torch as _torch
+
+        return _torch.from_numpy(out), _torch.from_numpy(state)
+    return out, state
+
+
+def _as_numpy(x: Array | None) -> np.ndarray | None:
+    """A C-contiguous NumPy array (a view of a contiguous CPU tensor, no copy)."""
+    if x is None:
+        return None
+    if not isinstance(x, np.ndarray):
+        x = x.detach().numpy()
+    return np.ascontiguousarray(x)
+
+
+@jit(nogil=True, fastmath={"contract", "reassoc"})
+def _recurrent_lanes(q, k, v, beta, g, s0, state, out, batch, start, stop, scale,
+                     l2norm, has_s0, lane_start, lane_stop):  # fmt: skip
+    """Run lanes ``lane_start:lane_stop`` (lane = sequence * HV + value head).
+
+    q, k: (B, T, H, K); v, out: (B, T, HV, V); beta: (B, T, HV); g: (B, T,
+    HV, G) with G = 0 (no decay), 1 (per head) or K (per channel); s0, state:
+    (N, HV, K, V); sequence n is ``batch[n], start[n]:stop[n]``.
+    """
+    H, K = q.shape[2], q.shape[3]
+    HV, V = v.shape[2], v.shape[3]
+    group = HV // H
+    dt = v.dtype.type
+    # Two sets of token vectors: this token's (parity p) and the next one's (1 - p).
+    qs = np.empty((2, K), v.dtype)  # scaled, normalised query
+    kt = np.empty((2, K), v.dtype)  # normalised key
+    decay = np.empty((2, K), v.dtype)  # a = exp(g), per channel
+    sk = np.empty(V, v.dtype)  # S^T (a ⊙ k) with the state before the token
+    sq = np.empty(V, v.dtype)  # S^T (a ⊙ q)
+    delta = np.empty(V, v.dtype)
+    for lane in range(lane_start, lane_stop):
+        n, h = lane // HV, lane % HV
+        b, hk = batch[n], h // group
+        s = state[n, h]
+        if stop[n] == start[n]:
+            for i in range(K):
+                for j in range(V):
+                    s[i, j] = s0[n, h, i, j] if has_s0 else dt(0)
+            continue
+        t0 = start[n]
+        _token_vectors(q[b, t0, hk], k[b, t0, hk], g[b, t0, h], scale, l2norm,
+                       qs[0], kt[0], decay[0])  # fmt: skip
+        sk[:] = 0
+        sq[:] = 0
+        if has_s0:
+            src = s0[n, h]
+            for i in range(K):
+                row, qi, ki = src[i], decay[0, i] * qs[0, i], decay[0, i] * kt[0, i]
+                for j in range(V):
+                    sk[j] += ki * row[j]
+                    sq[j] += qi * row[j]
+        for t in range(t0, stop[n]):
+            p = (t - t0) & 1
+            bt = beta[b, t, h]
+            kq = dt(0)
+            for i in range(K):
+                kq += kt[p, i] * qs[p, i]
+            vt, ot = v[b, t, h], out[b, t, h]
+            for j in range(V):
+                delta[j] = bt * (vt[j] - sk[j])
+                ot[j] = sq[j] + kq * delta[j]
+            last = t + 1 == stop[n]
+            if not last:  # the next token's vectors, for the products fused below
+                _token_vectors(q[b, t + 1, hk], k[b, t + 1, hk], g[b, t + 1, h], scale,
+                               l2norm, qs[1 - p], kt[1 - p], decay[1 - p])  # fmt: skip
+                sk[:] = 0
+                sq[:] = 0
+            fresh = t == t0 and not has_s0  # the state before is zero
+            for i in range(K):
+                a_i, k_i = decay[p, i], kt[p, i]
+                row = s[i]
+                if fresh:
+                    for j in range(V):
+                        row[j] = k_i * delta[j]
+                else:
+                    row_in = s0[n, h, i] if t == t0 else row
+                    for j in range(V):
+                        row[j] = a_i * row_in[j] + k_i * delta[j]
+                if not last:
+                    qi = decay[1 - p, i] * qs[1 - p, i]
+                    ki = decay[1 - p, i] * kt[1 - p, i]
+                    for j in range(V):
+                        sk[j] += ki * row[j]
+                        sq[j] += qi * row[j]
+
+
+@jit(nogil=True, fastmath={"contract", "reassoc"})
+def _token_vectors(q, k, g, scale, l2norm, qs, kt, decay):
+    """Fill ``qs = scale * q``, ``kt = k`` (unit norm with ``l2norm``) and ``decay = exp(g)``.
+
+    g has 0 entries (no decay), 1 (one per head) or K (one per channel).
+    """
+    K = q.shape[0]
+    dt = qs.dtype.type
+    qn = kn = dt(1)
+    if l2norm:
+        sq = sk = dt(0)
+        for i in range(K):
+            sq += q[i] * q[i]
+            sk += k[i] * k[i]
+        tiny = np.finfo(qs.dtype).tiny
+        qn = dt(1) / np.sqrt(max(sq, tiny))
+        kn = dt(1) / np.sqrt(max(sk, tiny))
+    for i in range(K):
+        qs[i] = scale * (q[i] * qn)
+        kt[i] = k[i] * kn
+    if g.shape[0] == 0:
+        decay[:] = 1
+    elif g.shape[0] == 1:
+        decay[:] = np.exp(g[0])
+    else:
+        for i in range(K):
+            decay[i] = np.exp(g[i])
