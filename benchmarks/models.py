@@ -1,0 +1,208 @@
+"""Shapes of released models: decode steps, short blocks and prefill, against transformers.
+
+PyTorch on the CPU, float32, B = 1, H = 32 heads, K = V = 128 (the linear
+attention layers of Qwen3-Next-sized models), queries and keys normalised
+inside the call as those models do.  The baselines are the pure-torch
+functions the transformers library runs on a CPU:
+
+- one decode step (T = 1, with a state) against
+  ``torch_recurrent_gated_delta_rule``;
+- short blocks of T tokens: dplr's compiled token recurrence against dplr's
+  chunked algorithm, the table the automatic choice is set from;
+- prefill (no state) against ``torch_chunk_gated_delta_rule``, with the
+  achieved GFLOP/s and the rate of a 1024^2 matrix product in the same run;
+- forward + backward against 3.5 x the forward at the prefill shape.
+
+Run ``python -m dplr_bench.models`` (or ``python benchmarks/models.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+try:
+    from ._common import Progress, Row, format_table, median_times, noop_progress
+except ImportError:  # run as a script
+    from _common import Progress, Row, format_table, median_times, noop_progress
+
+import dplr
+from dplr.attention import _recurrent
+
+SUITE = "models"
+H, K, V = 32, 128, 128
+SIZE = f"B=1 H={H} K=V={K}"
+
+
+def make_inputs(T: int, seed: int = 0, state: bool = False):
+    """Torch float32 tensors [B, T, H, .]: raw q and k (normalised in the call), g <= 0, beta."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, T, H, K, generator=gen)
+    k = torch.randn(1, T, H, K, generator=gen)
+    v = torch.randn(1, T, H, V, generator=gen)
+    g = -torch.rand(1, T, H, generator=gen) * 0.5
+    beta = torch.rand(1, T, H, generator=gen)
+    s0 = torch.randn(1, H, K, V, generator=gen) * 0.1 if state else None
+    return q, k, v, g, beta, s0
+
+
+def _rel(a, b) -> float:
+    a, b = (np.asarray(x.detach().double().numpy()) for x in (a, b))
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+
+
+@contextlib.contextmanager
+def recurrence_up_to(longest: int):
+    """Run the compiled recurrence for sequences up to ``longest`` tokens (0: never)."""
+    saved = _recurrent.RECURRENT_MAX_T
+    _recurrent.RECURRENT_MAX_T = longest
+    try:
+        yield
+    finally:
+        _recurrent.RECURRENT_MAX_T = saved
+
+
+def _transformers():
+    """The library's pure-torch functions, with its fallback warning silenced."""
+    from transformers.models.qwen3_next import modeling_qwen3_next as qwen
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    return qwen.torch_recurrent_gated_delta_rule, qwen.torch_chunk_gated_delta_rule
+
+
+def _dplr(q, k, v, g, beta, s0):
+    return dplr.gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True,
+                                 use_qk_l2norm=True)  # fmt: skip
+
+
+def _theirs(fn, q, k, v, g, beta, s0):
+    return fn(q, k, v, g=g, beta=beta, initial_state=s0, output_final_state=True,
+              use_qk_l2norm_in_kernel=True)  # fmt: skip
+
+
+def decode_row(torch, reps: int) -> Row:
+    recurrent_fn, _ = _transformers()
+    args = make_inputs(1, state=True)
+    with torch.no_grad():
+        o, s = _dplr(*args)
+        o_ref, s_ref = _theirs(recurrent_fn, *args)
+        t_ref, t_ours = median_times(
+            [lambda: _theirs(recurrent_fn, *args), lambda: _dplr(*args)], reps
+        )
+    err = max(_rel(o, o_ref), _rel(s, s_ref))
+    return Row(SUITE, "decode step (T=1, with state)", SIZE,
+               "transformers torch_recurrent_gated_delta_rule", t_ref, t_ours, err, 2.0,
+               f"{t_ours * 1e6:.0f} us per step against {t_ref * 1e6:.0f} us",
+               {"T": 1, "method": "recurrent"})  # fmt: skip
+
+
+def crossover_rows(torch, lengths, reps: int) -> list[Row]:
+    """dplr's recurrence against dplr's chunked algorithm over T (with a state)."""
+    rows = []
+    for T in lengths:
+        args = make_inputs(T, seed=T, state=True)
+
+        def recurrent(args=args):
+            with recurrence_up_to(T):
+                return _dplr(*args)
+
+        def chunked(args=args):
+            with recurrence_up_to(0):
+                return _dplr(*args)
+
+        with torch.no_grad():
+            t_chunked, t_rec = median_times([chunked, recurrent], reps)
+            err = _rel(recurrent()[0], chunked()[0])
+        auto = "recurrence" if T <= _recurrent.RECURRENT_MAX_T else "chunked"
+        rows.append(Row(SUITE, f"short block T={T}", SIZE, "dplr chunked algorithm", t_chunked,
+                        t_rec, err, None, f"auto runs the {auto}",
+                        {"T": T, "plot": "models_crossover", "method": "recurrent",
+                         "auto": auto}))  # fmt: skip
+    return rows
+
+
+def _matmul_gflops(torch, reps: int) -> float:
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    return 2 * 1024**3 / median_times([lambda: a @ b], reps)[0] / 1e9
+
+
+def chunked_flops(T: int, c: int) -> float:
+    """Flops of dplr's chunked forward for all heads (solve + product, ``docs/delta.md``)."""
+    per_head = 4 * T * c * K + T * c * (K + V) + 2 * T * c * V + 6 * T * K * V
+    return float(H * per_head)
+
+
+def prefill_row(torch, T: int, reps: int) -> Row:
+    _, chunk_fn = _transformers()
+    args = make_inputs(T)
+    with torch.no_grad():
+        o, s = _dplr(*args)
+        o_ref, s_ref = _theirs(chunk_fn, *args)
+        t_ref, t_ours = median_times([lambda: _theirs(chunk_fn, *args), lambda: _dplr(*args)],
+                                     reps)  # fmt: skip
+        mm = _matmul_gflops(torch, reps)
+    from dplr.core._kernels import effective_chunk
+
+    c = effective_chunk(T, None)
+    gflops = chunked_flops(T, c) / t_ours / 1e9
+    note = (f"{gflops:.0f} GFLOP/s (chunk {c}) = {gflops / mm:.0%} of a 1024^2 matmul "
+            f"in this run ({mm:.0f} GFLOP/s)")  # fmt: skip
+    return Row(SUITE, "prefill, gated", f"B=1 T={T} H={H} K=V={K}",
+               "transformers torch_chunk_gated_delta_rule", t_ref, t_ours,
+               max(_rel(o, o_ref), _rel(s, s_ref)), 2.5, note,
+               {"T": T, "method": "chunked", "gflops": gflops, "matmul_gflops": mm})  # fmt: skip
+
+
+def backward_row(torch, T: int, reps: int) -> Row:
+    q, k, v, g, beta, _ = (x if x is None else x.requires_grad_() for x in make_inputs(T))
+    inputs = (q, k, v, g, beta)
+
+    def forward():
+        with torch.no_grad():
+            return _dplr(*inputs, None)
+
+    def both():
+        o, s = _dplr(*inputs, None)
+        return torch.autograd.grad((o.square().sum() + s.sum(),), inputs)
+
+    t_fwd, t_both = median_times([forward, both], reps)
+    ratio = t_both / t_fwd
+    return Row(SUITE, "fwd+bwd vs 3.5 x forward, gated", f"B=1 T={T} H={H} K=V={K}",
+               "3.5 x dplr forward", 3.5 * t_fwd, t_both, float("nan"), 1.0,
+               f"fwd+bwd = {ratio:.2f} x forward", {"T": T, "fwd_bwd_over_fwd": ratio,
+                                                    "method": "chunked"})  # fmt: skip
+
+
+def run(quick: bool = False, progress: Progress | None = None) -> list[Row]:
+    """Benchmark rows; ``quick`` uses T = 512 for prefill and fewer repeats (a few seconds)."""
+    progress = progress or noop_progress
+    try:
+        import torch
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        progress(f"{exc.name} is not installed: skipping the model-shape benchmarks")
+        return []
+    reps = 3 if quick else 7
+    progress("models: one decode step against transformers' recurrent step")
+    rows = [decode_row(torch, 5 if quick else 15)]
+    progress("models: short blocks, recurrence against the chunked algorithm")
+    lengths = (1, 16, 64, 256) if quick else (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+    rows += crossover_rows(torch, lengths, reps)
+    T = 512 if quick else 4096
+    progress(f"models: prefill T={T} against transformers' chunked fallback")
+    rows.append(prefill_row(torch, T, reps))
+    progress(f"models: forward + backward at T={T}")
+    rows.append(backward_row(torch, T, reps))
+    return rows
+
+
+if __name__ == "__main__":
+    _rows = run(progress=print)
+    print(format_table(_rows))
+    for _row in _rows:
+        if _row.note:
+            print(f"- {_row.case} ({_row.size}, vs {_row.baseline}): {_row.note}")
