@@ -106,7 +106,7 @@ def crossover_rows(torch, lengths, reps: int) -> list[Row]:
     for T in lengths:
         args = make_inputs(T, seed=T, state=True)
 
-        def recurrent(args=args):
+        def recurrent(args=args, T=T):
             with recurrence_up_to(T):
                 return _dplr(*args)
 

@@ -64,6 +64,10 @@ def delta_rows() -> list[Row]:
     ]
 
 
+def models_rows() -> list[Row]:
+    return [Row("models", "decode step", "H=32", "transformers", 3e-4, 1e-4, 1e-7)]
+
+
 def fake_suite(name: str, make_rows=None, error: Exception | None = None) -> types.ModuleType:
     """A stand-in suite module: calls progress once per row, returns the rows (or raises)."""
     module = types.ModuleType(f"dplr_bench.{name}")
@@ -89,7 +93,7 @@ def distributed_rows() -> list[Row]:
 def fake_suites(monkeypatch):
     """Install working fakes of all the suites in place of the real modules."""
     suites = (("core", core_rows), ("cholesky", cholesky_rows), ("delta", delta_rows),
-              ("distributed", distributed_rows))  # fmt: skip
+              ("models", models_rows), ("distributed", distributed_rows))  # fmt: skip
     for name, rows in suites:
         monkeypatch.setitem(sys.modules, f"dplr_bench.{name}", fake_suite(name, rows))
 
@@ -111,13 +115,13 @@ def test_bench_all_writes_tables_json_and_plots(fake_suites, tmp_path, capsys):
     assert {"cores", "cpu", "date", "versions"} <= set(doc["machine"])
     assert {"numpy", "scipy", "torch", "dplr"} <= set(doc["machine"]["versions"])
     assert {s["status"] for s in doc["suites"].values()} == {"ok"}
-    assert len(doc["rows"]) == 11
+    assert len(doc["rows"]) == 12
     for row in doc["rows"]:
         for key in ("baseline_s", "dplr_s", "error", "ratio"):
             assert math.isfinite(row[key])
     markdown = (tmp_path / "results.md").read_text()
     assert markdown.startswith("Measured on ") and "(`--quick`)" in markdown
-    assert markdown.count("| case | size | baseline |") == 4  # one Markdown table per suite
+    assert markdown.count("| case | size | baseline |") == 5  # one Markdown table per suite
     for name in PNGS:
         path = tmp_path / name
         assert path.stat().st_size > 1000
@@ -141,13 +145,14 @@ def test_missing_suite_and_missing_torch_are_one_line_skips(monkeypatch, tmp_pat
     monkeypatch.setitem(sys.modules, "dplr_bench.distributed", None)
     no_torch = ModuleNotFoundError("No module named 'torch'", name="torch")
     monkeypatch.setitem(sys.modules, "dplr_bench.delta", fake_suite("delta", error=no_torch))
+    monkeypatch.setitem(sys.modules, "dplr_bench.models", fake_suite("models", models_rows))
     assert main(["bench", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "suite cholesky: skipped, not available in this version" in out
     assert "suite delta: skipped, needs torch, which is not installed" in out
     assert "Traceback" not in out
     suites = load_results(tmp_path)["suites"]
-    assert [s["status"] for s in suites.values()] == ["ok", "skipped", "skipped", "skipped"]
+    assert [s["status"] for s in suites.values()] == ["ok", "skipped", "skipped", "ok", "skipped"]
 
 
 def test_suite_without_rows_is_skipped_with_its_last_message(monkeypatch, tmp_path, capsys):

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TextIO
 
-SUITES: tuple[str, ...] = ("core", "cholesky", "delta", "distributed")
+SUITES: tuple[str, ...] = ("core", "cholesky", "delta", "models", "distributed")
 """The suite names, in the order ``--suite all`` runs them."""
 
 RESULTS_FILE = "results.json"
