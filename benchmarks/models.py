@@ -28,7 +28,7 @@ except ImportError:  # run as a script
     from _common import Progress, Row, format_table, median_times, noop_progress
 
 import dplr
-from dplr.attention import _recurrent
+from dplr._runtime import tuning
 
 SUITE = "models"
 H, K, V = 32, 128, 128
@@ -57,12 +57,12 @@ def _rel(a, b) -> float:
 @contextlib.contextmanager
 def recurrence_up_to(longest: int):
     """Run the compiled recurrence for sequences up to ``longest`` tokens (0: never)."""
-    saved = _recurrent.RECURRENT_MAX_T
-    _recurrent.RECURRENT_MAX_T = longest
+    saved = tuning.RECURRENT_MAX_T
+    tuning.RECURRENT_MAX_T = longest
     try:
         yield
     finally:
-        _recurrent.RECURRENT_MAX_T = saved
+        tuning.RECURRENT_MAX_T = saved
 
 
 def _transformers():
@@ -117,7 +117,7 @@ def crossover_rows(torch, lengths, reps: int) -> list[Row]:
         with torch.no_grad():
             t_chunked, t_rec = median_times([chunked, recurrent], reps)
             err = _rel(recurrent()[0], chunked()[0])
-        auto = "recurrence" if T <= _recurrent.RECURRENT_MAX_T else "chunked"
+        auto = "recurrence" if T <= tuning.RECURRENT_MAX_T else "chunked"
         rows.append(Row(SUITE, f"short block T={T}", SIZE, "dplr chunked algorithm", t_chunked,
                         t_rec, err, None, f"auto runs the {auto}",
                         {"T": T, "plot": "models_crossover", "method": "recurrent",

@@ -22,8 +22,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dplr
+from dplr._runtime import tuning
+from dplr._runtime.tuning import RECURRENT_MAX_T
 from dplr.attention import _recurrent, delta
-from dplr.attention._recurrent import RECURRENT_MAX_T, recurrent_forward
+from dplr.attention._recurrent import recurrent_forward
 
 try:
     import torch
@@ -235,7 +237,7 @@ def test_parallel_lanes_match_one_thread(rng, monkeypatch):
     """Lanes split over threads give the same bits as one thread."""
     q, k, v, beta, g, s0 = inputs(rng, 3, 4, 4, 8, 8)
     one = recurrent_forward(False, q, k, v, beta, g, s0, None, 0.5, True)
-    monkeypatch.setattr(_recurrent, "_PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(tuning, "RECURRENT_PARALLEL_MIN_WORK", 0)
     monkeypatch.setattr(_recurrent, "num_workers", lambda: 3)
     split = recurrent_forward(False, q, k, v, beta, g, s0, None, 0.5, True)
     for a, b in zip(one, split, strict=True):

@@ -51,6 +51,22 @@ PARTS_PER_THREAD = 4
 #: second of T = 4096.
 DELTA_PASS_ROWS = 16384
 
+#: Longest sequence (tokens) that the delta rules run by the compiled token
+#: recurrence (``attention/_recurrent.py``) when no ``chunk_size`` is given
+#: and no gradient is needed; longer ones run chunked.  Measured with
+#: ``python -m dplr_bench.models`` (B = 1, H = 32, K = V = 128, float32,
+#: torch, on the shared 2-core machine while other jobs loaded it): the
+#: recurrence was faster than the chunked algorithm at every T tried, 3x at
+#: T = 1, 4x at T = 64, 2.2x at T = 256, 1.4-1.5x at T = 1024 and 4096.
+#: Kept at short blocks (decode, speculative blocks) until a measurement on
+#: an idle machine places the crossover.
+RECURRENT_MAX_T = 64
+
+#: Below this many state entries times tokens (about 6 flops each) the
+#: recurrence stays on the calling thread: a decode step at H = 32,
+#: K = V = 128 (2^19) is split over the threads by value heads.
+RECURRENT_PARALLEL_MIN_WORK = 1 << 18
+
 # ---------------------------------------------------------------- Cholesky
 #: Rows per chunk of the blocked update's Schur recursion and panel products:
 #: 32 to 64 measured within noise of each other at N = 3000, M = 32; 96 was

@@ -28,18 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from .._runtime.backend import Array, _split, num_workers
-from ..core._jit import jit
-
-#: Longest sequence (tokens per sequence) run by the recurrence when the
-#: algorithm is chosen automatically; longer ones run chunked.  Measured with
-#: ``python -m dplr_bench.models`` (the crossover table), B = 1, H = 32,
-#: K = V = 128, float32, torch, 2 cores: see ``docs/delta.md``.
-RECURRENT_MAX_T = 64
-
-#: Below this many state entries times tokens (about 6 flops each) the pass
-#: stays on the calling thread: handing lanes to the pool costs ~30 us.
-_PARALLEL_MIN_WORK = 1 << 18
+from .._runtime import tuning
+from .._runtime.backend import Array
+from .._runtime.jit import jit
+from .._runtime.threads import num_workers, run_all, split
 
 
 def recurrent_applies(torch: bool, tensors: tuple[Any, ...], longest: int) -> bool:
@@ -47,7 +39,7 @@ def recurrent_applies(torch: bool, tensors: tuple[Any, ...], longest: int) -> bo
 
     ``longest`` is the longest sequence's length in tokens.
     """
-    if longest > RECURRENT_MAX_T:
+    if longest > tuning.RECURRENT_MAX_T:
         return False
     if not torch:
         return True
@@ -103,13 +95,8 @@ def recurrent_forward(
             v.dtype.type(scale), use_qk_l2norm, has_s0)  # fmt: skip
     lanes = N * HV
     work = int((stop - start).sum()) * HV * K * V
-    parts = min(num_workers(), lanes) if work >= _PARALLEL_MIN_WORK else 1
-    if parts == 1:
-        _recurrent_lanes(*args, 0, lanes)
-    else:
-        from .._runtime.backend import NumpyOps
-
-        NumpyOps.map(lambda s: _recurrent_lanes(*args, s.start, s.stop), _split(lanes, parts))
+    parts = min(num_workers(), lanes) if work >= tuning.RECURRENT_PARALLEL_MIN_WORK else 1
+    run_all(lambda s: _recurrent_lanes(*args, s.start, s.stop), split(lanes, max(parts, 1)))
     if torch:
         import torch as _torch
 

@@ -66,7 +66,12 @@ def delta_rule(
         its own initial state.  Must start at 0, not decrease and end at T;
         empty sequences are allowed.
     chunk_size : int, optional
-        Tokens per chunk (default 32).  Only speed depends on it.
+        Tokens per chunk of the chunked algorithm (default 32); giving it
+        selects that algorithm.  Without it, sequences of at most
+        ``dplr._runtime.tuning.RECURRENT_MAX_T`` (64) tokens run a compiled
+        token recurrence instead when no gradient is needed (NumPy, or torch
+        CPU tensors without ``requires_grad`` or under ``torch.no_grad()``):
+        decode steps and short blocks.  Only speed depends on the choice.
     use_qk_l2norm : bool, default False
         Normalise q and k to unit L2 norm over K first (zero rows stay zero);
         differentiable like the rest.
