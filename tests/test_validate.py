@@ -206,12 +206,15 @@ def test_non_real_scale_is_refused(scale):
         _gated(_delta_args(), scale=scale)
 
 
-@pytest.mark.parametrize("name", ["q", "k", "v", "beta"])
+@pytest.mark.parametrize("name", ["q", "k", "v", "beta", "g"])
 def test_missing_delta_arrays_raise_type_error(name):
     args = _delta_args()
     args[name] = None
     with pytest.raises(TypeError, match=f"'{name}' is required"):
-        dplr.delta_rule(args["q"], args["k"], args["v"], args["beta"])
+        _gated(args)
+    if name != "g":
+        with pytest.raises(TypeError, match=f"'{name}' is required"):
+            dplr.delta_rule(args["q"], args["k"], args["v"], args["beta"])
 
 
 @pytest.mark.parametrize(

@@ -160,6 +160,8 @@ def gated_delta_rule(
     ValueError
         As :func:`delta_rule`, and for positive ``g`` (NaN or +Inf in ``g``;
         -Inf is allowed).
+    TypeError
+        As :func:`delta_rule`, and for ``g=None`` (use :func:`delta_rule`).
 
     Notes
     -----
@@ -179,6 +181,7 @@ def gated_delta_rule(
     >>> np.allclose(o, dplr.delta_rule(q, k, v, beta)[0])
     True
     """
+    require_present({"g": g})  # None would silently mean the plain rule
     return _delta(
         q, k, v, beta, g, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens,
