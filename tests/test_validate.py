@@ -151,6 +151,21 @@ def test_missing_arrays_raise_type_error_naming_them(call):
 
 
 @needs_torch
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_torch_non_finite_inputs_are_refused(bad):
+    q, k = (torch.tensor(x) for x in _ops())
+    q[2, 1] = bad
+    with pytest.raises(ValueError, match="'q' contains NaN or Inf"):
+        dplr.LowRankTril(q, k)
+    with pytest.raises(ValueError, match="'v' contains NaN or Inf"):
+        dplr.LowRankTril(k, k).solve(q)
+    args = {n: torch.tensor(x) for n, x in _delta_args().items()}
+    args["v"][0, 3, 1, 0] = bad
+    with pytest.raises(ValueError, match=r"'v' contains NaN or Inf$"):
+        _gated(args)
+
+
+@needs_torch
 def test_mixing_numpy_and_torch_is_refused():
     q, k = (torch.tensor(x) for x in _ops(6))
     T = dplr.LowRankTril(q, k)

@@ -417,7 +417,10 @@ class LowRankTril:
             # Differentiable through the solve: T^-1 = solve(I).
             eye = ops.eye(n, self._q)
             return self.solve(eye, chunk_size=chunk_size, check_finite=False)
-        (q, k, lam, ld, _), _, _, _ = self._operands(np.zeros((n, 1)), False)
+        # A placeholder right-hand side of the compute dtype (float64 would
+        # promote a float32 T and run the float64 kernels).
+        placeholder = np.zeros((n, 1), self._prep.compute_dtype)
+        (q, k, lam, ld, _), _, _, _ = self._operands(placeholder, False)
         with single_threaded_blas():
             out = _kernels.inverse(ops, q, k, lam, ld, chunk_size=chunk_size)
         return to_output(out, self._prep)
