@@ -93,15 +93,21 @@ def delta_rule(
 
     Examples
     --------
-    Under ``torchrun --nproc-per-node 2 script.py``:
+    Every rank runs the same code with its own slice (under ``torchrun``,
+    ``dist.init_process_group("gloo")`` reads the rendezvous from the
+    environment).  Here, a group of one rank:
 
-    >>> import torch, torch.distributed as dist, dplr.distributed
-    >>> dist.init_process_group("gloo")                        # doctest: +SKIP
-    >>> rank, T = dist.get_rank(), 1024                        # doctest: +SKIP
-    >>> q, k = torch.randn(2, 1, T, 4, 64)                     # doctest: +SKIP
-    >>> v, beta = torch.randn(1, T, 4, 64), torch.rand(1, T, 4)  # doctest: +SKIP
-    >>> o, s = dplr.distributed.delta_rule(
-    ...     q, k, v, beta, use_qk_l2norm=True, output_final_state=True)  # doctest: +SKIP
+    >>> import os, tempfile, torch, torch.distributed as dist, dplr, dplr.distributed
+    >>> store = "file://" + os.path.join(tempfile.mkdtemp(), "store")
+    >>> dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    >>> q, k = torch.randn(2, 1, 100, 2, 8, dtype=torch.float64)
+    >>> v, beta = torch.randn(1, 100, 2, 4, dtype=torch.float64), torch.rand(1, 100, 2)
+    >>> o, s = dplr.distributed.delta_rule(q, k, v, beta, use_qk_l2norm=True,
+    ...                                    output_final_state=True)
+    >>> o1, s1 = dplr.delta_rule(q, k, v, beta, use_qk_l2norm=True, output_final_state=True)
+    >>> dist.destroy_process_group()
+    >>> bool(torch.allclose(o, o1) and torch.allclose(s, s1))
+    True
     """
     inputs = {"q": q, "k": k, "v": v, "beta": beta}
     options = {"scale": scale, "chunk_size": chunk_size, "use_qk_l2norm": use_qk_l2norm}
@@ -150,10 +156,17 @@ def gated_delta_rule(
 
     Examples
     --------
-    Called like :func:`delta_rule`, with ``g`` before ``beta``:
+    Called like :func:`delta_rule`, with ``g`` before ``beta`` (a group of one rank here):
 
-    >>> o, s = dplr.distributed.gated_delta_rule(
-    ...     q, k, v, g, beta, output_final_state=True)  # doctest: +SKIP
+    >>> import os, tempfile, torch, torch.distributed as dist, dplr, dplr.distributed
+    >>> store = "file://" + os.path.join(tempfile.mkdtemp(), "store")
+    >>> dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    >>> q, k, v = torch.randn(3, 1, 50, 1, 4)
+    >>> g, beta = -torch.rand(1, 50, 1), torch.rand(1, 50, 1)
+    >>> o, _ = dplr.distributed.gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True)
+    >>> dist.destroy_process_group()
+    >>> bool(torch.allclose(o, dplr.gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True)[0]))
+    True
     """
     inputs = {"q": q, "k": k, "v": v, "g": g, "beta": beta}
     options = {"scale": scale, "chunk_size": chunk_size, "use_qk_l2norm": use_qk_l2norm}
