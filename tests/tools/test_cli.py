@@ -174,6 +174,7 @@ def test_failing_suite_is_reported_and_exit_code_is_1(monkeypatch, tmp_path, cap
     monkeypatch.setitem(sys.modules, "dplr_bench.delta", boom)
     monkeypatch.setitem(sys.modules, "dplr_bench.cholesky", fake_suite("cholesky", cholesky_rows))
     monkeypatch.setitem(sys.modules, "dplr_bench.distributed", None)
+    monkeypatch.setitem(sys.modules, "dplr_bench.models", None)  # not the real, full suite
     assert main(["bench", "--out", str(tmp_path)]) == 1
     assert "suite delta: FAILED, RuntimeError: boom" in capsys.readouterr().out
     assert load_results(tmp_path)["suites"]["delta"]["status"] == "failed"
