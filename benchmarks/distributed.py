@@ -167,7 +167,7 @@ def dask_rows(count: int, n: int, repeats: int) -> list[Row]:
     from dplr.distributed import dask as ddk
 
     cluster = distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
         env=ddk.worker_env(1), silence_logs=logging.ERROR,
     )  # fmt: skip
     try:

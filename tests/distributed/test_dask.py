@@ -30,7 +30,7 @@ TOL = 100 * N * np.finfo(np.float64).eps
 def client():
     """Two worker processes with one thread each (processes x threads = 2 cores)."""
     cluster = distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
         env=dd.worker_env(1), silence_logs=logging.ERROR,
     )  # fmt: skip
     with distributed.Client(cluster) as c:
