@@ -265,6 +265,22 @@ def copy_tri(src, dst, rows):
             dst[i, j] = 0.0
 
 
+@_jit(**_SERIAL)
+def _negate_tri(src, dst):
+    """dst = minus the lower triangle of src, zero above (dst may be src)."""
+    n = src.shape[0]
+    for i in range(n):
+        for j in range(i + 1):
+            dst[i, j] = -src[i, j]
+        for j in range(i + 1, n):
+            dst[i, j] = 0.0
+
+
+def negate_lower(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst`` (n, n) = minus the lower triangle of ``src``, zeros above, one pass."""
+    _negate_tri(src, dst)
+
+
 def copy_lower(dst: np.ndarray, src: np.ndarray) -> None:
     """``dst`` (..., n, n) = the lower triangle of ``src`` (broadcast), zeros above."""
     src = np.broadcast_to(src, dst.shape)

@@ -8,27 +8,25 @@ costs and the measured policy of ``method="auto"``: ``docs/cholesky.md``.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .._errors import NotPositiveDefiniteError
-from .._runtime.backend import Array, backend_of, is_torch
+from .._runtime.backend import Array, is_torch
 from .._runtime.blas import single_threaded_blas
 from .._runtime.tuning import THREADED_BLAS_MIN_ORDER
 from .._validate import (
     all_finite,
     broadcast_batch,
     check_cholesky_diagonal,
-    cholesky_weights,
     prepare,
     require_ndim,
     to_output,
 )
-from ..core import _kernels
-from . import _rank1
-from ._policy import CHUNK, choose_method, panel_threads
+from . import _blocked, _rank1
+from ._policy import choose_method, panel_threads
+from ._problem import Problem, check_triangle_finite, problem, square_factor
 
 __all__ = ["cholesky_delete", "cholesky_downdate", "cholesky_insert", "cholesky_update"]
 
@@ -36,79 +34,13 @@ _METHODS = ("auto", "rank1", "blocked", "refactor")
 _ERRORS = ("raise", "flag")
 
 
-@dataclass
-class _Problem:
-    """Validated operands: the factor seen as lower triangular, U, the weights."""
-
-    lower: Array  # (..., N, N) lower view of the factor (a transpose view for upper)
-    u: Array  # (..., N, M)
-    w: Array  # (..., M) signed weights
-    batch: tuple[int, ...]
-    prep: Any
-    source: Any  # the caller's factor object
-    is_lower: bool
-
-    @property
-    def n(self) -> int:
-        return int(self.lower.shape[-1])
-
-    @property
-    def m(self) -> int:
-        return int(self.u.shape[-1])
-
-    @property
-    def ops(self):
-        return backend_of(self.lower)
-
-
-# ------------------------------------------------------------------ validation
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name!r} must be one of {allowed}; got {value!r}")
 
 
-def _problem(factor, u, multiplier, sign, lower, check_finite) -> _Problem:
-    prep = prepare({"factor": factor, "u": u}, check_finite=False)
-    f, u_ = prep["factor"], prep["u"]
-    require_ndim("factor", f, 2, "(..., N, N)")
-    if f.shape[-1] != f.shape[-2] or f.shape[-1] == 0:
-        raise ValueError(f"'factor' must be square, (..., N, N) with N > 0; got {tuple(f.shape)}")
-    n = f.shape[-1]
-    require_ndim("u", u_, 1, f"(..., {n}) or (..., {n}, M)")
-    rank_m = u_.ndim >= 2 and u_.shape[-2] == n
-    if not rank_m:
-        if u_.shape[-1] != n:
-            raise ValueError(
-                f"'u' must have shape (..., {n}) or (..., {n}, M) to match 'factor' "
-                f"{tuple(f.shape)}; got {tuple(u_.shape)}"
-            )
-        u_ = u_[..., None]
-    w = sign * cholesky_weights(multiplier, prep, u_.shape[-1], rank_m)
-    shapes = {"factor": f.shape[:-2], "u": u_.shape[:-2], "multiplier": w.shape[:-1]}
-    batch = broadcast_batch({k: tuple(v) for k, v in shapes.items()})
-    if check_finite and not all_finite(u_):
-        raise ValueError("'u' contains NaN or Inf (pass check_finite=False to skip)")
-    low = f if lower else f.mT
-    return _Problem(low, u_, w, batch, prep, factor, lower)  # diagonal: checked by the path
-
-
-def _check_triangle_finite(pb: _Problem) -> None:
-    low = pb.lower
-    if pb.prep.torch:
-        import torch
-
-        ok = bool(torch.isfinite(torch.tril(low)).all())
-    else:
-        n = pb.n
-        view = low.reshape(-1, n, n)
-        rows = low.strides[-1] <= low.strides[-2]
-        ok = bool(_rank1.tri_all_finite(view if rows else view.mT, rows).all())
-    if not ok:
-        raise ValueError("'factor' contains NaN or Inf (pass check_finite=False to skip)")
-
-
 # ------------------------------------------------------------------ the paths
-def _writable_target(pb: _Problem) -> Array | None:
+def _writable_target(pb: Problem) -> Array | None:
     """The caller's factor, as a lower view, if the result may be written into it."""
     src = pb.source
     same = src is pb.prep["factor"] if not pb.prep.torch else src.data_ptr() == pb.lower.data_ptr()
@@ -119,8 +51,14 @@ def _writable_target(pb: _Problem) -> Array | None:
     return pb.lower if pb.lower.flags.writeable else None
 
 
-def _rank1_path(pb: _Problem, target: Array | None, check_finite: bool) -> tuple[Array, Array]:
-    """M compiled sweeps; returns (lower result, ok)."""
+def _rank1_path(pb: Problem, target: Array | None, check_finite: bool, errors: str):
+    """M compiled sweeps; returns (lower result, ok).
+
+    In place only when no entry of the caller's array can be written before
+    all are known to succeed: updates, or one downdate sweep of one factor
+    (checked before it writes), or ``errors="flag"`` (a failing entry is
+    never written).
+    """
     if pb.prep.torch:
         raise ValueError(
             "method='rank1' runs compiled NumPy loops; for torch tensors use "
@@ -140,11 +78,12 @@ def _rank1_path(pb: _Problem, target: Array | None, check_finite: bool) -> tuple
         w = np.take_along_axis(w, order, -1)
         x_all = np.take_along_axis(x_all, order[:, None, :], -1)
     x_all = x_all * np.sqrt(np.abs(w))[:, None, :]
-    direct = target is not None and (m == 1 or not (w < 0).any())
+    one_pass = m == 1 and (bsize == 1 or errors == "flag")
+    direct = target is not None and (one_pass or not (w < 0).any())
     if direct:  # the kernels skip factors without a positive diagonal; check first here
         check_cholesky_diagonal(low, check_finite)
         if check_finite:
-            _check_triangle_finite(pb)
+            check_triangle_finite(pb)
         out = target
         dst = src
     else:
@@ -168,49 +107,65 @@ def _rank1_path(pb: _Problem, target: Array | None, check_finite: bool) -> tuple
     return out, ok.reshape(batch)
 
 
-def _blocked_path(pb: _Problem, target: Array | None, check_finite: bool, chunk: int | None):
-    """W = L^-1 U, the chunked Schur recursion and the block-column product."""
-    ops, low, n, m = pb.ops, pb.lower, pb.n, pb.m
-    chunk = chunk or CHUNK
+def _blocked_path(pb: Problem, target: Array | None, check_finite: bool, chunk: int | None):
+    """Orthogonal reductions: the update of ``[R; U^T]``, then the blocked LINPACK downdate.
+
+    Positive weights go first (every intermediate matrix is then at least as
+    positive as the result).  A downdate is checked (``I - W^T W`` positive
+    definite) before ``target`` is written, and written there only when every
+    batch entry passed; returns ``(lower result, ok)``.
+    """
+    ops, low, n = pb.ops, pb.lower, pb.n
     if check_finite:
-        _check_triangle_finite(pb)
-    c0 = pb.w[..., :, None] * ops.eye(m, pb.w)
-    may_fail = bool((pb.w < 0).any())
-    steps = None
-    bsize = int(np.prod(pb.batch, dtype=np.int64))
-    threads = panel_threads(n, m, bsize)
-    if target is not None and may_fail:
-        # Check before touching the caller's memory: W, then the Schur recursion.
-        with _blas_threads(pb, threads):
-            w_mat = _kernels.solve_lower_dense(ops, low, pb.u)
-        _, _, ok, steps = _kernels.lowrank_cholesky(ops, w_mat, c0, chunk_size=chunk)
-        if not bool(ok.all()):
-            return None, _expand(ops, ok, pb.batch)
-    if target is not None:
-        out = target
-    elif pb.prep.torch:
-        out = ops.zeros((*pb.batch, n, n), low)
-    else:  # the memory order of the input; zero pages of the upper triangle stay untouched
-        out = np.zeros((*pb.batch, n, n), dtype=low.dtype)
-        out = out if low.strides[-1] <= low.strides[-2] else out.mT
-    with np.errstate(all="ignore"):  # failed entries may overflow; they are discarded
-        ok, _ = _kernels.lowrank_cholesky_product(
-            ops, low, pb.u, c0, out, chunk_size=chunk, steps=steps,
-            clean=target is not None,
-            panel_threads=None if pb.prep.torch else threads,
-        )  # fmt: skip
-    if ok is None:
-        ok = ops.zeros(pb.batch, low) == 0
-    return out, _expand(ops, ok, pb.batch)
+        check_triangle_finite(pb)
+    up, down = _split_weights(pb)
+    shape = (*pb.batch, n, n)
+    with _blas_threads(pb, panel_threads(n, pb.m, int(np.prod(pb.batch, dtype=np.int64)))):
+        if down is None:
+            out = target if target is not None else _new_lower(pb, shape)
+            _blocked.update(ops, low, up, out, chunk)
+            return out, ops.zeros(pb.batch, low) == 0
+        base = low
+        if up is not None:  # into scratch: the caller's memory waits for the check
+            base = _new_lower(pb, shape)
+            _blocked.update(ops, low, up, base, chunk)
+        w, s, ok = _blocked.downdate_check(ops, base, down)
+        ok = _expand(ops, ok, pb.batch)
+        out = target if target is not None and bool(ok.all()) else None
+        if out is None:
+            out = base if base is not low else _new_lower(pb, shape)
+        with np.errstate(all="ignore"):  # failed entries may overflow; they are discarded
+            _blocked.downdate(ops, base, w, s, out, chunk)
+    return out, ok
 
 
-def _refactor_path(pb: _Problem) -> tuple[Array, Array]:
+def _split_weights(pb: Problem) -> tuple[Array | None, Array | None]:
+    """``U sqrt(max(w, 0))`` and ``U sqrt(max(-w, 0))`` over the columns that need them."""
+    ops, w = pb.ops, pb.w
+    parts = []
+    for sign in (1.0, -1.0):
+        sw = w * sign
+        cols = (sw > 0).reshape(-1, pb.m).any(0)
+        if not bool(cols.any()):
+            parts.append(None)
+            continue
+        scale = ops.where(sw > 0, sw, 0.0) ** 0.5
+        parts.append((pb.u * scale[..., None, :])[..., cols])
+    return parts[0], parts[1]
+
+
+def _new_lower(pb: Problem, shape: tuple[int, ...]) -> Array:
+    """An uninitialised result in the memory order the kernels write fastest (C, lower)."""
+    return pb.ops.empty(shape, pb.lower)
+
+
+def _refactor_path(pb: Problem) -> tuple[Array, Array]:
     """Form ``L L^T + U diag(w) U^T`` and factor it again: O(N^3)."""
     ops = pb.ops
     with _blas_threads(pb, 1 if pb.n < THREADED_BLAS_MIN_ORDER else 0):
-        low = _kernels._tril_block(ops, pb.lower)
+        low = _blocked.tril_block(ops, pb.lower)
         b = low @ low.mT + (pb.u * pb.w[..., None, :]) @ pb.u.mT
-        lt, ok = _kernels.cholesky_flagged(ops, b)
+        lt, ok = _blocked.cholesky_flagged(ops, b)
     return lt, _expand(ops, ok, pb.batch)
 
 
@@ -218,10 +173,23 @@ def _expand(ops, ok, batch):
     return ops.broadcast_to(ok, batch) if tuple(ok.shape) != tuple(batch) else ok
 
 
-def _blas_threads(pb: _Problem, threads: int | None):
+def _blas_threads(pb: Problem, threads: int | None):
     if pb.prep.torch or threads != 1:
         return contextlib.nullcontext()
     return single_threaded_blas()
+
+
+def _unchanged(pb: Problem, errors: str, check_finite: bool):
+    """N = 0 or M = 0: the input factor, checked, as a new array of the batch shape."""
+    ops = pb.ops
+    if pb.n:
+        check_cholesky_diagonal(pb.lower, check_finite)
+        if check_finite:
+            check_triangle_finite(pb)
+    full = ops.broadcast_to(pb.lower, (*pb.batch, pb.n, pb.n))
+    out = _blocked.tril_block(ops, full)
+    ok = ops.zeros(pb.batch, pb.lower) == 0
+    return _finish(pb, out, ok, None, errors)
 
 
 # ---------------------------------------------------------------- dispatching
@@ -237,7 +205,7 @@ def _failure(ok: Array, what: str) -> NotPositiveDefiniteError:
     )
 
 
-def _finish(pb: _Problem, out, ok, target, errors: str):
+def _finish(pb: Problem, out, ok, target, errors: str):
     """Raise or flag failures, restore failed entries, write into the target."""
     ops = pb.ops
     all_ok = bool(ok.all())
@@ -246,7 +214,7 @@ def _finish(pb: _Problem, out, ok, target, errors: str):
     if out is not target:
         if not all_ok:
             full = ops.broadcast_to(pb.lower, (*pb.batch, pb.n, pb.n))
-            out[~ok] = _kernels._tril_block(ops, full[~ok])
+            out[~ok] = _blocked.tril_block(ops, full[~ok])
         if target is not None:
             target[ok] = out[ok]
             out = target
@@ -259,24 +227,22 @@ def _modify(factor, u, multiplier, sign, *, lower, method, errors, overwrite, ch
             chunk_size=None):  # fmt: skip
     _check_choice("method", method, _METHODS)
     _check_choice("errors", errors, _ERRORS)
-    pb = _problem(factor, u, multiplier, sign, lower, check_finite)
+    pb = problem(factor, u, multiplier, sign, lower, check_finite)
     target = _writable_target(pb) if overwrite else None
     bsize = int(np.prod(pb.batch, dtype=np.int64))
+    if pb.n == 0 or pb.m == 0:  # nothing to modify: the factor (its triangle), as a new array
+        return _unchanged(pb, errors, check_finite)
     if method == "auto":
         method = choose_method(pb.n, pb.m, bsize, pb.prep.torch)
     if method != "rank1":
         check_cholesky_diagonal(pb.lower, check_finite)
     if method == "rank1":
-        out, ok = _rank1_path(pb, target, check_finite)
+        out, ok = _rank1_path(pb, target, check_finite, errors)
     elif method == "blocked":
         out, ok = _blocked_path(pb, target, check_finite, chunk_size)
-        if out is None:  # the check before writing failed somewhere
-            if errors == "raise":
-                raise _failure(ok, "the modified matrix")
-            out, ok = _blocked_path(pb, None, False, chunk_size)
     else:
         if check_finite:
-            _check_triangle_finite(pb)
+            check_triangle_finite(pb)
         out, ok = _refactor_path(pb)
     return _finish(pb, out, ok, target, errors)
 
@@ -396,13 +362,11 @@ def cholesky_downdate(
 def _factor_only(factor: Any, lower: bool, check_finite: bool, extra: dict | None = None):
     prep = prepare({"factor": factor, **(extra or {})}, check_finite=False)
     f = prep["factor"]
-    require_ndim("factor", f, 2, "(..., N, N)")
-    if f.shape[-1] != f.shape[-2] or f.shape[-1] == 0:
-        raise ValueError(f"'factor' must be square, (..., N, N) with N > 0; got {tuple(f.shape)}")
+    square_factor(f, allow_empty=False)
     low = f if lower else f.mT
-    pb = _Problem(low, low[..., :1], low[..., 0, :1], tuple(f.shape[:-2]), prep, factor, lower)
+    pb = Problem(low, low[..., :1], low[..., 0, :1], tuple(f.shape[:-2]), prep, factor, lower)
     if check_finite:
-        _check_triangle_finite(pb)
+        check_triangle_finite(pb)
     check_cholesky_diagonal(low, check_finite)
     return pb
 
@@ -462,6 +426,11 @@ def cholesky_delete(
     """
     pb = _factor_only(factor, lower, check_finite)
     n, low, ops = pb.n, pb.lower, pb.ops
+    if n == 1:
+        raise ValueError(
+            "'factor' is 1 x 1: deleting its only row and column leaves nothing; "
+            "cholesky_delete needs N >= 2 (at least one row must stay)"
+        )
     count = _index("count", count, 1, n - 1)
     k = _index("index", index, 0, n - count)
     e = k + count
@@ -481,7 +450,7 @@ def cholesky_delete(
 def _lower_into(ops, dst: Array, src: Array) -> None:
     """``dst`` = the lower triangle of ``src``, zeros above, without a temporary."""
     if ops.name == "torch":
-        dst[...] = _kernels._tril_block(ops, src)
+        dst[...] = _blocked.tril_block(ops, src)
     else:
         _rank1.copy_lower(dst, src)
 
@@ -568,9 +537,9 @@ def cholesky_insert(
     batch = broadcast_batch({"factor": pb.batch, "cols": tuple(c.shape[:-2])})
     a12, a22, a32 = c[..., :k, :], c[..., k : k + p, :], c[..., k + p :, :]
     l11, l31 = low[..., :k, :k], low[..., k:, :k]
-    x = _kernels.solve_lower_dense(ops, l11, a12)  # (..., k, p): L21 = x^T
-    l22, ok = _kernels.cholesky_flagged(ops, a22 - x.mT @ x)
-    l32 = _kernels.solve_lower_dense(ops, l22, (a32 - l31 @ x).mT).mT
+    x = _blocked.solve_lower_dense(ops, l11, a12)  # (..., k, p): L21 = x^T
+    l22, ok = _blocked.cholesky_flagged(ops, a22 - x.mT @ x)
+    l32 = _blocked.solve_lower_dense(ops, l22, (a32 - l31 @ x).mT).mT
     new = ops.empty((*batch, n + p, n + p), low)
     if k < n:  # in place on the copied block; a failed entry is left as copied
         new[..., k + p :, k + p :] = low[..., k:, k:]
