@@ -40,60 +40,6 @@ PANEL = 64
 
 
 # ------------------------------------------------------------ small helpers
-def cholesky_flagged(ops: Ops, a: Array) -> tuple[Array, Array]:
-    """Lower Cholesky factors of a stack of small SPD blocks, and where it worked.
-
-    Returns ``(lt, ok)``: ``ok`` (...) is False for a block that is not
-    positive definite, whose ``lt`` is then the identity (so that the callers'
-    arithmetic stays finite; they discard those entries).
-    """
-    if ops.name == "torch":
-        import torch
-
-        lt, info = torch.linalg.cholesky_ex(a)
-        ok = info == 0
-        if not bool(ok.all()):
-            lt = ops.where(ok[..., None, None], lt, ops.eye(a.shape[-1], a))
-        return lt, ok
-    try:
-        return np.linalg.cholesky(a), np.ones(a.shape[:-2], dtype=bool)
-    except np.linalg.LinAlgError:
-        pass
-    flat = a.reshape(-1, *a.shape[-2:])
-    lt = np.empty_like(flat)
-    ok = np.ones(flat.shape[0], dtype=bool)
-    for i in range(flat.shape[0]):
-        try:
-            lt[i] = np.linalg.cholesky(flat[i])
-        except np.linalg.LinAlgError:
-            lt[i] = np.eye(a.shape[-1], dtype=a.dtype)
-            ok[i] = False
-    return lt.reshape(a.shape), ok.reshape(a.shape[:-2])
-
-
-def solve_lower_dense(ops: Ops, lower: Array, b: Array) -> Array:
-    """``lower^-1 b`` for a dense lower-triangular matrix (only its triangle is read).
-
-    lower: (..., n, n), b: (..., n, m), batch dimensions broadcast.  One
-    triangular solve (``trsm``) per batch entry.
-    """
-    if ops.name == "torch":
-        import torch
-
-        return torch.linalg.solve_triangular(lower, b, upper=False)
-    from scipy.linalg import solve_triangular
-
-    batch = np.broadcast_shapes(lower.shape[:-2], b.shape[:-2])
-    if not batch:
-        return solve_triangular(lower, b, lower=True, check_finite=False)
-    lb = np.broadcast_to(lower, (*batch, *lower.shape[-2:]))
-    bb = np.broadcast_to(b, (*batch, *b.shape[-2:]))
-    out = np.empty(bb.shape, dtype=np.result_type(lower, b))
-    for idx in np.ndindex(*batch):
-        out[idx] = solve_triangular(lb[idx], bb[idx], lower=True, check_finite=False)
-    return out
-
-
 def tril_block(ops: Ops, a: Array) -> Array:
     """The lower triangle of ``a`` (a new array), zeros above."""
     return ops.where(ops.strict_lower_mask(a.shape[-1], a).mT, 0.0, a)
@@ -195,8 +141,8 @@ def downdate_check(ops: Ops, low: Array, u: Array) -> tuple[Array, Array, Array]
     ``W W^T`` and ``W^T W`` coincide).
     """
     m = u.shape[-1]
-    w = solve_lower_dense(ops, low, u)
-    lt, ok = cholesky_flagged(ops, ops.eye(m, w) - w.mT @ w)
+    w = ops.solve_lower_dense(low, u)
+    lt, ok = ops.cholesky_flagged(ops.eye(m, w) - w.mT @ w)
     return w, lt.mT, ok
 
 

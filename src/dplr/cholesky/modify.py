@@ -165,7 +165,7 @@ def _refactor_path(pb: Problem) -> tuple[Array, Array]:
     with _blas_threads(pb, 1 if pb.n < THREADED_BLAS_MIN_ORDER else 0):
         low = _blocked.tril_block(ops, pb.lower)
         b = low @ low.mT + (pb.u * pb.w[..., None, :]) @ pb.u.mT
-        lt, ok = _blocked.cholesky_flagged(ops, b)
+        lt, ok = ops.cholesky_flagged(b)
     return lt, _expand(ops, ok, pb.batch)
 
 
@@ -537,9 +537,9 @@ def cholesky_insert(
     batch = broadcast_batch({"factor": pb.batch, "cols": tuple(c.shape[:-2])})
     a12, a22, a32 = c[..., :k, :], c[..., k : k + p, :], c[..., k + p :, :]
     l11, l31 = low[..., :k, :k], low[..., k:, :k]
-    x = _blocked.solve_lower_dense(ops, l11, a12)  # (..., k, p): L21 = x^T
-    l22, ok = _blocked.cholesky_flagged(ops, a22 - x.mT @ x)
-    l32 = _blocked.solve_lower_dense(ops, l22, (a32 - l31 @ x).mT).mT
+    x = ops.solve_lower_dense(l11, a12)  # (..., k, p): L21 = x^T
+    l22, ok = ops.cholesky_flagged(a22 - x.mT @ x)
+    l32 = ops.solve_lower_dense(l22, (a32 - l31 @ x).mT).mT
     new = ops.empty((*batch, n + p, n + p), low)
     if k < n:  # in place on the copied block; a failed entry is left as copied
         new[..., k + p :, k + p :] = low[..., k:, k:]
