@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from chol_families import BOUND64, NOISES, backward_error, rbf
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import dplr
@@ -317,22 +318,97 @@ def test_insert_delete_errors():
     assert np.isnan(new[0]).all() and np.isfinite(new[1]).all()
 
 
+# ------------------------------------------------- nothing written on failure
+# Every path: blocked with N over three panels (the failing rows are the last
+# ones), rank-1 sweeps below and above the small-factor switch (64), batched.
+FAIL_PATHS = [("blocked", 150, 3), ("auto", 150, 12), ("rank1", 30, 1), ("rank1", 100, 1),
+              ("rank1", 100, 3), ("refactor", 100, 3), ("auto", 100, 1)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "n", "m"), FAIL_PATHS)
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_failed_batched_downdate_writes_nothing(method, n, m, overwrite, order):
+    rng = np.random.default_rng(20)
+    a = spd(rng, n, (3,))
+    L = chol(a)
+    L = np.asfortranarray(L.transpose(1, 2, 0)).transpose(2, 0, 1) if order == "F" else L
+    u = rng.standard_normal((3, n, m)) / (4 * np.sqrt(n * m))
+    u[1, n - 10 :] *= 400  # entry 1 fails, from its last rows
+    before, u_before = L.copy(), u.copy()
+    with pytest.raises(dplr.NotPositiveDefiniteError) as info:
+        dplr.cholesky_downdate(L, u, method=method, overwrite=overwrite)
+    assert info.value.batch_indices == ((1,),)
+    assert L.tobytes() == before.tobytes() and u.tobytes() == u_before.tobytes()
+    new, ok = dplr.cholesky_downdate(L, u, method=method, overwrite=overwrite, errors="flag")
+    np.testing.assert_array_equal(ok, [True, False, True])
+    assert new[1].tobytes() == before[1].tobytes() and L[1].tobytes() == before[1].tobytes()
+    check_factor(new[::2], a[::2] - u[::2] @ np.swapaxes(u[::2], -1, -2), m=m)
+    assert np.shares_memory(new, L) == overwrite or not overwrite
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_failed_downdate_of_a_stack_of_identities(method):
+    L = np.stack([2 * np.eye(3)] * 2)
+    before = L.copy()
+    with pytest.raises(dplr.NotPositiveDefiniteError):
+        dplr.cholesky_downdate(L, np.array([[1.0, 0, 0], [3.0, 0, 0]])[..., None],
+                               method=method, overwrite=True)  # fmt: skip
+    assert L.tobytes() == before.tobytes()
+
+
 # ------------------------------------------------------------ property tests
-_sizes = st.tuples(st.integers(1, 12), st.integers(1, 4), st.integers(0, 2**31 - 1))
+# n up to 150 reaches the second and third panel of the blocked path (64 rows)
+# and the rank-1 sweeps above their small-factor switch; the families include
+# the ill-conditioned GP kernels.  Bounds: BOUND64 (chol_families).
+_sizes = st.tuples(st.integers(1, 150), st.integers(1, 5), st.integers(0, 2**31 - 1))
+_family = st.sampled_from([None, *NOISES])
 
 
-@settings(max_examples=25, deadline=None)
-@given(_sizes, st.sampled_from(["rank1", "blocked"]), st.booleans())
-def test_property_update_then_downdate(sizes, method, lower):
+def _matrix(rng, n, noise):
+    return spd(rng, n) if noise is None else rbf(n, noise)
+
+
+@settings(max_examples=30, deadline=None)
+@given(_sizes, st.sampled_from(METHODS), st.booleans(), _family)
+def test_property_update_then_downdate(sizes, method, lower, noise):
     n, m, seed = sizes
     rng = np.random.default_rng(seed)
-    L = orient(chol(spd(rng, n)), lower)
+    a = _matrix(rng, n, noise)
     u = rng.standard_normal((n, m))
-    up = dplr.cholesky_update(L, u, method=method, lower=lower)
-    back = dplr.cholesky_downdate(up, u, method=method, lower=lower)
-    # downdating by u loses digits in proportion to cond(A + u u^T) / cond(A)
-    scale = 1 + np.linalg.norm(u) ** 2
-    np.testing.assert_allclose(back, L, atol=50 * scale * tol(np.float64, n, m))
+    b = a + u @ u.T
+    up = dplr.cholesky_update(orient(chol(a), lower), u, method=method, lower=lower)
+    assert backward_error(up, b, lower=lower) <= BOUND64
+    back = dplr.cholesky_downdate(orient(chol(b), lower), u, method=method, lower=lower)
+    assert backward_error(back, a, np.linalg.norm(b), lower=lower) <= BOUND64
+
+
+@settings(max_examples=30, deadline=None)
+@given(_sizes, st.sampled_from(METHODS), st.floats(0.1, 10.0), _family)
+def test_property_downdate_fails_iff_indefinite_and_then_writes_nothing(sizes, method, scale,
+                                                                        noise):  # fmt: skip
+    n, m, seed = sizes
+    rng = np.random.default_rng(seed)
+    a = _matrix(rng, n, noise)
+    u = scale * rng.standard_normal((n, m)) / np.sqrt(n)
+    smallest = np.linalg.eigvalsh(a - u @ u.T).min()
+    assume(abs(smallest) > 1e-6 * np.linalg.norm(a))  # clearly definite or clearly not
+    # a batch with a second entry that always succeeds: ||u2||^2 = lambda_min(A) / 2
+    L = np.stack([chol(a), chol(a)])
+    u2 = u * np.sqrt(np.linalg.eigvalsh(a)[0] / 2) / np.linalg.norm(u, 2)
+    uu = np.stack([u, u2])
+    before = L.copy()
+    if smallest > 0:
+        new = dplr.cholesky_downdate(L, uu, method=method, overwrite=True)
+        b = np.stack([a, a]) - uu @ np.swapaxes(uu, -1, -2)
+        assert np.all(backward_error(new, b, np.linalg.norm(a)) <= BOUND64)
+    else:
+        with pytest.raises(dplr.NotPositiveDefiniteError):
+            dplr.cholesky_downdate(L, uu, method=method, overwrite=True)
+        assert L.tobytes() == before.tobytes()
+        new, ok = dplr.cholesky_downdate(L, uu, method=method, overwrite=True, errors="flag")
+        np.testing.assert_array_equal(ok, [False, True])
+        assert L[0].tobytes() == before[0].tobytes()
 
 
 @settings(max_examples=25, deadline=None)
