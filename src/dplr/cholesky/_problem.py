@@ -18,8 +18,10 @@ from .._validate import (
     all_finite,
     broadcast_batch,
     cholesky_weights,
+    not_finite_error,
     prepare,
     require_ndim,
+    shape_error,
 )
 from . import _rank1
 
@@ -63,16 +65,14 @@ def _columns(u: Array, n: int) -> Array:
     require_ndim("u", u, 1, f"({n},) or (..., {n}, M)")
     if u.ndim == 1:
         if u.shape[0] != n:
-            raise ValueError(f"'u' must have shape ({n},) or (..., {n}, M); got {tuple(u.shape)}")
+            raise shape_error("u", f"({n},) or (..., {n}, M)", tuple(u.shape))
         return u[:, None]
     if u.shape[-2] != n:
         hint = ""
         if u.shape[-1] == n:
             hint = f"; a batch of vectors of length {n} is spelled u[..., None]"
-        raise ValueError(
-            f"'u' must have shape ({n},) or (..., {n}, M) (vector only when 1-D); "
-            f"got {tuple(u.shape)}{hint}"
-        )
+        why = f" (a vector only when 1-D){hint}"
+        raise shape_error("u", f"({n},) or (..., {n}, M)", tuple(u.shape), why)
     return u
 
 
@@ -110,7 +110,7 @@ def problem(factor, u, multiplier, sign, lower, check_finite) -> Problem:
     w = sign * column_weights(raw, int(u_.shape[-1]), others)
     batch = broadcast_batch({"factor": others, "multiplier": tuple(w.shape[:-1])})
     if check_finite and not all_finite(u_):
-        raise ValueError("'u' contains NaN or Inf (pass check_finite=False to skip)")
+        raise not_finite_error("u")
     low = f if lower else f.mT
     return Problem(low, u_, w, batch, prep, factor, lower)  # diagonal: checked by the path
 
@@ -128,7 +128,7 @@ def check_triangle_finite(pb: Problem) -> None:
         rows = low.strides[-1] <= low.strides[-2]
         ok = bool(_rank1.tri_all_finite(view if rows else view.mT, rows).all())
     if not ok:
-        raise ValueError("'factor' contains NaN or Inf (pass check_finite=False to skip)")
+        raise not_finite_error("factor")
 
 
 __all__ = ["Problem", "check_triangle_finite", "column_weights", "problem", "square_factor"]

@@ -19,7 +19,10 @@ from .._runtime.tuning import THREADED_BLAS_MIN_ORDER
 from .._validate import (
     all_finite,
     broadcast_batch,
+    check_choice,
     check_cholesky_diagonal,
+    int_in_range,
+    not_finite_error,
     prepare,
     require_ndim,
     to_output,
@@ -32,11 +35,6 @@ __all__ = ["cholesky_delete", "cholesky_downdate", "cholesky_insert", "cholesky_
 
 _METHODS = ("auto", "rank1", "blocked", "refactor")
 _ERRORS = ("raise", "flag")
-
-
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name!r} must be one of {allowed}; got {value!r}")
 
 
 # ------------------------------------------------------------------ the paths
@@ -103,7 +101,7 @@ def _rank1_path(pb: Problem, target: Array | None, check_finite: bool, errors: s
     if check_finite and not direct:
         bad = ~ok | ~fin
         if bad.any() and not _rank1.tri_all_finite(src[src_idx[bad]], rows).all():
-            raise ValueError("'factor' contains NaN or Inf (pass check_finite=False to skip)")
+            raise not_finite_error("factor")
     return out, ok.reshape(batch)
 
 
@@ -225,8 +223,8 @@ def _finish(pb: Problem, out, ok, target, errors: str):
 
 def _modify(factor, u, multiplier, sign, *, lower, method, errors, overwrite, check_finite,
             chunk_size=None):  # fmt: skip
-    _check_choice("method", method, _METHODS)
-    _check_choice("errors", errors, _ERRORS)
+    check_choice("method", method, _METHODS)
+    check_choice("errors", errors, _ERRORS)
     pb = problem(factor, u, multiplier, sign, lower, check_finite)
     target = _writable_target(pb) if overwrite else None
     bsize = int(np.prod(pb.batch, dtype=np.int64))
@@ -383,14 +381,6 @@ def _factor_only(factor: Any, lower: bool, check_finite: bool, extra: dict | Non
     return pb
 
 
-def _index(name: str, value: Any, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name!r} must be an integer; got {value!r}")
-    if not lo <= value <= hi:
-        raise ValueError(f"{name!r} must be in [{lo}, {hi}]; got {value}")
-    return int(value)
-
-
 def cholesky_delete(
     factor: Any, index: int, count: int = 1, *, lower: bool = True, check_finite: bool = True
 ) -> Any:
@@ -443,8 +433,8 @@ def cholesky_delete(
             "'factor' is 1 x 1: deleting its only row and column leaves nothing; "
             "cholesky_delete needs N >= 2 (at least one row must stay)"
         )
-    count = _index("count", count, 1, n - 1)
-    k = _index("index", index, 0, n - count)
+    count = int_in_range("count", count, 1, n - 1)
+    k = int_in_range("index", index, 0, n - count)
     e = k + count
     if k == 0:  # only the trailing block: the update reads it and writes its result once
         new = cholesky_update(low[..., e:, e:], low[..., e:, :e], check_finite=False)
@@ -532,7 +522,7 @@ def cholesky_insert(
     >>> np.allclose(new, np.linalg.cholesky(big))
     True
     """
-    _check_choice("errors", errors, _ERRORS)
+    check_choice("errors", errors, _ERRORS)
     pb = _factor_only(factor, lower, check_finite, {"cols": cols})
     n, low, ops = pb.n, pb.lower, pb.ops
     c = pb.prep["cols"]
@@ -544,8 +534,8 @@ def cholesky_insert(
             f"{tuple(pb.lower.shape)}; got {tuple(c.shape)}"
         )
     if check_finite and not all_finite(c):
-        raise ValueError("'cols' contains NaN or Inf (pass check_finite=False to skip)")
-    k = _index("index", index, 0, n)
+        raise not_finite_error("cols")
+    k = int_in_range("index", index, 0, n)
     batch = broadcast_batch({"factor": pb.batch, "cols": tuple(c.shape[:-2])})
     a12, a22, a32 = c[..., :k, :], c[..., k : k + p, :], c[..., k + p :, :]
     l11, l31 = low[..., :k, :k], low[..., k:, :k]
