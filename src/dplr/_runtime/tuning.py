@@ -68,10 +68,16 @@ RECURRENT_MAX_T = 64
 RECURRENT_PARALLEL_MIN_WORK = 1 << 18
 
 # ---------------------------------------------------------------- Cholesky
-#: Rows per chunk of the blocked update's Schur recursion and panel products:
-#: 32 to 64 measured within noise of each other at N = 3000, M = 32; 96 was
-#: slower.
+#: Rows per block of the Cholesky path's dense-panel orthogonal reductions
+#: (the downdate; the update on torch tensors): a block of b rows costs
+#: ((b + M)^2 + b^2) / b * N^2 flops in products, least near b = M..2M for
+#: the M = 16..64 of the benchmarks.
 CHOLESKY_CHUNK_ROWS = 64
+
+#: Block size ``nb`` of LAPACK's ?tpqrt in the blocked update: at N = 3000,
+#: M = 32, one thread, nb = 16 and 32 measured within noise of each other,
+#: 64 about 15% slower and 128 about 60% slower.
+CHOLESKY_TPQRT_BLOCK = 32
 
 #: Rows of a lower factor that the row-order rank-1 update advances together,
 #: so that this many independent rotation chains overlap in the floating-point
@@ -94,11 +100,6 @@ RANK1_PARALLEL_BATCH = 64
 #: (``count // 16`` parts at most), so that each hand-off carries enough work
 #: (set with the split; no sweep was recorded).
 RANK1_MIN_FACTORS_PER_PART = 16
-
-#: Rows below the current chunk from which the blocked update's panel product
-#: runs with the BLAS library's own thread count; smaller panels run in one
-#: thread (set with the combined panel product; no sweep was recorded).
-PANEL_MIN_ROWS = 256
 
 #: Order N from which the Cholesky paths use the BLAS library's thread count
 #: for their large products (the blocked update's panels, the refactorised

@@ -26,17 +26,15 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg.lapack as _lapack
 
+from .._runtime import tuning as _t
 from .._runtime.backend import Array, NumpyOps, TorchOps
 from . import _rank1
 
 Ops = type[NumpyOps] | type[TorchOps]
 
-#: Block size ``nb`` passed to ``?tpqrt``.  At N = 3000, M = 32 (one thread)
-#: 16 and 32 measured within noise of each other, 64 ~15% and 128 ~60% slower.
-TPQRT_BLOCK = 32
-
-#: Rows per block of the dense-panel reductions (torch updates, all downdates).
-PANEL = 64
+#: ``nb`` of ``?tpqrt``, and rows per block of the dense-panel reductions.
+TPQRT_BLOCK = _t.CHOLESKY_TPQRT_BLOCK
+PANEL = _t.CHOLESKY_CHUNK_ROWS
 
 
 # ------------------------------------------------------------ small helpers

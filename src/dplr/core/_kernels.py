@@ -28,7 +28,6 @@ import numpy as np
 
 from .._runtime.backend import Array, Ops
 from .._runtime.tuning import CHUNK_ROWS as DEFAULT_CHUNK
-from .._runtime.tuning import PANEL_MIN_ROWS
 from . import _jit
 from ._decay import ChunkDecay, channel_strict_blocks, chunk_decay, rel_exp, split_resets
 
