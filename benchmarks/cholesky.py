@@ -19,6 +19,7 @@ import dplr
 from ._common import Progress, Row, format_table, median_time, median_times, noop_progress
 
 SUITE = "cholesky"
+NEW = "numpy.linalg.cholesky of the new matrix"
 
 
 def _spd(rng: np.random.Generator, n: int, batch: tuple[int, ...] = ()) -> np.ndarray:
@@ -69,7 +70,7 @@ def _rank1_rows(rng, n: int) -> list[Row]:
     err = _rel(dplr.cholesky_update(L, u), ref)
     size, params = f"N={n}", {"N": n, "M": 1, "method": "auto"}
     return [
-        Row(SUITE, "rank-1 update", size, "numpy.linalg.cholesky(B)", t_chol, t_dplr, err, 10.0,
+        Row(SUITE, "rank-1 update", size, NEW, t_chol, t_dplr, err, 10.0,
             "new array returned", params),
         Row(SUITE, "rank-1 update", size, "numpy.copy(L)", t_copy, t_dplr, err, 1 / 3,
             "target: at most 3x one copy of the factor", params),
@@ -94,7 +95,7 @@ def _rank_m_rows(rng, n: int, m: int) -> list[Row]:
         err = _rel(f(start, u, method="blocked"), ref)
         size, params = f"N={n}, M={m}", {"N": n, "M": m, "method": "blocked"}
         rows += [
-            Row(SUITE, f"rank-{m} {case}, blocked", size, "numpy.linalg.cholesky(B)", t_ref,
+            Row(SUITE, f"rank-{m} {case}, blocked", size, NEW, t_ref,
                 t_blk, err, 5.0, "B formed beforehand (not timed)", params),
             Row(SUITE, f"rank-{m} {case}, blocked", size, 'method="rank1"', t_r1, t_blk, err, 5.0,
                 "", params),
@@ -151,47 +152,101 @@ def crossovers(rows: list[Row]) -> dict[int, int | None]:
     return out
 
 
+def _rbf(n: int, noise: float) -> np.ndarray:
+    """RBF kernel, length scale 0.5, on n points of [0, 10], plus noise * I."""
+    x = np.linspace(0.0, 10.0, n)
+    return np.exp(-0.5 * ((x[:, None] - x[None, :]) / 0.5) ** 2) + noise * np.eye(n)
+
+
+def _backward(new: np.ndarray, b: np.ndarray, ref_norm: float) -> float:
+    return float(np.linalg.norm(new @ new.T - b) / ref_norm)
+
+
+def _tpqrt_plain(L: np.ndarray, u: np.ndarray, nb: int):
+    """SciPy's ?tpqrt on [L^T; U^T] as a user would call it (SciPy copies the inputs)."""
+    from scipy.linalg import lapack
+
+    return lapack.dtpqrt(0, nb, L.T, u.T)
+
+
+def _gp_speed_rows(rng, n: int, m: int) -> list[Row]:
+    """The stable blocked update on an ill-conditioned factor (cond(L) ~ 1e5)."""
+    a = _rbf(n, 1e-8)
+    L = np.linalg.cholesky(a)
+    u = rng.standard_normal((n, m))
+    b = a + u @ u.T
+    nb = min(32, n)
+    t_chol, t_tpqrt, t_dplr = _times(
+        lambda: np.linalg.cholesky(b),
+        lambda: _tpqrt_plain(L, u, nb),
+        lambda: dplr.cholesky_update(L, u, method="blocked"),
+    )
+    err = _backward(dplr.cholesky_update(L, u, method="blocked"), b, np.linalg.norm(b))
+    size = f"N={n}, M={m}, RBF + 1e-8 I"
+    params = {"N": n, "M": m, "method": "blocked", "noise": 1e-8}
+    note = "error: ||L'L'^T - B||_F / ||B||_F"
+    return [
+        Row(SUITE, f"rank-{m} update, blocked, ill-conditioned", size,
+            "numpy.linalg.cholesky of the new matrix", t_chol, t_dplr, err, 4.0,
+            note + "; B formed beforehand (not timed)", params),
+        Row(SUITE, f"rank-{m} update, blocked, ill-conditioned", size,
+            f"scipy dtpqrt on [L^T; U^T] (nb={nb})", t_tpqrt, t_dplr, err, 1.0, note, params),
+    ]  # fmt: skip
+
+
+def _gp_accuracy_rows(rng, quick: bool) -> list[Row]:
+    """Backward error and time of every method on RBF kernels with small noise."""
+    nu, mu, nd, md = (200, 16, 300, 32) if quick else (500, 16, 800, 64)
+    rows = []
+    for noise in (1e-2, 1e-6, 1e-10):
+        k = _rbf(nu, noise)
+        L = np.linalg.cholesky(k)
+        u = rng.standard_normal((nu, mu))
+        b = k + u @ u.T
+        kd = _rbf(nd, noise)
+        ud = 0.1 * rng.standard_normal((nd, md))
+        ad = kd + ud @ ud.T
+        Ld = np.linalg.cholesky(ad)
+        for case, f, start, uu, target, norm, size, refmat in (
+            ("update", dplr.cholesky_update, L, u, b, np.linalg.norm(b), f"N={nu}, M={mu}", b),
+            ("downdate", dplr.cholesky_downdate, Ld, ud, kd, np.linalg.norm(ad),
+             f"N={nd}, M={md}", kd),
+        ):  # fmt: skip
+            for method in ("auto", "rank1", "blocked", "refactor"):
+                t_ref, t_m = _times(
+                    lambda refmat=refmat: np.linalg.cholesky(refmat),
+                    lambda f=f, start=start, uu=uu, method=method: f(start, uu, method=method),
+                )
+                err = _backward(f(start, uu, method=method), target, norm)
+                rows.append(
+                    Row(SUITE, f"ill-conditioned {case}, {method}", f"{size}, RBF + {noise:.0e} I",
+                        "numpy.linalg.cholesky of the new matrix", t_ref, t_m, err, None,
+                        f"error: ||L'L'^T - B||_F / ||{'B' if case == 'update' else 'A'}||_F",
+                        {"N": int(start.shape[0]), "M": int(uu.shape[1]), "method": method,
+                         "noise": noise})
+                )  # fmt: skip
+    return rows
+
+
 def _batch_rows(rng, count: int, n: int) -> list[Row]:
     a = _spd(rng, n, (count,))
     L = np.linalg.cholesky(a)
     u = rng.standard_normal((count, n)) / np.sqrt(n)
     b = a + u[:, :, None] * u[:, None, :]
     t_ref, t_copy, t_dplr = _times(
-        lambda: np.linalg.cholesky(b), lambda: np.copy(L), lambda: dplr.cholesky_update(L, u)
+        lambda: np.linalg.cholesky(b),
+        lambda: np.copy(L),
+        lambda: dplr.cholesky_update(L, u[..., None]),
     )
-    err = _rel(dplr.cholesky_update(L, u), np.linalg.cholesky(b))
+    err = _rel(dplr.cholesky_update(L, u[..., None]), np.linalg.cholesky(b))
     size, params = f"{count} x {n}x{n}", {"N": n, "M": 1, "batch": count, "method": "auto"}
     return [
-        Row(SUITE, "batched rank-1 update", size, "numpy.linalg.cholesky(B)",
+        Row(SUITE, "batched rank-1 update", size, "numpy.linalg.cholesky of the new matrix",
             t_ref, t_dplr, err, 5.0, "", params),
         # Any update returning a new stack reads it and fills fresh memory:
         # refactorisation / copy is the most any method can gain.
         Row(SUITE, "batched rank-1 update", size, "numpy.copy(L)", t_copy, t_dplr, err, None,
             f"bound for a new array: cholesky / copy = {t_ref / t_copy:.1f}x", params),
-    ]  # fmt: skip
-
-
-def _thread_control_rows(rng, n: int, m: int) -> list[Row]:
-    """The blocked update with and without dplr's control of BLAS threads.
-
-    Without it OpenBLAS threads the small per-chunk solves and products too.
-    """
-    from unittest import mock
-
-    a = _spd(rng, n)
-    L = np.linalg.cholesky(a)
-    u = rng.standard_normal((n, m)) / np.sqrt(n * m)
-
-    def uncontrolled():
-        with mock.patch.object(dplr.cholesky, "panel_threads", lambda *_: None):
-            return dplr.cholesky_update(L, u, method="blocked")
-
-    t_free, t_dplr = _times(uncontrolled, lambda: dplr.cholesky_update(L, u, method="blocked"))
-    err = _rel(dplr.cholesky_update(L, u, method="blocked"), uncontrolled())
-    return [
-        Row(SUITE, f"rank-{m} update, blocked", f"N={n}, M={m}",
-            "the same, BLAS threads left to OpenBLAS", t_free, t_dplr, err, None,
-            "dplr: one BLAS thread for the small steps, all for the panels")
     ]  # fmt: skip
 
 
@@ -234,8 +289,9 @@ def run(quick: bool = False, progress: Progress | None = None) -> list[Row]:
     rows = _rank1_rows(rng, big)
     progress("cholesky: rank-32 update and downdate")
     rows += _rank_m_rows(rng, big, 32)
-    if not quick:
-        rows += _thread_control_rows(rng, big, 32)
+    progress("cholesky: ill-conditioned factors")
+    rows += _gp_speed_rows(rng, big, 32)
+    rows += _gp_accuracy_rows(rng, quick)
     ns, ms = ((100, 500), (1, 16)) if quick else ((100, 500, 2000, 4000), (1, 4, 16, 64, 256))
     rows += _grid_rows(rng, ns, ms, progress)
     progress("cholesky: batched rank-1")
