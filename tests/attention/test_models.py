@@ -103,10 +103,20 @@ def qwen_logits(monkeypatch, model, fn, ids, steps: int):
 
 @pytest.mark.parametrize(
     ("heads", "length", "chunk_size"),
-    [((2, 2), 21, None), ((2, 2), 21, 8), ((2, 2), 80, None)],
+    [
+        ((2, 2), 21, None),
+        ((2, 2), 21, 8),
+        ((2, 2), 80, None),
+        ((2, 4), 21, None),
+        ((2, 4), 80, None),
+    ],
 )
 def test_qwen3_next_logits(monkeypatch, heads, length, chunk_size):
-    """Prefill (the recurrence or the chunked algorithm, chosen or forced) and 3 decode steps."""
+    """Prefill (the recurrence or the chunked algorithm, chosen or forced) and 3 decode steps.
+
+    ``heads`` = (key heads, value heads): (2, 4) is grouped, each key head
+    serving two value heads, as in the released model.
+    """
     model = qwen3_next(*heads)
     ids = torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(1))
     want = qwen_logits(monkeypatch, model, qwen.torch_recurrent_gated_delta_rule, ids, 3)

@@ -115,6 +115,16 @@ def test_public_rules_match_recurrence(rng, dtype, T, gated):
     assert rel_err(s, s_ref) < bound(dtype, T, 8, 5)
 
 
+@pytest.mark.parametrize("groups", [2, 3])
+def test_grouped_value_heads(rng, groups):
+    """HV = groups * H: value head i reads key head i // groups."""
+    q, k, v, beta, g, s0 = inputs(rng, 2, 5, 2, 6, 4, HV=2 * groups)
+    o, s = dplr.gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True)
+    o_ref, s_ref = reference(q, k, v, beta, g, s0=s0)
+    assert rel_err(o, o_ref) < bound(np.float64, 5, 6, 4)
+    assert rel_err(s, s_ref) < bound(np.float64, 5, 6, 4)
+
+
 def test_options_scale_l2norm_no_state(rng):
     q, k, v, beta, g, _ = inputs(rng, 1, 5, 2, 6, 4)
     k = 3.0 * k  # l2norm must undo this
