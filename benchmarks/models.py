@@ -11,7 +11,10 @@ functions the transformers library runs on a CPU:
   chunked algorithm, the table the automatic choice is set from;
 - prefill (no state) against ``torch_chunk_gated_delta_rule``, with the
   achieved GFLOP/s and the rate of a 1024^2 matrix product in the same run;
-- forward + backward against 3.5 x the forward at the prefill shape.
+- forward + backward against 3.5 x the forward at the prefill shape;
+- KDA forward (per-channel decay in [-5, 0), T = 2048, H = 16) against
+  ``recurrent_kimi_delta_attention`` (the token recurrence) and
+  ``chunk_kimi_delta_attention``, with the peak memory of both forwards.
 
 Run ``python -m dplr_bench.models`` (or ``python benchmarks/models.py``).
 """
@@ -177,6 +180,111 @@ def backward_row(torch, T: int, reps: int) -> Row:
                                                     "method": "chunked"})  # fmt: skip
 
 
+# ------------------------------------------------------------------------------ KDA
+KDA_H = 16
+
+
+def kda_inputs(T: int, seed: int = 0):
+    """KDA inputs [B, T, H, .]: per-channel log decays in [-5, 0) (the models' gate range)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, T, KDA_H, K, generator=gen)
+    k = torch.randn(1, T, KDA_H, K, generator=gen)
+    v = torch.randn(1, T, KDA_H, V, generator=gen)
+    g = -5.0 * torch.rand(1, T, KDA_H, K, generator=gen)
+    beta = torch.rand(1, T, KDA_H, generator=gen)
+    return q, k, v, g, beta
+
+
+def _kda_functions():
+    from transformers.models.kimi_linear import modeling_kimi_linear as kimi
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    return kimi.recurrent_kimi_delta_attention, kimi.chunk_kimi_delta_attention
+
+
+def _dplr_kda(q, k, v, g, beta):
+    return dplr.kda(q, k, v, g, beta, output_final_state=True, use_qk_l2norm=True)
+
+
+def _their_kda(fn, q, k, v, g, beta):
+    return fn(q, k, v, g=g, beta=beta, initial_state=None, output_final_state=True,
+              use_qk_l2norm_in_kernel=True)  # fmt: skip
+
+
+def kda_rows(torch, T: int, reps: int, memory: bool) -> list[Row]:
+    """KDA forward against the library's token recurrence and its chunked fallback.
+
+    With ``memory``, the chunked fallback's row also reports the peak memory
+    of both forwards, each in a fresh process.
+    """
+    recurrent_fn, chunk_fn = _kda_functions()
+    args = kda_inputs(T)
+    size = f"B=1 T={T} H={KDA_H} K=V={K}"
+    rows = []
+    with torch.no_grad():
+        o, s = _dplr_kda(*args)
+        for name, fn, goal in (("recurrent_kimi_delta_attention (token recurrence)",
+                                recurrent_fn, 4.0),
+                               ("chunk_kimi_delta_attention", chunk_fn, None)):  # fmt: skip
+            o_ref, s_ref = _their_kda(fn, *args)
+            t_ref, t_ours = median_times(
+                [lambda fn=fn: _their_kda(fn, *args), lambda: _dplr_kda(*args)], reps
+            )
+            rows.append(Row(SUITE, "KDA forward", size, f"transformers {name}", t_ref, t_ours,
+                            max(_rel(o, o_ref), _rel(s, s_ref)), goal, "",
+                            {"T": T, "method": "chunked"}))  # fmt: skip
+    if memory:
+        ours, theirs = kda_peak_memory_mib("dplr", T), kda_peak_memory_mib("transformers", T)
+        rows[-1].note = f"peak memory (RSS growth) {ours:.0f} MiB against {theirs:.0f} MiB"
+        rows[-1].params |= {"peak_mib": ours, "baseline_peak_mib": theirs}
+    return rows
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _kda_peak_child(which: str, T: int, conn) -> None:
+    """In a fresh process: growth of the peak RSS (MiB) over one KDA forward.
+
+    The peak (VmHWM) is reset after the imports and inputs (``clear_refs`` 5, Linux).
+    """
+    import torch
+
+    args = kda_inputs(T)
+    _, chunk_fn = _kda_functions()
+    with torch.no_grad():
+        _dplr_kda(*(x[:, :96] for x in args))  # compile and warm the code paths
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_mib("VmRSS")
+        if which == "dplr":
+            _dplr_kda(*args)
+        else:
+            _their_kda(chunk_fn, *args)
+    conn.send(_status_mib("VmHWM") - before)
+    conn.close()
+
+
+def kda_peak_memory_mib(which: str, T: int) -> float:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_kda_peak_child, args=(which, T, child))
+    proc.start()
+    value = parent.recv()
+    proc.join()
+    return float(value)
+
+
 def run(quick: bool = False, progress: Progress | None = None) -> list[Row]:
     """Benchmark rows; ``quick`` uses T = 512 for prefill and fewer repeats (a few seconds)."""
     progress = progress or noop_progress
@@ -197,6 +305,10 @@ def run(quick: bool = False, progress: Progress | None = None) -> list[Row]:
     rows.append(prefill_row(torch, T, reps))
     progress(f"models: forward + backward at T={T}")
     rows.append(backward_row(torch, T, reps))
+    if hasattr(dplr, "kda"):
+        T = 256 if quick else 2048
+        progress(f"models: KDA forward T={T} against transformers' recurrence and chunked form")
+        rows += kda_rows(torch, T, 1 if quick else 3, memory=not quick)
     return rows
 
 
