@@ -17,7 +17,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import eps, rel_err
-from dplr.reference import delta_rule_recurrent, gated_delta_rule_recurrent, tril_dense
+from dplr.reference import (
+    delta_rule_recurrent,
+    gated_delta_rule_recurrent,
+    kda_recurrent,
+    tril_dense,
+)
 
 try:
     import torch
@@ -191,3 +196,53 @@ def test_torch_matches_numpy_and_gives_gradients(gated):
     assert rel_err(o_t, o_n) < 100 * eps(np.float64) and rel_err(s_t, s_n) < 100 * eps(np.float64)
     grads = torch.autograd.grad((o_t.sum() + s_t.sum(),), tensors)
     assert all(torch.isfinite(gr).all() for gr in grads)
+
+
+# ----------------------------------------------------------------------------- KDA
+def kda_closed_form(q, k, v, g, beta, scale):
+    """KDA outputs from S_0 = 0 by one dense triangular solve per value head.
+
+    Per channel, ``exp(G_ic - G_jc)`` is ``exp(sum of g over rows j+1..i)``
+    (an exact 0 when one of them is -inf); value head h reads key head
+    ``h // (HV // H)``.
+    """
+    B, T, H, K = q.shape
+    HV = v.shape[2]
+    out = np.zeros(v.shape)
+    for b, h in np.ndindex(B, HV):
+        kh_index = h // (HV // H)
+        qh, kh, bh = q[b, :, kh_index], k[b, :, kh_index], beta[b, :, h]
+        factor = np.zeros((T, T, K))  # factor[i, j, c] = prod_{j < m <= i} exp(g[m, c])
+        for i in range(T):
+            for j in range(i + 1):
+                factor[i, j] = np.exp(g[b, j + 1 : i + 1, h].sum(0))
+        low = np.einsum("ic,jc,ijc->ij", qh, kh, factor)
+        a = np.tril(bh[:, None] * np.einsum("ic,jc,ijc->ij", kh, kh, factor), -1)
+        u = sl.solve_triangular(np.eye(T) + a, bh[:, None] * v[b, :, h], lower=True)
+        out[b, :, h] = scale * (np.tril(low) @ u)
+    return out
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("T", [1, 7, 20])
+def test_kda_recurrence_matches_closed_form(T, groups):
+    rng = np.random.default_rng(T + groups)
+    B, H, K, V = 2, 2, 3, 2
+    q, k, _, _, _ = inputs(rng, B, T, H, K, V)
+    v = rng.standard_normal((B, T, H * groups, V))
+    beta = rng.uniform(0.0, 1.0, (B, T, H * groups))
+    g = -rng.uniform(0.0, 3.0, (B, T, H * groups, K))
+    g[rng.uniform(size=g.shape) < 0.1] = -np.inf
+    o, s = kda_recurrent(q, k, v, g, beta)
+    assert o.shape == (B, T, H * groups, V) and s.shape == (B, H * groups, K, V)
+    assert rel_err(o, kda_closed_form(q, k, v, g, beta, K**-0.5)) < tolerance(np.float64, T, K, V)
+
+
+def test_kda_with_equal_channel_decays_is_the_gated_rule():
+    rng = np.random.default_rng(5)
+    q, k, v, beta, g = inputs(rng, 1, 15, 2, 3, 2)
+    s0 = rng.standard_normal((1, 2, 3, 2))
+    o, s = kda_recurrent(q, k, v, np.repeat(g[..., None], 3, -1), beta, initial_state=s0)
+    o_gated, s_gated = gated_delta_rule_recurrent(q, k, v, g, beta, initial_state=s0)
+    assert rel_err(o, o_gated) < tolerance(np.float64, 15, 3, 2)
+    assert rel_err(s, s_gated) < tolerance(np.float64, 15, 3, 2)

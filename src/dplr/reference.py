@@ -10,6 +10,9 @@ computes in the dtype it is given.
 - :func:`tril_dense`: the matrix ``T = diag(lam) + tril(Q K^T ⊙ D, -1)``.
 - :func:`delta_rule_recurrent` and :func:`gated_delta_rule_recurrent`: the
   (gated) delta rule token by token, in the layout of :func:`dplr.delta_rule`.
+- :func:`kda_recurrent`: Kimi Delta Attention (one decay per key channel)
+  token by token, in the layout of :func:`dplr.kda`, with grouped value heads
+  (:func:`expand_key_heads`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["delta_rule_recurrent", "gated_delta_rule_recurrent", "tril_dense"]
+__all__ = [
+    "delta_rule_recurrent",
+    "expand_key_heads",
+    "gated_delta_rule_recurrent",
+    "kda_recurrent",
+    "tril_dense",
+]
 
 
 def _is_torch(x: Any) -> bool:
@@ -223,3 +232,100 @@ def _recurrence(q, k, v, beta, g, scale, initial_state, use_qk_l2norm):
     if length == 0:  # no token: an empty output, the state unchanged
         return (v.transpose(1, 2).clone() if torch_in else np.swapaxes(v, 1, 2).copy()), state
     return scale * concat(outputs, 1), state
+
+
+def kda_recurrent(
+    q: Any,
+    k: Any,
+    v: Any,
+    g: Any,
+    beta: Any,
+    *,
+    scale: float | None = None,
+    initial_state: Any = None,
+    use_qk_l2norm: bool = False,
+) -> tuple[Any, Any]:
+    """Kimi Delta Attention token by token:
+    ``S_t = (I - beta_t k_t k_t^T) Diag(exp g_t) S_{t-1} + beta_t k_t v_t^T``.
+
+    Parameters
+    ----------
+    q, k : (B, T, H, K) ndarray or torch.Tensor
+        Queries and keys.
+    v : (B, T, HV, V) array
+        Values; HV is a multiple of H and value head i reads key head
+        ``i // (HV // H)``.
+    g : (B, T, HV, K) array
+        Log decay of each key channel (``-inf`` zeroes that channel).
+    beta : (B, T, HV) array
+        Writing strengths.
+    scale : float, optional
+        Factor of the outputs (default ``K ** -0.5``).
+    initial_state : (B, HV, K, V) array, optional
+        ``S_0`` (zeros if omitted).
+    use_qk_l2norm : bool
+        Normalise each query and key to unit Euclidean norm first.
+
+    Returns
+    -------
+    o : (B, T, HV, V) array
+        ``o_t = scale * S_t^T q_t``.
+    final_state : (B, HV, K, V) array
+        ``S_T``.
+
+    Notes
+    -----
+    O(T HV K V) time in T sequential steps, vectorised over batch and heads.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> k = np.ones((1, 2, 1, 2)) / np.sqrt(2); v = np.ones((1, 2, 1, 1))
+    >>> g = np.log(np.full((1, 2, 1, 2), 0.5))
+    >>> o, s = kda_recurrent(k, k, v, g, np.ones((1, 2, 1)), scale=1.0)
+    >>> np.allclose(s, np.sqrt(0.5)) and np.allclose(o[0, :, 0, 0], [1.0, 1.0])
+    True
+    """
+    torch_in = _is_torch(q)
+    if use_qk_l2norm:
+        q, k = (x / ((x * x).sum(-1, keepdims=True) ** 0.5) for x in (q, k))
+    q, k = expand_key_heads(q, v.shape[2]), expand_key_heads(k, v.shape[2])
+    batch, length, heads, dim_k = q.shape
+    scale = dim_k**-0.5 if scale is None else scale
+    if torch_in:
+        import torch
+
+        state = q.new_zeros(batch, heads, dim_k, v.shape[-1])
+        stack, exp = torch.stack, torch.exp
+    else:
+        state = np.zeros((batch, heads, dim_k, v.shape[-1]), np.result_type(q, k, v))
+        stack, exp = np.stack, np.exp
+    if initial_state is not None:
+        state = state + initial_state
+    outputs = []
+    for t in range(length):
+        k_t = k[:, t, :, :, None]  # (B, HV, K, 1)
+        state = exp(g[:, t, :, :, None]) * state  # channel c of the state times exp(g_t[c])
+        u_t = beta[:, t, :, None, None] * (v[:, t, :, None, :] - k_t.swapaxes(-1, -2) @ state)
+        state = state + k_t * u_t
+        outputs.append((q[:, t, :, None, :] @ state)[..., 0, :])
+    if length == 0:
+        return (v.clone() if torch_in else v.copy()), state
+    return scale * stack(outputs, 1), state
+
+
+def expand_key_heads(x: Any, value_heads: int) -> Any:
+    """(B, T, H, K) -> (B, T, HV, K): value head i reads key head ``i // (HV // H)``.
+
+    Written as an index (differentiable with torch: the gradient of a key head
+    sums over the value heads that read it).
+    """
+    heads = x.shape[2]
+    if value_heads == heads:
+        return x
+    index = np.arange(value_heads) // (value_heads // heads)
+    if _is_torch(x):
+        import torch
+
+        return x[:, :, torch.as_tensor(index, device=x.device)]
+    return x[:, :, index]

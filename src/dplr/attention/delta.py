@@ -31,7 +31,7 @@ from .._validate import (
 from ._delta_grad import delta_forward_passes, delta_function
 from ._recurrent import recurrent_applies, recurrent_forward
 
-__all__ = ["delta_rule", "gated_delta_rule"]
+__all__ = ["delta_rule", "gated_delta_rule", "run_delta_rule"]
 
 
 def delta_rule(
@@ -125,7 +125,7 @@ def delta_rule(
     >>> np.allclose(s, S), np.allclose(o[:, -1], o_last)
     (True, True)
     """
-    return _delta(
+    return run_delta_rule(
         q, k, v, beta, None, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens,
         chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm,
@@ -182,7 +182,7 @@ def gated_delta_rule(
     True
     """
     require_present({"g": g})  # None would silently mean the plain rule
-    return _delta(
+    return run_delta_rule(
         q, k, v, beta, g, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens,
         chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm,
@@ -215,8 +215,13 @@ def _l2norm(x: Array, torch: bool) -> Array:
 
 
 # ------------------------------------------------------------------------------- driver
-def _delta(q, k, v, beta, g, *, scale, initial_state, output_final_state, cu_seqlens,
-           chunk_size, use_qk_l2norm):  # fmt: skip
+def run_delta_rule(q, k, v, beta, g, *, scale, initial_state, output_final_state, cu_seqlens,
+                   chunk_size, use_qk_l2norm, per_channel=False):  # fmt: skip
+    """The delta rules' common driver: validate, share key heads, pack, run, unpack.
+
+    ``g`` None (plain rule), (B, T, HV) (gated) or, with ``per_channel``,
+    (B, T, HV, K) (KDA).
+    """
     gated = g is not None
     chunk_size = positive_int("chunk_size", chunk_size)
     require_present({"q": q, "k": k, "v": v, "beta": beta})
@@ -225,7 +230,7 @@ def _delta(q, k, v, beta, g, *, scale, initial_state, output_final_state, cu_seq
         log_decays=("g",),
         skippable=False,
     )
-    B, T, H, HV, K, V = check_delta_shapes(p, gated)
+    B, T, H, HV, K, V = check_delta_shapes(p, gated, per_channel)
     cu = check_cu_seqlens(cu_seqlens, B, T)
     N = B if cu is None else len(cu) - 1
     s0 = p["initial_state"]
@@ -291,16 +296,17 @@ def _pack(torch: bool, cu: np.ndarray, *xs: Array | None):
         if x is None:
             out.append(None)
             continue
+        # where, not a product: a log decay of -inf times 0 would be NaN.
         if torch:
             import torch as _torch
 
             idx = _torch.as_tensor(index, device=x.device)
             mask = _torch.as_tensor(valid, device=x.device)
             shape = (*mask.shape, *([1] * (x.ndim - 2)))
-            out.append(x[0][idx] * mask.reshape(shape).to(x.dtype))
+            out.append(_torch.where(mask.reshape(shape), x[0][idx], 0.0))
         else:
             shape = (*valid.shape, *([1] * (x.ndim - 2)))
-            out.append(x[0][index] * valid.reshape(shape))
+            out.append(np.where(valid.reshape(shape), x[0][index], 0.0).astype(x.dtype))
     if torch:
         import torch as _torch
 
