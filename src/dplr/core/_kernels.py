@@ -207,6 +207,54 @@ def _state_sequence(ops: Ops, ch: Chunked, contrib: Array, h0: Array | None) -> 
     return states
 
 
+def state_pass_adjoint(
+    ops: Ops,
+    ch: Chunked,
+    w: Array,
+    du_local: Array,
+    dh_local: Array,
+    dh_last: Array | None,
+) -> tuple[Array, Array, Array]:
+    """The reverse pass of a solve's chunk recurrence, from saved states.
+
+    Forward, per chunk J: ``Y_J = Ỹ_J - W_J Z_J`` (``W_J = T_JJ^-1 q_in_J``)
+    and ``Z_{J+1} = Diag(a_J) Z_J + k_out_J^T Y_J``.  Given the gradients that
+    reach ``Y_J`` and ``Z_J`` directly (``du_local`` (..., nc, c, m),
+    ``dh_local`` (..., nc, d, m)) and that of the final state (``dh_last``,
+    (..., d, m) or None), returns the total gradients of every ``Y_J``, of
+    the state leaving every chunk (..., nc, d, m), and of ``Z_0``::
+
+        dY_J = du_local_J + k_out_J dZ_{J+1}
+        dZ_J = Diag(a_J) dZ_{J+1} + dh_local_J - W_J^T dY_J
+
+    Two small products per chunk, like the forward pass.
+    """
+    dz = ops.zeros(dh_local.shape[:-3] + dh_local.shape[-2:], dh_local)
+    if dh_last is not None:
+        dz = dz + dh_last
+    dy = ops.empty(du_local.shape, du_local)
+    dz_next = ops.empty(dh_local.shape, dh_local)
+    for j in range(ch.nc - 1, -1, -1):
+        dz_next[..., j, :, :] = dz
+        dy_j = du_local[..., j, :, :] + ch.k_out[..., j, :, :] @ dz
+        dy[..., j, :, :] = dy_j
+        carry = dz if ch.chunk_decay is None else ch.state_decay(j) * dz
+        dz = carry + dh_local[..., j, :, :] - w[..., j, :, :].mT @ dy_j
+    return dy, dz_next, dz
+
+
+def solve_blocks_transposed(ops: Ops, blocks: Array, rhs: Array) -> Array:
+    """``blocks^-T rhs`` for a stack of lower-triangular blocks (..., c, c), rhs (..., c, r).
+
+    With P the reversal of the c rows, ``P L^T P`` is lower triangular again:
+    ``L^-T B = P (P L^T P)^-1 P B``, one forward substitution per block.
+    """
+    flip = ops.flip
+    reversed_t = flip(flip(blocks.mT, -1), -2)
+    solved = ops.solve_lower_blocks(reversed_t, flip(rhs, -2), kernel=_jit.solve_lower_stack)
+    return flip(solved, -2)
+
+
 def matmul(
     ops: Ops,
     q: Array,
