@@ -7,14 +7,15 @@ The public API, re-exported from the modules that implement it:
 - :func:`cholesky_update`, :func:`cholesky_downdate`, :func:`cholesky_insert`,
   :func:`cholesky_delete`: Cholesky factor of a low-rank modification
   (package ``dplr.cholesky``).
-- :func:`delta_rule` and :func:`gated_delta_rule`: the (gated) delta rule of
-  linear attention, exactly, in O(T) (package ``dplr.attention``).
+- :func:`delta_rule`, :func:`gated_delta_rule` and :func:`kda`: the (gated)
+  delta rule of linear attention and Kimi Delta Attention (one decay per key
+  channel), exactly, in O(T) (package ``dplr.attention``).
 - :func:`empty_cache`: free the scratch memory kept between calls.
 """
 
 from ._errors import NotPositiveDefiniteError, SingularMatrixError
 from ._runtime.workspace import empty_cache
-from .attention import delta_rule, gated_delta_rule
+from .attention import delta_rule, gated_delta_rule, kda
 from .cholesky import cholesky_delete, cholesky_downdate, cholesky_insert, cholesky_update
 from .core import LowRankTril, tril_inv, tril_matmul, tril_solve
 
@@ -32,6 +33,7 @@ __all__ = [
     "delta_rule",
     "empty_cache",
     "gated_delta_rule",
+    "kda",
     "tril_inv",
     "tril_matmul",
     "tril_solve",

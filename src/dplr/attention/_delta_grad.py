@@ -24,12 +24,16 @@ each chunk, O(n (dk + dv) + (n / c) dk dv) numbers, never the graph of a loop.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .._runtime.backend import Array, TorchOps, is_torch
 from .._runtime.tuning import DELTA_PASS_ROWS
 from ..core import _jit, _kernels
-from ..core._kernels import Ops
+from ..core._decay import ChunkDecay, channel_pull_blocks, chunk_decay, rel_exp
+from ..core._grad import reverse_cumsum
+from ..core._kernels import Ops, is_per_channel
 
 
 def delta_forward(
@@ -62,32 +66,61 @@ def _rowdot(a: Array, b: Array) -> Array:
     return (a * b).sum(-1)
 
 
-def _decay_masks(ops: Ops, gc: Array | None, c: int, like: Array) -> tuple[Array, Array]:
-    """``D`` inside each chunk with and without its diagonal, zero above it.
+def _chunk_weights(ops: Ops, k: Array, g: Array, c: int) -> tuple[Array, Array]:
+    """``exp(G)`` and ``exp(G_last - G)`` inside each chunk, (..., nc, c, e), both <= 1.
 
-    gc: (..., nc, c) cumulative log decay within each chunk, or None (D = 1).
+    e = 1 for one decay per row, e = dk per channel; resets (``-inf``) are
+    exact.  These are the factors that ``q_in`` and ``k_out`` of
+    :func:`dplr.core._kernels.make_chunked` carry.
     """
-    strict = ops.strict_lower_mask(c, like)
-    eye = ops.eye(c, like)
-    if gc is None:
-        low = ops.where(strict, ops.zeros((c, c), like) + 1.0, 0.0)
-        return low + eye, low
-    low = _kernels.decay_mask(ops, gc, strict)
-    return low + eye, low
+    channel = is_per_channel(k, g)
+    dec = chunk_decay(ops, g if channel else g[..., None], c, _kernels.chunk_rows)
+    gg, r = dec.g, dec.r
+    zero = 0.0 * gg[..., -1:, :]
+    r_zero, r_last = (None, None) if r is None else (0.0 * zero, r[..., -1:, :])
+    return rel_exp(ops, gg, r, zero, r_zero), rel_exp(ops, gg[..., -1:, :], r_last, gg, r)
 
 
-def _pull_back(dm: Array, mask: Array, m: Array, x: Array, y: Array, decay: bool):
-    """Gradients of a masked block ``M = (x y^T) ⊙ mask`` given ``dM`` (dense per chunk).
+def _per_weight(x: Array, w: Array) -> Array:
+    """A per-channel term x (..., c, dk) reduced to the shape of the weights (..., c, e)."""
+    return x if w.shape[-1] == x.shape[-1] else x.sum(-1, keepdims=True)
 
-    Returns ``dx = E y``, ``dy = E^T x`` (``E = dM ⊙ mask``) and, with decay,
-    the gradient of the cumulative log decay, ``rowsum(dM ⊙ M) - colsum(dM ⊙ M)``
-    (None without).
+
+def _reversed_decay(ops: Ops, dec: ChunkDecay) -> ChunkDecay:
+    """The decay of every chunk read backwards: ``G'[m] = G[c-1] - G[c-1-m]``.
+
+    ``G'[j'] - G'[i'] = G[i] - G[j]`` for ``i' = c-1-i``, ``j' = c-1-j``, and
+    the reset counts alike, so every pair keeps its factor.
     """
-    e = dm * mask
-    if not decay:
-        return e @ y, e.mT @ x, None
-    f = dm * m
-    return e @ y, e.mT @ x, f.sum(-1) - f.sum(-2)
+    g = dec.g[..., -1:, :] - ops.flip(dec.g, -2)
+    r = None if dec.r is None else dec.r[..., -1:, :] - ops.flip(dec.r, -2)
+    return ChunkDecay(g, r, dec.sub)
+
+
+def _pull_back_strict(ops: Ops, dm: Array, ch, blocks: Array):
+    """Gradients of the strict blocks ``M = tril(T_JJ, -1)`` of ``ch`` given ``dM``.
+
+    ``M_ij = sum_c x_ic y_jc exp(G_ic - G_jc)`` (i > j; x, y = ch.q, ch.k)
+    gives ``dx_i = sum_j dM_ij (y_j ⊙ exp(G_i - G_j))``, ``dy`` alike, and
+    ``dG = x ⊙ dx - y ⊙ dy`` per channel; with one decay per row that is
+    ``rowsum(dM ⊙ M) - colsum(dM ⊙ M)``.  Per channel, dx is the core's
+    :func:`dplr.core._decay.channel_pull_blocks` and dy the same on the
+    chunk read backwards.  ``blocks`` is M.  Returns ``dx, dy, dG``
+    (dG (..., nc, c, e), None without decay).
+    """
+    x, y = ch.q, ch.k
+    if ch.decay is None:
+        if ch.mask is None:
+            e = ops.where(ops.strict_lower_mask(ch.c, dm), dm, 0.0)
+            return e @ y, e.mT @ x, None
+        e = dm * ch.mask  # the mask is zero on and above the diagonal
+        f = dm * blocks
+        return e @ y, e.mT @ x, (f.sum(-1) - f.sum(-2))[..., None]
+    flip = ops.flip
+    dx = channel_pull_blocks(ops, dm, y, ch.decay)
+    dm_rev = flip(flip(dm.mT, -1), -2)
+    dy = flip(channel_pull_blocks(ops, dm_rev, flip(x, -2), _reversed_decay(ops, ch.decay)), -2)
+    return dx, dy, x * dx - y * dy
 
 
 def delta_backward(
@@ -106,94 +139,81 @@ def delta_backward(
     """Gradients ``dq, dk, dv, dbeta, dg, ds0`` of the delta rule, chunk by chunk.
 
     Per chunk (``docs/delta.md``, the backward pass): with ``L = I + A``,
-    ``A = tril(kb k^T ⊙ D, -1)``, ``W = L^-1 (kb ⊙ e^g)``, ``Ũ = L^-1 (beta v)``,
-    ``U = Ũ - W H`` and ``O = P U + (q ⊙ e^g) H``, one reverse pass over the
-    chunks carries ``dH`` (two small products per chunk, like the forward);
-    everything else is batched over all chunks: dU -> dW, then
-    ``[dR_w, dR_v] = L^-T [dW, dU]`` and ``dA``, with ``L^-1`` from one block solve.
+    ``A = tril(T_JJ, -1)`` of the solve, ``W = L^-1 (kb ⊙ e^G)``,
+    ``Ũ = L^-1 (beta v)``, ``U = Ũ - W H`` and ``O = P U + (q ⊙ e^G) H``, one
+    reverse pass over the chunks carries ``dH``
+    (:func:`dplr.core._kernels.state_pass_adjoint`); everything else is
+    batched over all chunks: dU -> dW, then ``[dR_w, dR_v] = L^-T [dW, dU]``
+    (:func:`dplr.core._kernels.solve_blocks_transposed`) and ``dA``.  The
+    blocks, decay factors and chunks are the core's, for one decay per row
+    (``g`` (..., n)) or per channel (``g`` (..., n, dk)).
     O(n c (dk + dv) + n dk dv) flops; the saved states make a forward state
-    pass unnecessary.  ``ds0`` is always returned (zeros-initial state).
+    pass unnecessary.  ``ds0`` is always returned.
     """
-    n = k.shape[-2]
-    c = _kernels.effective_chunk(n, chunk_size)
+    n, d = k.shape[-2], k.shape[-1]
     kb = beta[..., None] * k
     ones = ops.zeros(beta.shape, beta) + 1.0
-    # The solve's blocks: A (strict), R_w = kb e^g (q_in), k_out, chunk decay.
+    # The solve's blocks A and the output's P = tril(q k^T ⊙ D) with diagonal q·k.
     sol = _kernels.make_chunked(ops, kb, k, ones, g, chunk_size)
-    # The output's blocks: P = tril(q k^T ⊙ D) with diagonal q·k, q_in = q e^g.
     out = _kernels.make_chunked(ops, q, k, _rowdot(q, k), g, chunk_size)
-    gc = None if g is None else _kernels.chunk_rows(ops, g[..., None], c)[..., 0].cumsum(-1)
-    mask_full, mask_strict = _decay_masks(ops, gc, c, q)
-    eye = ops.eye(c, q)
+    c = sol.c
     a_strict = _kernels.strict_blocks(ops, sol)
-    p_full = _kernels.strict_blocks(ops, out) + out.lam[..., None] * eye
-    l_blocks = a_strict + eye
+    p_strict = _kernels.strict_blocks(ops, out)
     # A copy, not a view: a view's batch dimensions do not flatten, and every
     # batched product with it would copy it again.
     h = ops.copy(states[..., :-1, :, :])
     uc, doc = _kernels.chunk_rows(ops, u, c), _kernels.chunk_rows(ops, do, c)
-    # L^-1 explicitly (one block solve with c columns): it gives W here and
-    # L^-T below by products, cheaper than a second, transposed block solve.
-    eyes = ops.broadcast_to(eye, l_blocks.shape)
-    l_inv = ops.solve_lower_blocks(l_blocks, eyes, kernel=_jit.solve_lower_stack)
-    w = l_inv @ sol.q_in
+    l_blocks = a_strict + ops.eye(c, q)
+    w = ops.solve_lower_blocks(l_blocks, sol.q_in, kernel=_jit.solve_lower_stack)
     ut = uc + w @ h
 
-    # Reverse pass over the chunks: dU_J and dH_J (gradient of the state entering J).
-    du_local = p_full.mT @ doc
-    dh_local = out.q_in.mT @ doc
-    dh = ops.zeros(states.shape[:-3] + states.shape[-2:], q) if dsn is None else dsn
-    du = ops.zeros(uc.shape, uc)
-    dh_next = ops.zeros(h.shape, h)  # gradient of the state leaving each chunk
-    for j in range(sol.nc - 1, -1, -1):
-        dh_next[..., j, :, :] = dh
-        du_j = du_local[..., j, :, :] + sol.k_out[..., j, :, :] @ dh
-        du[..., j, :, :] = du_j
-        carry = dh if sol.chunk_decay is None else sol.chunk_decay[..., j, None, None] * dh
-        dh = carry + dh_local[..., j, :, :] - w[..., j, :, :].mT @ du_j
-    ds0 = dh
+    # Reverse pass over the chunks: dU_J and the gradient of the state leaving J.
+    du_local = p_strict.mT @ doc + out.lam[..., None] * doc
+    du, dh_next, ds0 = _kernels.state_pass_adjoint(ops, sol, w, du_local, out.q_in.mT @ doc, dsn)
 
-    # The output product O = P U + (q ⊙ e^g) H.
-    decay = gc is not None
-    dq, dk, dgam = _pull_back(doc @ uc.mT, mask_full, p_full, out.q, out.k, decay)
-    do_h = doc @ h.mT  # (..., nc, c, d)
-    if gc is None:
-        dq = dq + do_h
+    # The output product O = P U + (q ⊙ e^G) H.
+    dp = doc @ uc.mT
+    dq, dk, dgam = _pull_back_strict(ops, dp, out, p_strict)
+    diag = dp.diagonal(0, -2, -1)[..., None]  # the diagonal q·k: no decay
+    dq, dk = dq + diag * out.k, dk + diag * out.q
+    do_h = doc @ h.mT  # (..., nc, c, dk)
+    # The state update H' = Diag(a) H + k_out^T U (its dU share is in the pass).
+    u_dh = uc @ dh_next.mT  # (..., nc, c, dk)
+    if g is None:
+        dq, dk = dq + do_h, dk + u_dh
     else:
-        e_g = ops.exp(gc)[..., None]
-        dq = dq + e_g * do_h
-        dgam = dgam + _rowdot(out.q_in, do_h)
-    # The state update H' = a H + k_out^T U (its dU share is in the pass above).
-    u_dh = uc @ dh_next.mT  # (..., nc, c, d)
-    if gc is None:
-        dk = dk + u_dh
-    else:
-        dk = dk + ops.exp(gc[..., -1:] - gc)[..., None] * u_dh
-        t = _rowdot(sol.k_out, u_dh)
-        last = t.sum(-1) + sol.chunk_decay * (h * dh_next).sum((-2, -1))
-        dgam = dgam - t
-        dgam[..., -1] = dgam[..., -1] + last
-    # U = Ũ - W H with [W, Ũ] = L^-1 [R_w, R_v]: one transposed block solve.
-    dw = -(du @ h.mT)
-    dr_w, dr_v = l_inv.mT @ dw, l_inv.mT @ du
-    dkb, dk_a, dgam_a = _pull_back(
-        -(dr_w @ w.mT + dr_v @ ut.mT), mask_strict, a_strict, sol.q, sol.k, decay
-    )
+        w_in, w_out = _chunk_weights(ops, k, g, c)
+        dq, dk = dq + w_in * do_h, dk + w_out * u_dh
+        t = _per_weight(sol.k_out * u_dh, w_in)
+        h_dh = (h * dh_next).sum(-1)  # (..., nc, dk)
+        if sol.decay is None:  # the chunk's decay a_J, one per row: (..., nc)
+            h_dh = sol.chunk_decay[..., None] * h_dh.sum(-1, keepdims=True)
+        else:
+            h_dh = sol.chunk_decay * h_dh
+        dgam = dgam + _per_weight(out.q_in * do_h, w_in) - t
+        dgam[..., -1, :] = dgam[..., -1, :] + t.sum(-2) + h_dh
+    # U = Ũ - W H with [W, Ũ] = L^-1 [kb ⊙ e^G, beta v]: one transposed block solve.
+    dr = _kernels.solve_blocks_transposed(ops, l_blocks, ops.concat([-(du @ h.mT), du], -1))
+    dr_w, dr_v = dr[..., :d], dr[..., d:]
+    da = -(dr_w @ w.mT + dr_v @ ut.mT)
+    dkb, dk_a, dgam_a = _pull_back_strict(ops, da, sol, a_strict)
     dk = dk + dk_a
-    if gc is None:
+    if g is None:
         dkb = dkb + dr_w
     else:
-        dkb = dkb + e_g * dr_w
-        dgam = dgam + dgam_a + _rowdot(dr_w, sol.q_in)
+        dkb = dkb + w_in * dr_w
+        dgam = dgam + dgam_a + _per_weight(sol.q_in * dr_w, w_in)
     # Back from chunks to rows, and from kb = beta k, R_v = beta v.
     dq, dk, dkb, dr_v = (_kernels.unchunk_rows(x, n) for x in (dq, dk, dkb, dr_v))
     dk = dk + beta[..., None] * dkb
     dbeta = _rowdot(dkb, k) + _rowdot(dr_v, v)
     dv = beta[..., None] * dr_v
     dg = None
-    if gc is not None:
-        dgam = ops.flip(ops.flip(dgam, -1).cumsum(-1), -1)  # G = cumsum(g) within chunks
-        dg = _kernels.unchunk_rows(dgam[..., None], n)[..., 0]
+    if g is not None:
+        # G = cumsum(g) within each chunk; a -inf entry gets no gradient.
+        dg = _kernels.unchunk_rows(reverse_cumsum(ops, dgam, -2), n)
+        dg = dg if is_per_channel(k, g) else dg[..., 0]
+        dg = ops.where(g == -math.inf, 0.0 * dg, dg)
     return dq, dk, dv, dbeta, dg, ds0
 
 
