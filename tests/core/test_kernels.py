@@ -38,7 +38,8 @@ def test_solve_blocks_transposed_is_the_transposed_solve(dtype):
 @pytest.mark.skipif(torch is None, reason="torch is not installed")
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_state_pass_adjoint_is_the_gradient_of_the_recurrence(per_channel):
-    """``Y_J = Ỹ_J - W_J Z_J``, ``Z_{J+1} = Diag(a_J) Z_J + k_out_J^T Y_J``: its reverse pass."""
+    """``Y_J = Ỹ_J - W_J Z_J``, ``Z_{J+1} = Diag(a_J) Z_J + k_out_J^T Y_J``, read as
+    ``x_read_J Z_J``: its reverse pass."""
     rng = np.random.default_rng(1)
     n, c, d, m = 13, 4, 3, 2
     k = torch.tensor(rng.standard_normal((2, n, d)))
@@ -49,12 +50,13 @@ def test_state_pass_adjoint_is_the_gradient_of_the_recurrence(per_channel):
     y_tilde = torch.tensor(rng.standard_normal((2, nc, c, m)), requires_grad=True)
     z0 = torch.tensor(rng.standard_normal((2, d, m)), requires_grad=True)
     dy_direct = torch.tensor(rng.standard_normal((2, nc, c, m)))
-    dz_direct = torch.tensor(rng.standard_normal((2, nc, d, m)))
+    x_read = torch.tensor(rng.standard_normal((2, nc, c, d)))
+    dy_read = torch.tensor(rng.standard_normal((2, nc, c, m)))
     dz_last = torch.tensor(rng.standard_normal((2, d, m)))
 
     z, loss, states_out = z0, 0.0, []
     for j in range(nc):
-        loss = loss + (z * dz_direct[:, j]).sum()
+        loss = loss + ((x_read[:, j] @ z) * dy_read[:, j]).sum()  # the states are read
         y = y_tilde[:, j] - w[:, j] @ z
         loss = loss + (y * dy_direct[:, j]).sum()
         a = ch.chunk_decay[:, j]
@@ -64,7 +66,9 @@ def test_state_pass_adjoint_is_the_gradient_of_the_recurrence(per_channel):
     loss = loss + (z * dz_last).sum()
     loss.backward()
 
-    dy, dz_next, dz0 = _kernels.state_pass_adjoint(TorchOps, ch, w, dy_direct, dz_direct, dz_last)
+    dy, dz_next, dz0 = _kernels.state_pass_adjoint(
+        TorchOps, ch, w, dy_direct, x_read, dy_read, dz_last
+    )
     tol = 100 * eps(np.float64)
     assert rel_err(dy, y_tilde.grad) < tol  # dL/dỸ_J is the total gradient of Y_J
     assert rel_err(dz0, z0.grad) < tol

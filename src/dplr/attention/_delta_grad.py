@@ -31,7 +31,7 @@ import numpy as np
 from .._runtime.backend import Array, TorchOps, is_torch
 from .._runtime.tuning import DELTA_PASS_ROWS
 from ..core import _jit, _kernels
-from ..core._decay import ChunkDecay, channel_pull_blocks, chunk_decay, rel_exp
+from ..core._decay import channel_pull_blocks_pair, chunk_decay, rel_exp
 from ..core._grad import reverse_cumsum
 from ..core._kernels import Ops, is_per_channel
 
@@ -86,26 +86,15 @@ def _per_weight(x: Array, w: Array) -> Array:
     return x if w.shape[-1] == x.shape[-1] else x.sum(-1, keepdims=True)
 
 
-def _reversed_decay(ops: Ops, dec: ChunkDecay) -> ChunkDecay:
-    """The decay of every chunk read backwards: ``G'[m] = G[c-1] - G[c-1-m]``.
-
-    ``G'[j'] - G'[i'] = G[i] - G[j]`` for ``i' = c-1-i``, ``j' = c-1-j``, and
-    the reset counts alike, so every pair keeps its factor.
-    """
-    g = dec.g[..., -1:, :] - ops.flip(dec.g, -2)
-    r = None if dec.r is None else dec.r[..., -1:, :] - ops.flip(dec.r, -2)
-    return ChunkDecay(g, r, dec.sub)
-
-
 def _pull_back_strict(ops: Ops, dm: Array, ch, blocks: Array):
     """Gradients of the strict blocks ``M = tril(T_JJ, -1)`` of ``ch`` given ``dM``.
 
     ``M_ij = sum_c x_ic y_jc exp(G_ic - G_jc)`` (i > j; x, y = ch.q, ch.k)
     gives ``dx_i = sum_j dM_ij (y_j ⊙ exp(G_i - G_j))``, ``dy`` alike, and
     ``dG = x ⊙ dx - y ⊙ dy`` per channel; with one decay per row that is
-    ``rowsum(dM ⊙ M) - colsum(dM ⊙ M)``.  Per channel, dx is the core's
-    :func:`dplr.core._decay.channel_pull_blocks` and dy the same on the
-    chunk read backwards.  ``blocks`` is M.  Returns ``dx, dy, dG``
+    ``rowsum(dM ⊙ M) - colsum(dM ⊙ M)``.  Per channel, dx and dy are the
+    core's :func:`dplr.core._decay.channel_pull_blocks_pair` (the anchored
+    weights of the blocks, formed once).  ``blocks`` is M.  Returns ``dx, dy, dG``
     (dG (..., nc, c, e), None without decay).
     """
     x, y = ch.q, ch.k
@@ -116,10 +105,7 @@ def _pull_back_strict(ops: Ops, dm: Array, ch, blocks: Array):
         e = dm * ch.mask  # the mask is zero on and above the diagonal
         f = dm * blocks
         return e @ y, e.mT @ x, (f.sum(-1) - f.sum(-2))[..., None]
-    flip = ops.flip
-    dx = channel_pull_blocks(ops, dm, y, ch.decay)
-    dm_rev = flip(flip(dm.mT, -1), -2)
-    dy = flip(channel_pull_blocks(ops, dm_rev, flip(x, -2), _reversed_decay(ops, ch.decay)), -2)
+    dx, dy = channel_pull_blocks_pair(ops, dm, x, y, ch.decay)
     return dx, dy, x * dx - y * dy
 
 
@@ -169,7 +155,7 @@ def delta_backward(
 
     # Reverse pass over the chunks: dU_J and the gradient of the state leaving J.
     du_local = p_strict.mT @ doc + out.lam[..., None] * doc
-    du, dh_next, ds0 = _kernels.state_pass_adjoint(ops, sol, w, du_local, out.q_in.mT @ doc, dsn)
+    du, dh_next, ds0 = _kernels.state_pass_adjoint(ops, sol, w, du_local, out.q_in, doc, dsn)
 
     # The output product O = P U + (q ⊙ e^G) H.
     dp = doc @ uc.mT

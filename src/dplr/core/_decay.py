@@ -220,3 +220,41 @@ def channel_pull_blocks(ops, a: Array, kc: Array, dec: ChunkDecay) -> Array:
             below = a[..., e:, s:e] @ (kc[..., s:e, :] * wk_below)
             dq[..., e:, :] = dq[..., e:, :] + wq_below * below
     return dq
+
+
+def channel_pull_blocks_pair(
+    ops, a: Array, qc: Array, kc: Array, dec: ChunkDecay
+) -> tuple[Array, Array]:
+    """Both adjoints of :func:`channel_strict_blocks`, with its anchored weights formed once.
+
+    ``dq_ic = sum_{j<i} a_ij k_jc exp(G_ic - G_jc)`` (as
+    :func:`channel_pull_blocks`) and ``dk_jc = sum_{i>j} a_ij q_ic
+    exp(G_ic - G_jc)``, inside every chunk.  a: (..., nc, c, c), read below
+    the diagonal only; qc, kc: (..., nc, c, d).
+    """
+    c, d = kc.shape[-2], kc.shape[-1]
+    a = ops.where(ops.strict_lower_mask(c, a), a, 0.0)
+    dq, dk = ops.zeros(qc.shape, qc), ops.zeros(kc.shape, kc)
+    for s, e in _sub_blocks(c, dec.sub):
+        wq_in, wk_in, wq_below, wk_below = _anchored(ops, dec, s, e)
+        a_in = a[..., s:e, s:e]
+        inside_q = wq_in * (a_in @ (kc[..., s:e, :] * wk_in))
+        inside_k = wk_in * (a_in.mT @ (qc[..., s:e, :] * wq_in))
+        idx = _flagged(ops, dec, s, e)
+        if idx is not None:  # a reset inside the sub-block: pair by pair
+            flat_q, flat_k = inside_q.reshape(-1, e - s, d), inside_k.reshape(-1, e - s, d)
+            af = a.reshape(-1, c, c)
+            qf, kf = qc.reshape(-1, c, d), kc.reshape(-1, c, d)
+            for part in _groups(idx, (e - s) ** 2 * d):
+                weights = af[part, s:e, s:e][..., None] * _pairwise_factors(ops, dec, part, s, e)
+                flat_q[part] = (weights * kf[part, s:e][:, None, :, :]).sum(-2)
+                flat_k[part] = (weights * qf[part, s:e][:, :, None, :]).sum(-3)
+        dq[..., s:e, :] = dq[..., s:e, :] + inside_q
+        dk[..., s:e, :] = dk[..., s:e, :] + inside_k
+        if wq_below is not None:
+            a_below = a[..., e:, s:e]
+            dq[..., e:, :] = dq[..., e:, :] + wq_below * (a_below @ (kc[..., s:e, :] * wk_below))
+            dk[..., s:e, :] = dk[..., s:e, :] + wk_below * (
+                a_below.mT @ (qc[..., e:, :] * wq_below)
+            )
+    return dq, dk

@@ -212,35 +212,40 @@ def state_pass_adjoint(
     ch: Chunked,
     w: Array,
     du_local: Array,
-    dh_local: Array,
+    x_read: Array,
+    dy_read: Array,
     dh_last: Array | None,
 ) -> tuple[Array, Array, Array]:
     """The reverse pass of a solve's chunk recurrence, from saved states.
 
     Forward, per chunk J: ``Y_J = Ỹ_J - W_J Z_J`` (``W_J = T_JJ^-1 q_in_J``)
-    and ``Z_{J+1} = Diag(a_J) Z_J + k_out_J^T Y_J``.  Given the gradients that
-    reach ``Y_J`` and ``Z_J`` directly (``du_local`` (..., nc, c, m),
-    ``dh_local`` (..., nc, d, m)) and that of the final state (``dh_last``,
-    (..., d, m) or None), returns the total gradients of every ``Y_J``, of
-    the state leaving every chunk (..., nc, d, m), and of ``Z_0``::
+    and ``Z_{J+1} = Diag(a_J) Z_J + k_out_J^T Y_J``, and the states are read
+    as ``x_read_J Z_J`` by an output whose gradient is ``dy_read_J``.  Given
+    ``du_local`` (..., nc, c, m), the gradient that reaches ``Y_J`` directly,
+    and ``dh_last`` (..., d, m) or None, that of the final state, returns
+    the total gradients of every ``Y_J``, of the state leaving every chunk
+    (..., nc, d, m), and of ``Z_0``::
 
         dY_J = du_local_J + k_out_J dZ_{J+1}
-        dZ_J = Diag(a_J) dZ_{J+1} + dh_local_J - W_J^T dY_J
+        dZ_J = Diag(a_J) dZ_{J+1} + x_read_J^T dy_read_J - W_J^T dY_J
 
-    Two small products per chunk, like the forward pass.
+    This is again a substitution pass, run by the same compiled loop with
+    the chunks in reverse order: rows ``[dy_read; dY]`` with identity
+    blocks, read ``[0; -k_out]``, written ``[x_read; -W]``.
     """
-    dz = ops.zeros(dh_local.shape[:-3] + dh_local.shape[-2:], dh_local)
-    if dh_last is not None:
-        dz = dz + dh_last
-    dy = ops.empty(du_local.shape, du_local)
-    dz_next = ops.empty(dh_local.shape, dh_local)
-    for j in range(ch.nc - 1, -1, -1):
-        dz_next[..., j, :, :] = dz
-        dy_j = du_local[..., j, :, :] + ch.k_out[..., j, :, :] @ dz
-        dy[..., j, :, :] = dy_j
-        carry = dz if ch.chunk_decay is None else ch.state_decay(j) * dz
-        dz = carry + dh_local[..., j, :, :] - w[..., j, :, :].mT @ dy_j
-    return dy, dz_next, dz
+    c = du_local.shape[-2]
+    flip = ops.flip
+    zero = ops.zeros(x_read.shape, x_read)
+    q_aug = flip(ops.concat([zero, -ch.k_out], -2), -3)
+    k_aug = flip(ops.concat([x_read, -w], -2), -3)
+    v_aug = flip(ops.concat([dy_read, du_local], -2), -3)
+    eye = ops.broadcast_to(ops.eye(2 * c, w), (*v_aug.shape[:-1], 2 * c))
+    decay = None
+    if ch.chunk_decay is not None:
+        decay = flip(ch.chunk_decay, -2 if ch.decay is not None else -1)
+    yc, states = _substitution_pass(ops, q_aug, eye, k_aug, decay, v_aug, dh_last, True)
+    dy = flip(yc[..., c:, :], -3)
+    return dy, flip(states[..., :-1, :, :], -3), states[..., -1, :, :]
 
 
 def solve_blocks_transposed(ops: Ops, blocks: Array, rhs: Array) -> Array:
