@@ -250,6 +250,12 @@ def test_bad_arguments(name, change, match):
         dplr.kda(args["q"], args["k"], args["v"], args["g"], args["beta"])
 
 
+def test_decay_is_required():
+    args = _good()
+    with pytest.raises(TypeError, match="'g'"):
+        dplr.kda(args["q"], args["k"], args["v"], None, args["beta"])
+
+
 # -------------------------------------------------------------------------- torch
 GRAD_NAMES = ["q", "k", "v", "g", "beta", "initial_state"]
 

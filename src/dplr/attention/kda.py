@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._runtime.backend import Array
+from .._validate import require_present
 from .delta import run_delta_rule
 
 __all__ = ["kda"]
@@ -69,7 +70,8 @@ def kda(
         ``cu_seqlens``, NaN or Inf in the input (``g`` may hold ``-inf``),
         positive ``g``.
     TypeError
-        Complex or non-numeric input, or NumPy and torch inputs mixed.
+        Complex or non-numeric input, NumPy and torch inputs mixed, or a
+        required array (``g`` included) given as None.
 
     Notes
     -----
@@ -105,6 +107,7 @@ def kda(
     >>> np.allclose(s, S), np.allclose(o[:, -1], o_last)
     (True, True)
     """
+    require_present({"g": g})  # None would silently mean the plain rule
     return run_delta_rule(
         q, k, v, beta, g, per_channel=True, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens,
