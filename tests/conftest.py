@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run, so that a run of the suite is
+# reproducible; new draws come from changing the seed here, not from chance in CI.
+settings.register_profile("dplr", derandomize=True, database=None)
+settings.load_profile("dplr")
 
 try:
     import torch
