@@ -1,4 +1,11 @@
-"""Timing and reporting shared by every benchmark suite."""
+"""Timing, rows and tables shared by every benchmark suite.
+
+A suite module of this package exposes ``run(quick=False, progress=None)``
+returning a list of :class:`Row`; it measures with :func:`median_times`,
+picks its sizes with :func:`by_mode` and uses dplr's public API only.
+``python -m dplr bench`` (:mod:`dplr.tools.bench`) imports the suites and
+this module; nothing here imports the command line.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +13,29 @@ import gc
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+import numpy as np
 
 Progress = Callable[[str], None]
+Size = TypeVar("Size")
 
 
 @dataclass
 class Row:
     """One benchmark comparison: dplr against a baseline on the same problem.
 
-    ``params`` holds the numeric problem sizes (n, d, N, M, T, ...) that plots
-    use; ``error`` is the difference between dplr's result and the baseline's
-    (relative, max-norm, unless ``note`` says otherwise); ``target`` the ratio
-    an issue asks for (None if it only asks to report).
+    ``baseline`` names the baseline by what it is (``"scipy solve_triangular
+    on the dense T"``); ``params`` holds the numeric problem sizes (n, d, N,
+    M, T, ...) that plots use.  ``error`` is the max-norm relative difference
+    (:func:`rel_error`) between dplr's result and one computed without dplr:
+    the baseline's, or a NumPy/SciPy or :mod:`dplr.reference` result where
+    the baseline is dplr itself or computes something else (a matrix product
+    of equal flops, another chunk size); None leaves the table cell empty.
+    ``target`` is the ratio this row is expected to reach, kept in
+    ``results.json`` as ``"goal"`` (None: no expectation) and not printed.
     """
 
     suite: str
@@ -29,7 +44,7 @@ class Row:
     baseline: str
     baseline_s: float
     dplr_s: float
-    error: float
+    error: float | None
     target: float | None = None
     note: str = ""
     params: dict[str, Any] = field(default_factory=dict)
@@ -40,8 +55,31 @@ class Row:
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        out["goal"] = out.pop("target")
         out["ratio"] = self.ratio
         return out
+
+
+def rel_error(actual: Any, expected: Any) -> float:
+    """``max|a - e| / max|e|`` in float64 (NumPy arrays or torch tensors)."""
+    a, e = (
+        np.asarray(x.detach().cpu().double() if hasattr(x, "detach") else x, np.float64)
+        for x in (actual, expected)
+    )
+    return float(np.abs(a - e).max(initial=0.0) / max(np.abs(e).max(initial=0.0), 1e-300))
+
+
+#: The size of a run: ``"full"``, ``"quick"`` (``bench --quick``, under a
+#: minute in all) or ``"smoke"`` (tiny sizes and single samples, to check in
+#: a few seconds that every suite runs; its timings mean nothing).
+MODE = "full"
+
+
+def by_mode(full: Size, quick: Size, smoke: Size | None = None) -> Size:
+    """The value for the current :data:`MODE` (``smoke`` defaults to ``quick``)."""
+    if MODE == "smoke" and smoke is not None:
+        return smoke
+    return full if MODE == "full" else quick
 
 
 #: Each reported time is the lowest of this many medians, taken one after
@@ -55,10 +93,15 @@ SERIES = 3
 SETTLE = 0.15
 
 
-def configure(quick: bool) -> None:
-    """Settings of a quick run (one series, short pauses) or a full one."""
-    global SERIES, SETTLE
-    SERIES, SETTLE = (1, 0.02) if quick else (3, 0.15)
+def configure(quick: bool | str) -> None:
+    """Set :data:`MODE` and the timing settings: ``"full"`` (also ``False``), ``"quick"``
+    (also ``True``: one series, short pauses) or ``"smoke"`` (one sample, no pauses)."""
+    global MODE, SERIES, SETTLE, WAKE_UP, MIN_SAMPLE
+    MODE = {True: "quick", False: "full"}.get(quick, quick)  # type: ignore[arg-type]
+    if MODE not in ("full", "quick", "smoke"):
+        raise ValueError(f"mode must be 'full', 'quick' or 'smoke', got {quick!r}")
+    SERIES, SETTLE = {"full": (3, 0.15), "quick": (1, 0.02), "smoke": (1, 0.0)}[MODE]
+    WAKE_UP, MIN_SAMPLE = (0.0, 0.0) if MODE == "smoke" else (0.005, 0.005)
 
 
 #: Seconds of untimed calls after a settling pause (see :func:`median_times`).
@@ -111,6 +154,7 @@ def median_times(
     settle: float | None = None,
     *,
     first_settle_only: bool = False,
+    once_above: float | None = None,
 ) -> list[float]:
     """Seconds per call of each of ``fns`` as in :func:`median_time`, their runs alternating.
 
@@ -123,13 +167,55 @@ def median_times(
     pause the function runs untimed for :data:`WAKE_UP` seconds: calls right
     after a sleep run on cores that are still waking up (a sleep before
     every call made a 0.1 ms function 3-4x slower).
+
+    With ``once_above``, a function whose first call took longer than that
+    many seconds is timed by one more call instead (a slow baseline need
+    not be run dozens of times to be known to be slow).  In the ``"smoke"``
+    mode every function is called once untimed and once timed, no pauses.
     """
+    if MODE == "smoke":
+        repeats, warmup, settle = 1, 0, 0.0
     settle = SETTLE if settle is None else settle
     time.sleep(settle)
+    slow: dict[int, float] = {}
+    if once_above is not None:
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            if time.perf_counter() - start > once_above:
+                slow[i] = _one_call(fn)
+        warmup = max(0, warmup - 1)
+    fast = [fn for i, fn in enumerate(fns) if i not in slow]
+    times = iter(_alternating(fast, repeats, warmup, settle, first_settle_only) if fast else [])
+    return [slow[i] if i in slow else next(times) for i in range(len(fns))]
+
+
+def _one_call(fn: Callable[[], object]) -> float:
+    """Seconds of one call of ``fn``, the garbage collector held off."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _alternating(
+    fns: Sequence[Callable[[], object]],
+    repeats: int,
+    warmup: int,
+    settle: float,
+    first_settle_only: bool,
+) -> list[float]:
+    """The alternating series of :func:`median_times`; the lowest median of each function."""
     for fn in fns:
         for _ in range(warmup):
             fn()
-    loops = [_loops_per_sample(fn) for fn in fns]
+    loops = [1 if MODE == "smoke" else _loops_per_sample(fn) for fn in fns]
     gc.collect()
     enabled = gc.isenabled()
     gc.disable()
@@ -153,11 +239,80 @@ def median_times(
     return best
 
 
-def format_table(rows: list[Row]) -> str:
-    """A Markdown table of rows (the same table ``python -m dplr bench`` writes)."""
-    from dplr.tools.bench import format_markdown_table
+# ------------------------------------------------------------------------ tables
+#: The columns of every table, in the terminal and in ``results.md``.
+HEADER = ("case", "size", "baseline", "baseline ms", "dplr ms", "ratio", "error")
 
-    return format_markdown_table(r.as_dict() for r in rows)
+#: What the columns mean, printed under the tables.
+LEGEND = (
+    "ratio = baseline time / dplr time, both measured in this run (> 1: dplr is faster); "
+    "error = largest difference between dplr's result and one computed without dplr (the "
+    "baseline's, or NumPy/SciPy or the token recurrence where the baseline is no such "
+    "result), relative to the largest entry; empty where no such result was computed"
+)
+
+
+def _ms(seconds: Any) -> str:
+    return "-" if seconds is None else f"{1e3 * seconds:.4g}"
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    ratio, error = row.get("ratio"), row.get("error")
+    return [
+        str(row["case"]),
+        str(row["size"]),
+        str(row["baseline"]),
+        _ms(row.get("baseline_s")),
+        _ms(row.get("dplr_s")),
+        "-" if ratio is None else f"{ratio:.2f}x",
+        "" if error is None else f"{error:.1e}",
+    ]
+
+
+def _as_dicts(rows: Iterable[Row | dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r.as_dict() if isinstance(r, Row) else r for r in rows]
+
+
+def format_table(rows: Iterable[Row | dict[str, Any]], markdown: bool = True) -> str:
+    """The rows as a table: Markdown (``results.md``) or aligned plain text (the terminal).
+
+    Parameters
+    ----------
+    rows : iterable of Row or dict
+        Rows, or their dicts as in ``results.json``.
+    markdown : bool
+        Markdown with a ``note`` column; else columns padded to equal width
+        (numbers to the right) with each note on a line of its own below its row.
+
+    Returns
+    -------
+    str
+        The table, without a trailing newline.
+    """
+    rows = _as_dicts(rows)
+    cells = [_cells(r) for r in rows]
+    if markdown:
+        lines = [
+            "| " + " | ".join((*HEADER, "note")) + " |",
+            "|---|---|---|" + "---:|" * 4 + "---|",
+        ]
+        for line, row in zip(cells, rows, strict=True):
+            lines.append("| " + " | ".join([*line, str(row.get("note") or "")]) + " |")
+        return "\n".join(lines)
+    table = [list(HEADER), *cells]
+    widths = [max(len(line[i]) for line in table) for i in range(len(HEADER))]
+
+    def fmt(line: list[str]) -> str:
+        left = [c.ljust(w) for c, w in zip(line[:3], widths[:3], strict=True)]
+        right = [c.rjust(w) for c, w in zip(line[3:], widths[3:], strict=True)]
+        return "  ".join(left + right).rstrip()
+
+    lines = [fmt(table[0]), "  ".join("-" * w for w in widths)]
+    for line, row in zip(cells, rows, strict=True):
+        lines.append(fmt(line))
+        if row.get("note"):
+            lines.append(f"    note: {row['note']}")
+    return "\n".join(lines)
 
 
 def noop_progress(message: str) -> None:

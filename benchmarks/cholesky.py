@@ -10,16 +10,23 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 import dplr
 
-from ._common import Progress, Row, format_table, median_time, median_times, noop_progress
+from ._common import (
+    Progress,
+    Row,
+    by_mode,
+    format_table,
+    median_times,
+    noop_progress,
+)
 
 SUITE = "cholesky"
 NEW = "numpy.linalg.cholesky of the new matrix"
+GRID_CASE = 'update, method="auto"'
 
 
 def _spd(rng: np.random.Generator, n: int, batch: tuple[int, ...] = ()) -> np.ndarray:
@@ -33,29 +40,15 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 def _times(*fns, slow: float = 0.4, settle: float | None = None) -> list[float]:
     """Seconds per call of each function: medians of 7 alternating samples after
-    a warm-up (the first calls pay for page faults of new results and for
-    starting BLAS threads); a function whose call takes over ``slow`` s is run
-    once per series instead."""
-    first = []
-    for fn in fns:
-        start = time.perf_counter()
-        fn()
-        first.append(time.perf_counter() - start)
-    quick = [fn for fn, t in zip(fns, first, strict=True) if t <= slow]
-    quick_times = iter(median_times(quick, repeats=7, warmup=1, settle=settle) if quick else [])
-    return [
-        next(quick_times) if t <= slow else median_time(fn, repeats=1, warmup=0)
-        for fn, t in zip(fns, first, strict=True)
-    ]
+    two warm-up calls (the first calls pay for page faults of new results and for
+    starting BLAS threads); a function whose first call takes over ``slow`` s is
+    timed by one more call instead."""
+    return median_times(fns, repeats=7, warmup=2, settle=settle, once_above=slow)
 
 
 def _series_time(fn, settle: float | None, slow: float = 0.4) -> float:
-    """Seconds per call of ``fn`` from one series of its own (one run if slow)."""
-    start = time.perf_counter()
-    fn()
-    if time.perf_counter() - start > slow:
-        return median_time(fn, repeats=1, warmup=0)
-    return median_time(fn, repeats=7, warmup=1, settle=settle or 0.0)
+    """Seconds per call of ``fn`` from one series of its own (one call if slow)."""
+    return median_times([fn], 7, 2, settle or 0.0, first_settle_only=True, once_above=slow)[0]
 
 
 def _rank1_rows(rng, n: int) -> list[Row]:
@@ -73,7 +66,7 @@ def _rank1_rows(rng, n: int) -> list[Row]:
         Row(SUITE, "rank-1 update", size, NEW, t_chol, t_dplr, err, 10.0,
             "new array returned", params),
         Row(SUITE, "rank-1 update", size, "numpy.copy(L)", t_copy, t_dplr, err, 1 / 3,
-            "target: at most 3x one copy of the factor", params),
+            "aim: at most 3x the time of one copy of the factor", params),
     ]  # fmt: skip
 
 
@@ -126,14 +119,13 @@ def _grid_rows(rng, ns, ms, progress: Progress) -> list[Row]:
             # 2. auto against it, their samples alternating: the same conditions
             #    for both (separate series of the same code differed by 35%).
             t_best, times["auto"] = _times(call[best], call["auto"], settle=settle)
-            chosen = dplr.cholesky._policy.choose_method(n, m, 1, False)
             ref = np.linalg.cholesky(a + u @ u.T)
             err = _rel(dplr.cholesky_update(L, u), ref)
             note = "; ".join(f"{k} {1e3 * v:.2f} ms" for k, v in times.items() if k != "auto")
             rows.append(
-                Row(SUITE, "grid: auto vs fastest", f"N={n}, M={m}", f"fastest: {best}",
-                    t_best, times["auto"], err, 1 / 1.2, f"auto={chosen}; {note}",
-                    {"plot": "chol_vs_M", "N": n, "M": m, "method": chosen, "fastest": best,
+                Row(SUITE, GRID_CASE, f"N={n}, M={m}", f'the fastest method here, "{best}"',
+                    t_best, times["auto"], err, 1 / 1.2, note,
+                    {"plot": "chol_vs_M", "N": n, "M": m, "method": "auto", "fastest": best,
                      **{f"{k}_s": v for k, v in times.items()}})
             )  # fmt: skip
     return rows
@@ -143,7 +135,7 @@ def crossovers(rows: list[Row]) -> dict[int, int | None]:
     """Per N, the smallest M of the grid at which refactorisation was the fastest."""
     out: dict[int, int | None] = {}
     for r in rows:
-        if r.case != "grid: auto vs fastest":
+        if r.case != GRID_CASE:
             continue
         n = r.params["N"]
         out.setdefault(n, None)
@@ -194,9 +186,9 @@ def _gp_speed_rows(rng, n: int, m: int) -> list[Row]:
     ]  # fmt: skip
 
 
-def _gp_accuracy_rows(rng, quick: bool) -> list[Row]:
+def _gp_accuracy_rows(rng, sizes: tuple[int, int, int, int]) -> list[Row]:
     """Backward error and time of every method on RBF kernels with small noise."""
-    nu, mu, nd, md = (200, 16, 300, 32) if quick else (500, 16, 800, 64)
+    nu, mu, nd, md = sizes
     rows = []
     for noise in (1e-2, 1e-6, 1e-10):
         k = _rbf(nu, noise)
@@ -275,7 +267,7 @@ def _jit_rows() -> list[Row]:
         cached = any(name.endswith(".nbi") for _, _, files in os.walk(cache) for name in files)
     return [
         Row(SUITE, "JIT first call (compile)", "rank-1 kernels, float64", "empty cache", cold,
-            warm, 0.0, None, f"disk cache {'used' if cached else 'NOT written'}; dplr = warm",
+            warm, None, None, f"disk cache {'used' if cached else 'NOT written'}; dplr = warm",
             {"method": "rank1"})
     ]  # fmt: skip
 
@@ -284,19 +276,20 @@ def run(quick: bool = False, progress: Progress | None = None) -> list[Row]:
     """All Cholesky benchmarks; ``quick`` uses small sizes (a few seconds)."""
     progress = progress or noop_progress
     rng = np.random.default_rng(0)
-    big = 600 if quick else 3000
+    big = by_mode(3000, 600, 64)
     progress("cholesky: rank-1 update")
     rows = _rank1_rows(rng, big)
     progress("cholesky: rank-32 update and downdate")
     rows += _rank_m_rows(rng, big, 32)
     progress("cholesky: ill-conditioned factors")
     rows += _gp_speed_rows(rng, big, 32)
-    rows += _gp_accuracy_rows(rng, quick)
-    ns, ms = ((100, 500), (1, 16)) if quick else ((100, 500, 2000, 4000), (1, 4, 16, 64, 256))
+    rows += _gp_accuracy_rows(rng, by_mode((500, 16, 800, 64), (200, 16, 300, 32), (40, 4, 40, 4)))
+    ns, ms = by_mode(((100, 500, 2000, 4000), (1, 4, 16, 64, 256)), ((100, 500), (1, 16)),
+                     ((40,), (1, 4)))  # fmt: skip
     rows += _grid_rows(rng, ns, ms, progress)
     progress("cholesky: batched rank-1")
-    rows += _batch_rows(rng, 300 if quick else 10000, 32)
-    if not quick:
+    rows += _batch_rows(rng, by_mode(10000, 300, 20), 32)
+    if by_mode(True, False):
         progress("cholesky: JIT compile time")
         rows += _jit_rows()
     return rows

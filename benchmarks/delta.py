@@ -1,56 +1,61 @@
-"""Delta rule: the chunked solve against the token recurrence and a naive chunked form.
+"""Delta rule: dplr's chunked form against the token recurrence and a naive chunked form.
 
-PyTorch on the CPU, float32, B = 1, H = 8, K = V = 64 (the issue's setting):
+PyTorch on the CPU, float32, B = 1, H = 8, K = V = 64:
 
-- forward, T = 4096, against the token-by-token recurrence and against a
-  chunked reference that builds each chunk's inverse by row-by-row forward
-  substitution; the achieved GFLOP/s against one large matrix product;
+- forward, T = 4096, against the token-by-token recurrence
+  (:func:`dplr.reference.delta_rule_recurrent`) and against a chunked form
+  that builds each chunk's inverse by row-by-row forward substitution; the
+  achieved GFLOP/s against one large matrix product;
 - forward + backward against 3.5 x the forward, and against the recurrence
   under autograd, with the peak memory of each (in a fresh process);
 - throughput (tokens per second) against T;
 - NumPy float64 against PyTorch float64.
 
-Run ``python -m dplr_bench.delta`` (or ``python benchmarks/delta.py``).
+Run ``python -m dplr bench --suite delta`` (or ``python -m dplr_bench.delta``).
 """
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
-import statistics
 import time
 
-import numpy as np
-
-try:
-    from ._common import Progress, Row, format_table, median_time, noop_progress
-except ImportError:  # run as a script
-    from _common import Progress, Row, format_table, median_time, noop_progress
-
 import dplr
+from dplr.reference import delta_rule_recurrent
+
+from ._common import (
+    Progress,
+    Row,
+    by_mode,
+    format_table,
+    median_time,
+    median_times,
+    noop_progress,
+    rel_error,
+)
 
 SUITE = "delta"
-H, K, V, CHUNK = 8, 64, 64, 64
+H, K, V = 8, 64, 64
+
+#: dplr's documented default chunk size, passed explicitly so that the flops
+#: counted are those of the algorithm that ran.
+CHUNK = 32
+
+#: Tokens per chunk of the naive chunked form (its usual setting).
+NAIVE_CHUNK = 64
+
+RECURRENCE = "PyTorch token-by-token recurrence (all heads at once)"
+NAIVE = f"PyTorch chunked form, each chunk's inverse row by row (c={NAIVE_CHUNK})"
 
 
-# ------------------------------------------------------------------ references
-def recurrent(q, k, v, beta, scale):
-    """Token by token, vectorised over heads; (B, H, T, .) layout."""
-    import torch
-
-    B, Hh, T, Kk = q.shape
-    S = q.new_zeros(B, Hh, Kk, v.shape[-1])
-    out = []
-    for t in range(T):
-        kt = k[:, :, t, :, None]
-        u = beta[:, :, t, None, None] * (v[:, :, t, None, :] - kt.mT @ S)
-        S = S + kt * u
-        out.append(q[:, :, t, None, :] @ S)
-    return scale * torch.cat(out, -2), S
+# ------------------------------------------------------------------ baselines
+def recurrent(q, k, v, beta):
+    """The token recurrence of :mod:`dplr.reference`, in the public layout, default scale."""
+    return delta_rule_recurrent(q, k, v, beta)
 
 
-def naive_chunked(q, k, v, beta, scale, c=CHUNK):
-    """The textbook chunked form: each chunk's inverse by forward substitution, row by row."""
+def naive_chunked(q, k, v, beta, scale, c=NAIVE_CHUNK):
+    """The textbook chunked form, (B, H, T, .) layout: each chunk's inverse by
+    forward substitution, row by row; T a multiple of ``c``."""
     import torch
 
     B, Hh, T, Kk = q.shape
@@ -75,8 +80,15 @@ def naive_chunked(q, k, v, beta, scale, c=CHUNK):
 
 
 def chunked_flops(T: int, heads: int = H, d: int = K, m: int = V, c: int = CHUNK) -> float:
-    """Flops of dplr's chunked forward (docs/delta.md): solve + product from the states."""
-    per_head = 4 * T * c * d + T * c * (d + m) + 2 * T * c * m + 6 * T * d * m
+    """Flops of dplr's chunked forward with chunk size ``c`` (docs/delta.md).
+
+    The solve for the new values (docs/algorithms.md): strict lower blocks
+    ``T c d``, substitutions with them ``T c m``, two state products per chunk
+    ``4 T d m``; then the output from the states: the causal blocks ``T c d``,
+    their product with the values ``T c m``, the state product ``2 T d m``.
+    Triangular block products are counted at their triangular cost.
+    """
+    per_head = 2 * T * c * (d + m) + 6 * T * d * m
     return float(heads * per_head)
 
 
@@ -98,11 +110,6 @@ def _heads_first(*xs):
     return [x.transpose(1, 2).contiguous() for x in xs]
 
 
-def _rel(a, b) -> float:
-    a, b = (np.asarray(x.detach().double().numpy() if hasattr(x, "detach") else x) for x in (a, b))
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
-
-
 # ---------------------------------------------------------------- peak memory
 def _status_mib(field: str) -> float:
     with open("/proc/self/status") as f:
@@ -121,7 +128,6 @@ def _peak_child(which: str, T: int, conn) -> None:
     import torch
 
     q, k, v, beta = (x.requires_grad_() for x in make_inputs(T))
-    hq, hk, hv, hb = (x.transpose(1, 2) for x in (q, k, v, beta))
     dplr.delta_rule(q[:, :64], k[:, :64], v[:, :64], beta[:, :64])  # warm up the code paths
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -129,7 +135,7 @@ def _peak_child(which: str, T: int, conn) -> None:
     if which == "chunked":
         o, _ = dplr.delta_rule(q, k, v, beta)
     else:
-        o, _ = recurrent(hq, hk, hv, hb, K**-0.5)
+        o, _ = recurrent(q, k, v, beta)
     torch.autograd.grad((o.sum(),), (q, k, v, beta))
     conn.send(_status_mib("VmHWM") - before)
     conn.close()
@@ -146,25 +152,6 @@ def peak_memory_mib(which: str, T: int) -> float:
 
 
 # ---------------------------------------------------------------------- suite
-def paired_medians(fns: dict, repeats: int) -> dict:
-    """Median seconds of each function, timed in turns (one run of each per round).
-
-    On a shared machine the load drifts; taking turns exposes every method to
-    the same drift, so the ratios of the medians are fairer than those of
-    medians taken one method after the other.
-    """
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            gc.collect()
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def _matmul_gflops(torch, repeats: int) -> tuple[float, float]:
     """GFLOP/s of one 1024^2 float32 product and of 512 batched 64^3 products."""
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
@@ -178,77 +165,79 @@ def _loss_grads(torch, o, s, inputs):
     return torch.autograd.grad((o.sum() + s.sum(),), inputs)
 
 
-def _forward_rows(torch, T: int, reps: int, quick: bool) -> list[Row]:
-    size = f"B=1 T={T} H={H} K=V={K}"
+def _size(T: int) -> str:
+    return f"B=1 T={T} H={H} K=V={K}"
+
+
+def _forward_rows(torch, T: int, reps: int) -> list[Row]:
     q, k, v, beta = make_inputs(T)
     hq, hk, hv, hb = _heads_first(q, k, v, beta)
     scale = K**-0.5
+    c = min(CHUNK, T)
     with torch.no_grad():
-        o, _ = dplr.delta_rule(q, k, v, beta)
-        o_rec, _ = recurrent(hq, hk, hv, hb, scale)
-        o_naive, _ = naive_chunked(hq, hk, hv, hb, scale)
-        t = paired_medians(
-            {"ours": lambda: dplr.delta_rule(q, k, v, beta),
-             "rec": lambda: recurrent(hq, hk, hv, hb, scale),
-             "naive": lambda: naive_chunked(hq, hk, hv, hb, scale)}, reps,
+        o, _ = dplr.delta_rule(q, k, v, beta, chunk_size=c)
+        o_rec, _ = recurrent(q, k, v, beta)
+        o_naive, _ = naive_chunked(hq, hk, hv, hb, scale, min(NAIVE_CHUNK, T))
+        t_ours, t_rec, t_naive = median_times(
+            [lambda: dplr.delta_rule(q, k, v, beta, chunk_size=c),
+             lambda: recurrent(q, k, v, beta),
+             lambda: naive_chunked(hq, hk, hv, hb, scale, min(NAIVE_CHUNK, T))],
+            reps, settle=0.0,
         )  # fmt: skip
-        t_ours, t_rec, t_naive = t["ours"], t["rec"], t["naive"]
         big, small = _matmul_gflops(torch, reps)
-    gflops = chunked_flops(T) / t_ours / 1e9
+    gflops = chunked_flops(T, c=c) / t_ours / 1e9
     note = (
-        f"{gflops:.0f} GFLOP/s = {gflops / big:.0%} of a 1024^2 matmul ({big:.0f} GFLOP/s); "
-        f"batched 64^3 products: {small:.0f} GFLOP/s"
+        f"dplr at chunk_size={c}: {gflops:.0f} GFLOP/s = {gflops / big:.0%} of one 1024^2 "
+        f"matmul ({big:.0f} GFLOP/s); batched 64^3 products: {small:.0f} GFLOP/s"
     )
     params = {"T": T, "tokens_per_s": T / t_ours, "method": "chunked", "gflops": gflops,
               "matmul_gflops": big, "bmm64_gflops": small}  # fmt: skip
-    o = o.transpose(1, 2)
     return [
-        Row(SUITE, "forward float32", size, "token recurrence", t_rec, t_ours,
-            _rel(o, o_rec), 15.0, note, params),
-        Row(SUITE, "forward float32", size, "naive chunked (row-by-row inverse)", t_naive,
-            t_ours, _rel(o, o_naive), 3.0, "", params),
+        Row(SUITE, "forward float32", _size(T), RECURRENCE, t_rec, t_ours,
+            rel_error(o, o_rec), 15.0, note, params),
+        Row(SUITE, "forward float32", _size(T), NAIVE, t_naive, t_ours,
+            rel_error(o.transpose(1, 2), o_naive), 3.0, "", params),
     ]  # fmt: skip
 
 
-def _backward_rows(torch, T: int, reps: int, quick: bool) -> list[Row]:
-    size = f"B=1 T={T} H={H} K=V={K}"
+def _backward_rows(torch, T: int, reps: int, memory: bool) -> list[Row]:
     ours_in = [x.requires_grad_() for x in make_inputs(T)]
-    rec_in = [x.detach().transpose(1, 2).contiguous().requires_grad_() for x in ours_in]
+    rec_in = [x.detach().clone().requires_grad_() for x in ours_in]
 
     def ours():
         o, s = dplr.delta_rule(*ours_in, output_final_state=True)
         return _loss_grads(torch, o, s, ours_in)
 
     def rec():
-        o, s = recurrent(*rec_in, K**-0.5)
+        o, s = recurrent(*rec_in)
         return _loss_grads(torch, o, s, rec_in)
 
-    got, want = ours(), rec()
-    err = max(_rel(a.transpose(1, 2), b) for a, b in zip(got, want, strict=True))
+    err = max(rel_error(a, b) for a, b in zip(ours(), rec(), strict=True))
 
     def forward():
         with torch.no_grad():
             return dplr.delta_rule(*ours_in, output_final_state=True)
 
-    t = paired_medians({"fwd": forward, "fb": ours}, 2 * reps)
-    t_fwd, t_fb = t["fwd"], t["fb"]
+    t_fwd, t_fb = median_times([forward, ours], 2 * reps, settle=0.0)
     t_rec = median_time(rec, 1, warmup=0)
     ratio = t_fb / t_fwd
     rows = [
-        Row(SUITE, "fwd+bwd float32 vs 3.5 x forward", size, "3.5 x dplr forward", 3.5 * t_fwd,
-            t_fb, err, 1.0, f"fwd+bwd = {ratio:.2f} x forward",
+        Row(SUITE, "fwd+bwd float32 against 3.5 x forward", _size(T), "3.5 x dplr's forward",
+            3.5 * t_fwd, t_fb, err, 1.0, f"fwd+bwd = {ratio:.2f} x forward; error of the "
+            "gradients against the recurrence under autograd",
             {"T": T, "fwd_bwd_over_fwd": ratio, "method": "chunked"}),
     ]  # fmt: skip
     note, mem = "", {}
-    if not quick:
+    if memory:
         mem = {"peak_mib": peak_memory_mib("chunked", T),
                "baseline_peak_mib": peak_memory_mib("recurrent", T)}  # fmt: skip
         note = (
             f"peak memory (RSS growth) {mem['peak_mib']:.0f} MiB vs "
             f"{mem['baseline_peak_mib']:.0f} MiB for the recurrence"
         )
-    rows.append(Row(SUITE, "fwd+bwd float32", size, "token recurrence under autograd", t_rec,
-                    t_fb, err, None, note, {"T": T, "method": "chunked", **mem}))  # fmt: skip
+    params = {"T": T, "method": "chunked", **mem}
+    rows.append(Row(SUITE, "fwd+bwd float32", _size(T), f"{RECURRENCE}, under autograd",
+                    t_rec, t_fb, err, None, note, params))  # fmt: skip
     return rows
 
 
@@ -257,32 +246,32 @@ def _throughput_rows(torch, lengths) -> list[Row]:
     rows = []
     for n in lengths:
         q, k, v, beta = make_inputs(n)
-        hq, hk, hv, hb = _heads_first(q, k, v, beta)
         with torch.no_grad():
             t_c = median_time(lambda q=q, k=k, v=v, b=beta: dplr.delta_rule(q, k, v, b), 3)
             start = time.perf_counter()  # one run: the recurrence alone takes seconds at T = 65536
-            o_rec, _ = recurrent(hq, hk, hv, hb, K**-0.5)
+            o_rec, _ = recurrent(q, k, v, beta)
             t_r = time.perf_counter() - start
-            err = _rel(dplr.delta_rule(q, k, v, beta)[0].transpose(1, 2), o_rec)
-        rows.append(Row(SUITE, "throughput", f"B=1 T={n} H={H} K=V={K}", "token recurrence",
-                        t_r, t_c, err, None,
+            err = rel_error(dplr.delta_rule(q, k, v, beta)[0], o_rec)
+        rows.append(Row(SUITE, "throughput", _size(n), RECURRENCE, t_r, t_c, err, None,
                         f"{n / t_c:,.0f} tokens/s (recurrence {n / t_r:,.0f})",
-                        {"plot": "delta_tokens", "T": n, "chunked_tok_s": n / t_c,
-                         "recurrent_tok_s": n / t_r}))  # fmt: skip
+                        {"plot": "delta_tokens", "T": n, "H": H, "K": K, "V": V,
+                         "chunked_tok_s": n / t_c, "recurrent_tok_s": n / t_r}))  # fmt: skip
     return rows
 
 
 def _numpy_row(torch, T: int, reps: int) -> Row:
+    """dplr on NumPy arrays against dplr on torch tensors; the error against the
+    float64 recurrence on the NumPy arrays."""
     q, k, v, beta = make_inputs(T, "float64")
     arrays = [x.numpy() for x in (q, k, v, beta)]
     with torch.no_grad():
-        o_torch, _ = dplr.delta_rule(q, k, v, beta)
-        t = paired_medians({"torch": lambda: dplr.delta_rule(q, k, v, beta),
-                            "numpy": lambda: dplr.delta_rule(*arrays)}, reps)  # fmt: skip
-    t_torch, t_np = t["torch"], t["numpy"]
-    err = _rel(dplr.delta_rule(*arrays)[0], o_torch)
-    return Row(SUITE, "forward float64, NumPy", f"B=1 T={T} H={H} K=V={K}",
-               "dplr PyTorch float64", t_torch, t_np, err, None, "",
+        t_torch, t_np = median_times(
+            [lambda: dplr.delta_rule(q, k, v, beta), lambda: dplr.delta_rule(*arrays)],
+            reps, settle=0.0,
+        )  # fmt: skip
+    err = rel_error(dplr.delta_rule(*arrays)[0], recurrent(*arrays)[0])
+    return Row(SUITE, "forward float64, NumPy", _size(T), "dplr on PyTorch float64 tensors",
+               t_torch, t_np, err, None, "error against the NumPy token recurrence",
                {"T": T, "method": "chunked"})  # fmt: skip
 
 
@@ -294,22 +283,20 @@ def run(quick: bool = False, progress: Progress | None = None) -> list[Row]:
     except ImportError:
         progress("torch is not installed: skipping the delta-rule benchmarks (all use torch)")
         return []
-    reps = 3 if quick else 5
-    T = 1024 if quick else 4096
+    reps = by_mode(5, 3)
+    T = by_mode(4096, 1024, 32)
     progress("delta: forward against the recurrence and the naive chunked form")
-    rows = _forward_rows(torch, T, reps, quick)
-    progress("delta: forward + backward" + ("" if quick else ", peak memory in fresh processes"))
-    rows += _backward_rows(torch, T, reps, quick)
+    rows = _forward_rows(torch, T, reps)
+    memory = by_mode(True, False)
+    progress("delta: forward + backward" + (", peak memory in fresh processes" if memory else ""))
+    rows += _backward_rows(torch, T, reps, memory)
     progress("delta: throughput against T")
-    rows += _throughput_rows(torch, (1024, 4096) if quick else (1024, 4096, 16384, 65536))
+    lengths = by_mode((1024, 4096, 16384, 65536), (512, 1024, 2048, 4096), (8, 16, 32))
+    rows += _throughput_rows(torch, lengths)
     progress("delta: NumPy float64 against PyTorch float64")
     rows.append(_numpy_row(torch, T, reps))
     return rows
 
 
 if __name__ == "__main__":
-    _rows = run(progress=print)
-    print(format_table(_rows))
-    for _row in _rows:
-        if _row.note:
-            print(f"- {_row.case} ({_row.size}, vs {_row.baseline}): {_row.note}")
+    print(format_table(run(progress=print)))

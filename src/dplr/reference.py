@@ -79,15 +79,13 @@ def tril_dense(q: Any, k: Any, lam: Any = None, log_decay: Any = None) -> Any:
         diagonal = torch.ones(q.shape[:-1], dtype=q.dtype, device=q.device) if lam is None else lam
         return low + torch.diag_embed(diagonal)
     below = np.tri(n, k=-1, dtype=bool)
-    low = q @ np.swapaxes(k, -1, -2)
+    out = np.matmul(q, np.swapaxes(k, -1, -2), dtype=np.result_type(q, k))
     if log_decay is not None:
         cum = np.cumsum(log_decay, -1)
-        exponent = np.where(below, cum[..., :, None] - cum[..., None, :], -np.inf)
-        low = low * np.exp(exponent)
-    out = np.where(below, low, 0.0).astype(np.result_type(q, k), copy=False)
-    diagonal = np.ones(q.shape[:-1], out.dtype) if lam is None else lam
+        out *= np.exp(np.where(below, cum[..., :, None] - cum[..., None, :], -np.inf))
+    out[..., ~below] = 0.0  # in place: one n x n array at n = 16384 is already 2 GiB
     idx = np.arange(n)
-    out[..., idx, idx] = diagonal
+    out[..., idx, idx] = 1.0 if lam is None else lam
     return out
 
 

@@ -1,8 +1,10 @@
-"""``python -m dplr bench``: fake suites, plots, JSON, bad arguments, no torch."""
+"""``python -m dplr bench`` and its arguments, end to end on stand-in suites.
+
+The real suites are run by tests/tools/test_bench.py (at tiny sizes).
+"""
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import subprocess
@@ -15,7 +17,6 @@ import pytest
 from dplr_bench._common import Row
 
 from dplr.tools import bench as _bench
-from dplr.tools import plots as _plots
 from dplr.tools.cli import main
 
 PNGS = ("solve_vs_n.png", "chol_vs_M.png", "delta_tokens.png")
@@ -64,8 +65,7 @@ def delta_rows() -> list[Row]:
     ]
 
 
-def models_rows() -> list[Row]:
-    return [Row("models", "decode step", "H=32", "transformers", 3e-4, 1e-4, 1e-7)]
+FAKES = ("core", "cholesky", "delta")
 
 
 def fake_suite(name: str, make_rows=None, error: Exception | None = None) -> types.ModuleType:
@@ -85,16 +85,16 @@ def fake_suite(name: str, make_rows=None, error: Exception | None = None) -> typ
     return module
 
 
-def distributed_rows() -> list[Row]:
-    return [Row("distributed", "strong scaling", "T=1024", "one process", 0.02, 0.015, 1e-7)]
+@pytest.fixture(autouse=True)
+def three_suites(monkeypatch):
+    """The command line sees the three suites the fakes stand in for, whatever else exists."""
+    monkeypatch.setattr(_bench, "suite_names", lambda: FAKES)
 
 
 @pytest.fixture
 def fake_suites(monkeypatch):
-    """Install working fakes of all the suites in place of the real modules."""
-    suites = (("core", core_rows), ("cholesky", cholesky_rows), ("delta", delta_rows),
-              ("models", models_rows), ("distributed", distributed_rows))  # fmt: skip
-    for name, rows in suites:
+    """Install working fakes of all three suites in place of the real modules."""
+    for name, rows in (("core", core_rows), ("cholesky", cholesky_rows), ("delta", delta_rows)):
         monkeypatch.setitem(sys.modules, f"dplr_bench.{name}", fake_suite(name, rows))
 
 
@@ -108,20 +108,26 @@ def test_bench_all_writes_tables_json_and_plots(fake_suites, tmp_path, capsys):
     for heading in ("suite core (3 rows", "suite cholesky (4 rows", "suite delta (3 rows"):
         assert heading in captured.out
     assert "baseline ms" in captured.out and "ratio" in captured.out
+    assert "target" not in captured.out and "seed" not in captured.out
+    assert "error = largest difference between dplr's result and one computed without dplr" in (
+        captured.out
+    )
+    assert f"the tables in Markdown: {tmp_path / 'results.md'}" in captured.out
     assert "[core] solve d=16 n=256" in captured.err  # plain progress lines: not a TTY
     doc = load_results(tmp_path)
-    assert set(doc) == {"machine", "quick", "suites", "rows"}
-    assert doc["quick"] is True
+    assert set(doc) == {"machine", "mode", "suites", "rows"}
+    assert doc["mode"] == "quick"
     assert {"cores", "cpu", "date", "versions"} <= set(doc["machine"])
     assert {"numpy", "scipy", "torch", "dplr"} <= set(doc["machine"]["versions"])
     assert {s["status"] for s in doc["suites"].values()} == {"ok"}
-    assert len(doc["rows"]) == 12
+    assert len(doc["rows"]) == 10
     for row in doc["rows"]:
         for key in ("baseline_s", "dplr_s", "error", "ratio"):
             assert math.isfinite(row[key])
+        assert "goal" in row and "target" not in row
     markdown = (tmp_path / "results.md").read_text()
     assert markdown.startswith("Measured on ") and "(`--quick`)" in markdown
-    assert markdown.count("| case | size | baseline |") == 5  # one Markdown table per suite
+    assert markdown.count("| case | size | baseline |") == 3  # one Markdown table per suite
     for name in PNGS:
         path = tmp_path / name
         assert path.stat().st_size > 1000
@@ -142,17 +148,15 @@ def test_bench_one_suite_notes_the_missing_plots(fake_suites, tmp_path, capsys):
 def test_missing_suite_and_missing_torch_are_one_line_skips(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "dplr_bench.core", fake_suite("core", core_rows))
     monkeypatch.setitem(sys.modules, "dplr_bench.cholesky", None)  # module not there
-    monkeypatch.setitem(sys.modules, "dplr_bench.distributed", None)
     no_torch = ModuleNotFoundError("No module named 'torch'", name="torch")
     monkeypatch.setitem(sys.modules, "dplr_bench.delta", fake_suite("delta", error=no_torch))
-    monkeypatch.setitem(sys.modules, "dplr_bench.models", fake_suite("models", models_rows))
     assert main(["bench", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "suite cholesky: skipped, not available in this version" in out
     assert "suite delta: skipped, needs torch, which is not installed" in out
     assert "Traceback" not in out
     suites = load_results(tmp_path)["suites"]
-    assert [s["status"] for s in suites.values()] == ["ok", "skipped", "skipped", "ok", "skipped"]
+    assert [s["status"] for s in suites.values()] == ["ok", "skipped", "skipped"]
 
 
 def test_suite_without_rows_is_skipped_with_its_last_message(monkeypatch, tmp_path, capsys):
@@ -173,8 +177,6 @@ def test_failing_suite_is_reported_and_exit_code_is_1(monkeypatch, tmp_path, cap
     boom = fake_suite("delta", error=RuntimeError("boom"))
     monkeypatch.setitem(sys.modules, "dplr_bench.delta", boom)
     monkeypatch.setitem(sys.modules, "dplr_bench.cholesky", fake_suite("cholesky", cholesky_rows))
-    monkeypatch.setitem(sys.modules, "dplr_bench.distributed", None)
-    monkeypatch.setitem(sys.modules, "dplr_bench.models", None)  # not the real, full suite
     assert main(["bench", "--out", str(tmp_path)]) == 1
     assert "suite delta: FAILED, RuntimeError: boom" in capsys.readouterr().out
     assert load_results(tmp_path)["suites"]["delta"]["status"] == "failed"
@@ -198,6 +200,7 @@ def test_non_finite_numbers_become_null(monkeypatch, tmp_path):
         ["frobnicate"],
         ["bench", "--suite", "nope"],
         ["bench", "--bogus"],
+        ["bench", "--quick", "--smoke"],
         ["demo", "--window", "0"],
         ["demo", "--steps", "many"],
     ],
@@ -224,7 +227,9 @@ NO_TORCH_SCRIPT = """
 import sys, types
 sys.modules["torch"] = None  # as if torch were not installed
 sys.path.insert(0, {tests!r})
-from test_cli import core_rows, fake_suite
+from test_cli import FAKES, core_rows, fake_suite
+from dplr.tools import bench
+bench.suite_names = lambda: FAKES
 sys.modules["dplr_bench.core"] = fake_suite("core", core_rows)
 
 def needs_torch(quick=False, progress=None):
@@ -234,7 +239,6 @@ delta = types.ModuleType("dplr_bench.delta")
 delta.run = needs_torch
 sys.modules["dplr_bench.delta"] = delta
 sys.modules["dplr_bench.cholesky"] = None
-sys.modules["dplr_bench.distributed"] = None
 from dplr.tools.cli import main
 sys.exit(main(["bench", "--quick", "--out", {out!r}]))
 """
@@ -257,61 +261,19 @@ def test_runs_without_torch(tmp_path):
     assert (tmp_path / "solve_vs_n.png").exists()
 
 
-def test_progress_plain_lines_and_bar():
-    stream = io.StringIO()
-    plain = _bench.ProgressDisplay("core", stream=stream)
-    plain("n=256")
-    plain.close()
-    assert stream.getvalue() == "[core] n=256\n"
-    pytest.importorskip("tqdm")
-    stream = io.StringIO()
-    bar = _bench.ProgressDisplay("core", stream=stream, bar=True)
-    bar("n=256")
-    bar("n=1024")
-    bar.close()
-    assert bar.count == 2
-    assert "n=1024" in stream.getvalue()
+def test_smoke_mode_reaches_the_suites(monkeypatch, tmp_path):
+    seen = []
 
+    def run(quick=False, progress=None):
+        from dplr_bench import _common
 
-def test_text_table_aligns_columns_and_shows_notes():
-    rows = [r.as_dict() for r in core_rows()]
-    rows[1]["note"] = "float32"
-    lines = _bench.format_text_table(rows).splitlines()
-    assert lines[0].split() == [
-        "case",
-        "size",
-        "baseline",
-        "baseline",
-        "ms",
-        "dplr",
-        "ms",
-        "ratio",
-        "target",
-        "error",
-    ]
-    assert len({len(line) for line in lines[2:4]}) == 1  # numbers right-aligned
-    assert "note: float32" in lines[4]
+        seen.append((quick, _common.MODE))
+        return core_rows()
 
-
-def test_crossovers_interpolate_in_log_space():
-    import numpy as np
-
-    m = np.array([1.0, 10.0, 100.0])
-    assert _plots.crossovers(m, np.array([1.0, 10.0, 100.0]), np.full(3, 10.0)) == [
-        pytest.approx(10.0)
-    ]
-    assert _plots.crossovers(m, np.full(3, 1.0), np.full(3, 2.0)) == []
-
-
-def test_import_errors_are_classified():
-    exc = ModuleNotFoundError("No module named 'torch._C'", name="torch._C")
-    assert _bench.classify_import_error(exc, "delta") == (
-        "skipped",
-        "needs torch, which is not installed",
-    )
-    status, note = _bench.classify_import_error(
-        ModuleNotFoundError("x", name="dplr_bench.core"), "core"
-    )
-    assert status == "skipped" and "no module dplr_bench.core" in note
-    bug = ImportError("cannot import name 'nope' from 'dplr'", name="dplr")
-    assert _bench.classify_import_error(bug, "core")[0] == "failed"
+    module = types.ModuleType("dplr_bench.core")
+    module.run = run
+    monkeypatch.setitem(sys.modules, "dplr_bench.core", module)
+    assert main(["bench", "--suite", "core", "--smoke", "--out", str(tmp_path)]) == 0
+    assert seen == [(True, "smoke")]
+    assert load_results(tmp_path)["mode"] == "smoke"
+    assert "(`--smoke`)" in (tmp_path / "results.md").read_text()

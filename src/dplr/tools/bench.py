@@ -1,9 +1,10 @@
 """Orchestration behind ``python -m dplr bench``: load and run suites, report, save.
 
-The measurements themselves live in the suite modules of ``dplr_bench``
-(``benchmarks/`` in the source tree); each exposes ``run(quick, progress)``
-returning a list of ``dplr_bench._common.Row``.  This module only imports
-them, drives a progress display, prints tables and writes ``results.json``.
+The measurements live in the suite modules of ``dplr_bench`` (``benchmarks/``
+in the source tree); each exposes ``run(quick, progress)`` returning a list of
+``dplr_bench._common.Row``, and ``dplr_bench._common`` formats the tables.
+This module imports them (never the other way round), drives a progress
+display, prints the tables and writes ``results.json`` and ``results.md``.
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TextIO
 
-SUITES: tuple[str, ...] = ("core", "cholesky", "delta", "models", "distributed")
-"""The suite names, in the order ``--suite all`` runs them."""
+import dplr_bench
+from dplr_bench import _common
+
+MODES = ("full", "quick", "smoke")
+"""Sizes of a run: the full suites, ``--quick`` (under a minute) or ``--smoke`` (seconds)."""
 
 RESULTS_FILE = "results.json"
 MARKDOWN_FILE = "results.md"
@@ -82,17 +86,22 @@ def load_suite(name: str) -> ModuleType | SuiteOutcome:
         return SuiteOutcome(name, *classify_import_error(exc, name))
 
 
+def suite_names() -> tuple[str, ...]:
+    """The suites of ``dplr_bench``, in the order ``--suite all`` runs them."""
+    return dplr_bench.suite_names()
+
+
 def run_suite(
-    name: str, quick: bool, progress_factory: Callable[[str], ProgressDisplay]
+    name: str, mode: str, progress_factory: Callable[[str], ProgressDisplay]
 ) -> SuiteOutcome:
     """Import and run one suite, turning import problems and errors into an outcome.
 
     Parameters
     ----------
     name : str
-        Suite name, one of :data:`SUITES`.
-    quick : bool
-        Run the suite's quick variant.
+        Suite name, one of :func:`suite_names`.
+    mode : {"full", "quick", "smoke"}
+        The sizes to run (see :data:`dplr_bench._common.MODE`).
     progress_factory : callable
         ``progress_factory(name)`` returns the progress display for this suite.
 
@@ -107,15 +116,16 @@ def run_suite(
     display = progress_factory(name)
     start = time.perf_counter()
     # A quick run times one series per measurement, a full run the best of three.
-    importlib.import_module("dplr_bench._common").configure(quick)
+    _common.configure(mode)
     try:
-        rows = module.run(quick=quick, progress=display)
+        rows = module.run(quick=mode != "full", progress=display)
     except ImportError as exc:
         return SuiteOutcome(name, *classify_import_error(exc, name))
     except Exception as exc:
         return SuiteOutcome(name, "failed", f"{type(exc).__name__}: {exc}")
     finally:
         display.close()
+        _common.configure("full")
     seconds = time.perf_counter() - start
     if not rows:
         said = f": {display.last}" if display.last else ""
@@ -230,13 +240,13 @@ def _finite_or_none(value: Any) -> Any:
 
 
 def results_document(
-    outcomes: Sequence[SuiteOutcome], machine: dict[str, Any], quick: bool
+    outcomes: Sequence[SuiteOutcome], machine: dict[str, Any], mode: str
 ) -> dict[str, Any]:
-    """The content of ``results.json``: machine, per-suite status, and all rows."""
+    """The content of ``results.json``: machine, mode, per-suite status, and all rows."""
     return _finite_or_none(
         {
             "machine": machine,
-            "quick": quick,
+            "mode": mode,
             "suites": {
                 o.name: {"status": o.status, "note": o.note, "seconds": o.seconds} for o in outcomes
             },
@@ -254,71 +264,19 @@ def write_results(document: dict[str, Any], out: Path) -> Path:
     return path
 
 
-def format_markdown_table(rows: Iterable[dict[str, Any]]) -> str:
-    """A Markdown table of row dicts: the columns of :func:`format_text_table` and the note."""
-    lines = ["| " + " | ".join((*HEADER, "note")) + " |", "|---|---|---|" + "---:|" * 5 + "---|"]
-    for row in rows:
-        lines.append("| " + " | ".join([*_cells(row), str(row.get("note") or "")]) + " |")
-    return "\n".join(lines)
-
-
 def markdown_report(document: dict[str, Any]) -> str:
     """The machine line and one Markdown table per suite that ran."""
-    parts = [f"Measured on {machine_line(document['machine'])}"
-             + (" (`--quick`)" if document.get("quick") else "") + "."]  # fmt: skip
+    mode = document.get("mode", "full")
+    flag = "" if mode == "full" else f" (`--{mode}`)"
+    parts = [f"Measured on {machine_line(document['machine'])}{flag}."]
     for name, info in document["suites"].items():
         rows = [r for r in document["rows"] if r.get("suite") == name]
         if rows:
-            parts.append(f"**{name}**\n\n{format_markdown_table(rows)}")
+            parts.append(f"**{name}**\n\n{_common.format_table(rows)}")
         else:
             parts.append(f"**{name}**: {info['status']}. {info.get('note') or ''}".rstrip())
+    parts.append(_common.LEGEND + ".")
     return "\n\n".join(parts) + "\n"
-
-
-def _ms(seconds: Any) -> str:
-    return "-" if seconds is None else f"{1e3 * seconds:.4g}"
-
-
-def _cells(row: dict[str, Any]) -> list[str]:
-    ratio = row.get("ratio")
-    target = row.get("target")
-    error = row.get("error")
-    return [
-        str(row["case"]),
-        str(row["size"]),
-        str(row["baseline"]),
-        _ms(row.get("baseline_s")),
-        _ms(row.get("dplr_s")),
-        "-" if ratio is None else f"{ratio:.2f}x",
-        "report" if target is None else f">= {target:.3g}x",
-        "-" if error is None else f"{error:.1e}",
-    ]
-
-
-HEADER = ("case", "size", "baseline", "baseline ms", "dplr ms", "ratio", "target", "error")
-
-
-def format_text_table(rows: Iterable[dict[str, Any]]) -> str:
-    """A plain-text table of row dicts, columns aligned (numbers to the right).
-
-    The same columns as ``dplr_bench._common.format_table`` (Markdown), for a
-    terminal; rows with a ``note`` get it on a line of their own below.
-    """
-    rows = list(rows)
-    table = [list(HEADER)] + [_cells(r) for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(HEADER))]
-
-    def fmt(line: list[str]) -> str:
-        left = [c.ljust(w) for c, w in zip(line[:3], widths[:3], strict=True)]
-        right = [c.rjust(w) for c, w in zip(line[3:], widths[3:], strict=True)]
-        return "  ".join(left + right).rstrip()
-
-    lines = [fmt(table[0]), "  ".join("-" * w for w in widths)]
-    for cells, row in zip(table[1:], rows, strict=True):
-        lines.append(fmt(cells))
-        if row.get("note"):
-            lines.append(f"    note: {row['note']}")
-    return "\n".join(lines)
 
 
 def format_outcome(outcome: SuiteOutcome) -> str:
@@ -330,4 +288,4 @@ def format_outcome(outcome: SuiteOutcome) -> str:
     title = f"suite {outcome.name} ({len(outcome.rows)} rows, {outcome.seconds:.1f} s)"
     if not outcome.rows:
         return f"{title}: no rows"
-    return f"{title}\n{format_text_table(outcome.rows)}"
+    return f"{title}\n{_common.format_table(outcome.rows, markdown=False)}"

@@ -1,7 +1,8 @@
 """The command line: ``python -m dplr bench`` and ``python -m dplr demo``.
 
 ``bench`` runs the benchmark suites of ``dplr_bench`` (the ``benchmarks/``
-folder), prints their tables and writes ``results.json`` and PNG plots;
+folder), prints their tables and writes ``results.json``, ``results.md`` and
+PNG plots;
 ``demo`` runs the sliding-window Gaussian-process regression of
 :mod:`dplr.tools.demo`.  Both are thin: the work is in :mod:`dplr.tools.bench`,
 :mod:`dplr.tools.plots` and :mod:`dplr.tools.demo`.
@@ -15,6 +16,8 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from dplr_bench import _common
 
 from .. import __version__
 from . import bench as _bench
@@ -33,25 +36,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="run the benchmark suites, print tables, write results.json and plots",
+        help="run the benchmark suites, print tables, write results and plots",
         description="Run dplr's benchmark suites against their baselines; print "
-        "tables; write results.json and PNG plots to --out.",
+        "tables; write results.json, results.md (the tables in Markdown) and PNG "
+        "plots to --out.",
     )
     bench.add_argument(
         "--suite",
-        choices=(*_bench.SUITES, "all"),
+        choices=(*_bench.suite_names(), "all"),
         default="all",
         help="which suite to run (default: all)",
     )
-    bench.add_argument(
-        "--quick", action="store_true", help="small sizes: under a minute on 2 cores"
+    size = bench.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small sizes: under a minute on 2 cores")
+    size.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes, one sample each: checks in seconds that every suite runs "
+        "(its timings mean nothing)",
     )
     bench.add_argument(
         "--out",
         type=Path,
         default=Path("dplr-bench"),
         metavar="DIR",
-        help="folder for results.json and the plots (default: ./dplr-bench/)",
+        help="folder for results.json, results.md and the plots (default: ./dplr-bench/)",
     )
 
     demo = sub.add_parser(
@@ -105,9 +114,9 @@ def _torch_available() -> bool:
         return False
 
 
-def cmd_bench(suite: str, quick: bool, out: Path) -> int:
+def cmd_bench(suite: str, mode: str, out: Path) -> int:
     """Run ``python -m dplr bench``; return the exit code (1 if a suite failed)."""
-    names = _bench.SUITES if suite == "all" else (suite,)
+    names = _bench.suite_names() if suite == "all" else (suite,)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -120,17 +129,17 @@ def cmd_bench(suite: str, quick: bool, out: Path) -> int:
     start = time.perf_counter()
     outcomes = []
     for name in names:
-        outcome = _bench.run_suite(name, quick, _bench.ProgressDisplay)
+        outcome = _bench.run_suite(name, mode, _bench.ProgressDisplay)
         outcomes.append(outcome)
         print()
         print(_bench.format_outcome(outcome), flush=True)
     print()
-    print(
-        "ratio = baseline time / dplr time (> 1: dplr is faster); error = dplr against the baseline"
-    )
-    document = _bench.results_document(outcomes, machine, quick)
+    print(_common.LEGEND)
+    document = _bench.results_document(outcomes, machine, mode)
     try:
-        print(f"results: {_bench.write_results(document, out)}")
+        path = _bench.write_results(document, out)
+        markdown = path.with_name(_bench.MARKDOWN_FILE)
+        print(f"results: {path}, and the tables in Markdown: {markdown}")
     except OSError as exc:
         print(f"cannot write {out / _bench.RESULTS_FILE}: {exc.strerror}")
         return 1
@@ -185,5 +194,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "bench":
-        return cmd_bench(args.suite, args.quick, args.out)
+        mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+        return cmd_bench(args.suite, mode, args.out)
     return cmd_demo(args.window, args.steps, args.out)

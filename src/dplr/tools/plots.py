@@ -7,7 +7,8 @@ Every plot is drawn from the row dicts of ``results.json`` alone, selected by
   ``baseline_s`` the dense triangular solve.
 - ``"chol_vs_M"`` (cholesky): ``N``, ``M``, ``rank1_s``, ``blocked_s``,
   ``refactor_s``.
-- ``"delta_tokens"`` (delta): ``T``, ``chunked_tok_s``, ``recurrent_tok_s``.
+- ``"delta_tokens"`` (delta): ``T``, ``chunked_tok_s``, ``recurrent_tok_s``
+  (and ``H``, ``K``, ``V`` for the title, where present).
 """
 
 from __future__ import annotations
@@ -143,18 +144,18 @@ def plot_solve_vs_n(rows: Rows, footnote: str, path: Path) -> Path:
 def plot_chol_vs_M(rows: Rows, footnote: str, path: Path) -> Path:
     """Cholesky modification time against M at fixed N: rank-1, blocked, refactorisation.
 
-    One set of three lines per (case, N); each crossing of an update method
-    above refactorisation is marked with a dotted vertical line.
+    One set of three lines per N; each crossing of an update method above
+    refactorisation is marked with a dotted vertical line labelled with its N.
     """
     sizes = sorted({int(r["params"]["N"]) for r in rows})
     fig, ax = _figure(
         f"Cholesky modification of M columns, N = {', '.join(map(str, sizes))}", footnote
     )
     styles = (("rank1_s", "o-", "rank-1 sweeps"), ("blocked_s", "s-", "blocked"))
-    groups = group_by(rows, lambda r: (r["case"], int(r["params"]["N"])))
-    for j, ((case, size), group) in enumerate(groups.items()):
+    groups = group_by(rows, lambda r: int(r["params"]["N"]))
+    for j, (size, group) in enumerate(sorted(groups.items())):
         m, group = _sorted(group, "M")
-        suffix = f" ({case}, N = {size})" if len(groups) > 1 else ""
+        suffix = f", N = {size}" if len(groups) > 1 else ""
         refactor = np.array([r["params"]["refactor_s"] for r in group])
         ax.loglog(m, refactor, "^--", color=f"C{3 * j + 2}", label=f"refactorisation{suffix}")
         for i, (key, style, label) in enumerate(styles):
@@ -166,7 +167,7 @@ def plot_chol_vs_M(rows: Rows, footnote: str, path: Path) -> Path:
                 ax.text(
                     x,
                     0.03,
-                    f" {label} = refactorisation at M ≈ {x:.3g}",
+                    f" N = {size}: {label} = refactorisation at M ≈ {x:.3g}",
                     transform=ax.get_xaxis_transform(),
                     rotation=90,
                     fontsize=8,
@@ -179,18 +180,43 @@ def plot_chol_vs_M(rows: Rows, footnote: str, path: Path) -> Path:
     )
 
 
+def _thousands(value: float, _pos: Any = None) -> str:
+    """Tick label of a token rate: 20k, 150k, 1.2M."""
+    if value >= 1e6:
+        return f"{value / 1e6:.3g}M"
+    return f"{value / 1e3:.3g}k" if value >= 1e3 else f"{value:.3g}"
+
+
 def plot_delta_tokens(rows: Rows, footnote: str, path: Path) -> Path:
-    """Delta-rule throughput (tokens/s) against T, chunked and token-by-token."""
-    fig, ax = _figure("Delta rule: throughput against sequence length", footnote)
-    for i, (case, group) in enumerate(group_by(rows, lambda r: r["case"]).items()):
-        t, group = _sorted(group, "T")
-        for key, style, label in (
-            ("chunked_tok_s", "o-", "chunked"),
-            ("recurrent_tok_s", "s--", "token by token"),
-        ):
-            tok = np.array([r["params"][key] for r in group])
-            ax.loglog(t, tok, style, color=f"C{2 * i + (key[0] == 'r')}", label=f"{label} ({case})")
-    return _finish(fig, ax, "T (tokens per sequence)", "throughput (tokens/s)", path)
+    """Delta-rule throughput (tokens/s) against T: dplr's chunked form and the recurrence.
+
+    Each point is labelled with its rate, and the y axis has ticks at 1, 2
+    and 5 times each power of ten, so that every line has a labelled tick
+    near it; the title states the batch, heads and head sizes of the rows.
+    """
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    first = rows[0]["params"]
+    shape = ", ".join(f"{k} = {first[k]}" for k in ("H", "K", "V") if k in first)
+    title = "Delta rule forward: tokens per second against T"
+    fig, ax = _figure(f"{title}\n(B = 1{', ' + shape if shape else ''}, float32)", footnote)
+    t, group = _sorted(rows, "T")
+    lines = (
+        ("chunked_tok_s", "o-", "dplr (chunked)"),
+        ("recurrent_tok_s", "s--", "token-by-token recurrence"),
+    )
+    for i, (key, style, label) in enumerate(lines):
+        tok = np.array([r["params"][key] for r in group])
+        ax.loglog(t, tok, style, color=f"C{i}", label=label)
+        for x, y in zip(t, tok, strict=True):
+            ax.annotate(_thousands(y), (x, y), textcoords="offset points", xytext=(0, 6),
+                        ha="center", fontsize=7, color=f"C{i}")  # fmt: skip
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(_thousands))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda *_: ""))
+    ax.set_xticks(t, [f"{int(x)}" for x in t])
+    ax.minorticks_off()
+    return _finish(fig, ax, "T (tokens per sequence)", "tokens per second", path)
 
 
 _DRAW: dict[str, tuple[Callable[[Rows, str, Path], Path], tuple[str, ...]]] = {
