@@ -195,41 +195,55 @@ def gated_delta_rule_recurrent(
 
 
 def _recurrence(q, k, v, beta, g, scale, initial_state, use_qk_l2norm):
-    """Shared loop of the two recurrences; ``g=None`` means no decay."""
+    """Shared loop of the three recurrences.
+
+    ``g`` is None (no decay), (B, T, HV) (one decay per head) or (B, T, HV, K)
+    (one per key channel); key heads are shared by value heads as in
+    :func:`expand_key_heads`.
+    """
     torch_in = _is_torch(q)
     if use_qk_l2norm:
         q, k = (x / ((x * x).sum(-1, keepdims=True) ** 0.5) for x in (q, k))
+    q, k = expand_key_heads(q, v.shape[2]), expand_key_heads(k, v.shape[2])
     batch, length, heads, dim_k = q.shape
     scale = dim_k**-0.5 if scale is None else scale
-    # Heads first, (B, H, T, .), so that each step reads contiguous rows.
     if torch_in:
         import torch
 
-        q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-        beta = beta.transpose(1, 2)
-        g = None if g is None else g.transpose(1, 2)
         state = q.new_zeros(batch, heads, dim_k, v.shape[-1])
-        concat, exp = torch.stack, torch.exp
+        exp, concat = torch.exp, torch.cat
     else:
-        q, k, v = (np.ascontiguousarray(np.swapaxes(x, 1, 2)) for x in (q, k, v))
-        beta = np.swapaxes(beta, 1, 2)
-        g = None if g is None else np.swapaxes(g, 1, 2)
         state = np.zeros((batch, heads, dim_k, v.shape[-1]), np.result_type(q, k, v))
-        concat, exp = np.stack, np.exp
+        exp, concat = np.exp, np.concatenate
     if initial_state is not None:
         state = state + initial_state
-    outputs = []
-    for t in range(length):
-        k_t = k[:, :, t, :, None]  # (B, H, K, 1)
-        if g is not None:
-            state = exp(g[:, :, t])[..., None, None] * state
-        # u_t = beta_t (v_t - S^T k_t): the value written, the old one removed.
-        u_t = beta[:, :, t, None, None] * (v[:, :, t, None, :] - k_t.swapaxes(-1, -2) @ state)
-        state = state + k_t * u_t
-        outputs.append((q[:, :, t, None, :] @ state)[..., 0, :])
     if length == 0:  # no token: an empty output, the state unchanged
-        return (v.transpose(1, 2).clone() if torch_in else np.swapaxes(v, 1, 2).copy()), state
-    return scale * concat(outputs, 1), state
+        return (v.clone() if torch_in else v.copy()), state
+    # Per token, heads first: q_t, k_t^T (B, H, 1, K), k_t (B, H, K, 1),
+    # v_t (B, H, 1, V), beta_t (B, H, 1, 1); split once, outside the loop.
+    steps = [_tokens(x) for x in (q[..., None, :], k[..., None, :], k[..., None], v[..., None, :],
+                                  beta[..., None, None])]  # fmt: skip
+    if g is None:
+        decays = [None] * length
+    else:  # a_t: (B, H, 1, 1) per head or (B, H, K, 1) per key channel (row c of S)
+        decays = _tokens(exp(g)[..., None, None] if g.ndim == 3 else exp(g)[..., None])
+    outputs = []
+    for q_t, kr_t, kc_t, v_t, b_t, a_t in zip(*steps, decays, strict=True):
+        if a_t is not None:
+            state = a_t * state
+        # u_t = beta_t (v_t - k_t^T S): the value written, the old one it replaces removed.
+        u_t = b_t * (v_t - kr_t @ state)
+        state = state + kc_t * u_t
+        outputs.append(q_t @ state)
+    out = concat(outputs, -2)  # (B, H, T, V)
+    return scale * (out.transpose(1, 2) if torch_in else np.swapaxes(out, 1, 2)), state
+
+
+def _tokens(x: Any) -> list[Any]:
+    """The slices ``x[:, t]`` of a (B, T, H, ...) array, moved to (B, H, ...)."""
+    if _is_torch(x):
+        return list(x.transpose(1, 2).unbind(2))
+    return [x[:, t] for t in range(x.shape[1])]
 
 
 def kda_recurrent(
@@ -284,32 +298,7 @@ def kda_recurrent(
     >>> np.allclose(s, np.sqrt(0.5)) and np.allclose(o[0, :, 0, 0], [1.0, 1.0])
     True
     """
-    torch_in = _is_torch(q)
-    if use_qk_l2norm:
-        q, k = (x / ((x * x).sum(-1, keepdims=True) ** 0.5) for x in (q, k))
-    q, k = expand_key_heads(q, v.shape[2]), expand_key_heads(k, v.shape[2])
-    batch, length, heads, dim_k = q.shape
-    scale = dim_k**-0.5 if scale is None else scale
-    if torch_in:
-        import torch
-
-        state = q.new_zeros(batch, heads, dim_k, v.shape[-1])
-        stack, exp = torch.stack, torch.exp
-    else:
-        state = np.zeros((batch, heads, dim_k, v.shape[-1]), np.result_type(q, k, v))
-        stack, exp = np.stack, np.exp
-    if initial_state is not None:
-        state = state + initial_state
-    outputs = []
-    for t in range(length):
-        k_t = k[:, t, :, :, None]  # (B, HV, K, 1)
-        state = exp(g[:, t, :, :, None]) * state  # channel c of the state times exp(g_t[c])
-        u_t = beta[:, t, :, None, None] * (v[:, t, :, None, :] - k_t.swapaxes(-1, -2) @ state)
-        state = state + k_t * u_t
-        outputs.append((q[:, t, :, None, :] @ state)[..., 0, :])
-    if length == 0:
-        return (v.clone() if torch_in else v.copy()), state
-    return scale * stack(outputs, 1), state
+    return _recurrence(q, k, v, beta, g, scale, initial_state, use_qk_l2norm)
 
 
 def expand_key_heads(x: Any, value_heads: int) -> Any:
