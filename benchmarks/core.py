@@ -23,6 +23,12 @@ SUITE = "core"
 #: up to 2x over seconds, so more than usual (and baseline and dplr alternate).
 REPEATS, WARMUP = 9, 2
 
+
+def _repeats() -> int:
+    """:data:`REPEATS`, or 5 in a quick run."""
+    return by_mode(REPEATS, 5)
+
+
 #: dplr's documented default chunk size, passed explicitly where flops are
 #: counted, so that the count is that of the algorithm which ran.
 CHUNK = 32
@@ -57,7 +63,8 @@ def numpy_chunked_solve(q: np.ndarray, k: np.ndarray, v: np.ndarray, c: int) -> 
     return y
 
 
-def bench_solve_vs_dense(rng, n: int, d: int = 64, m: int = 64, repeats: int = REPEATS) -> Row:
+def bench_solve_vs_dense(rng, n: int, d: int = 64, m: int = 64) -> Row:
+    repeats = _repeats()
     q, k = delta_family(rng, (), n, d)
     v = rng.standard_normal((n, m))
     T = dplr.LowRankTril(q, k)
@@ -91,12 +98,12 @@ def bench_solve_vs_numpy_loop(rng, n: int, heads: int = 8, d: int = 64, m: int =
         return [numpy_chunked_solve(q[h], k[h], v[h], c) for h in range(heads)]
 
     times = {
-        c: median_time(lambda c=c: loop(c), REPEATS, WARMUP)
+        c: median_time(lambda c=c: loop(c), _repeats(), WARMUP)
         for c in by_mode((32, 64, 200), (32, 64))
     }
     best = min(times, key=times.get)
     err = rel_error(T.solve(v), np.stack(loop(best)))
-    t_loop, t_dplr = median_times([lambda: loop(best), lambda: T.solve(v)], REPEATS, WARMUP)
+    t_loop, t_dplr = median_times([lambda: loop(best), lambda: T.solve(v)], _repeats(), WARMUP)
     return Row(
         SUITE, "solve, float64, batch of heads", f"{heads} heads, n={n}, d={d}, m={m}",
         f"NumPy chunked loop with np.linalg.inv per chunk (best c={best}), head by head",
@@ -132,8 +139,8 @@ def bench_gflops(rng, batch: int, n: int, d: int = 64, m: int = 64) -> Row:
     a = rng.standard_normal((size, size)).astype(np.float32)
     # Two series with a pause between them: the multi-threaded GEMM leaves
     # OpenBLAS threads spinning, which alternating runs would time into the solve.
-    t_gemm = median_time(lambda: a @ a, REPEATS, WARMUP)
-    t_solve = median_time(lambda: T.solve(v, chunk_size=c), REPEATS, WARMUP, settle=0.3)
+    t_gemm = median_time(lambda: a @ a, _repeats(), WARMUP)
+    t_solve = median_time(lambda: T.solve(v, chunk_size=c), _repeats(), WARMUP, settle=0.3)
     solve_rate, gemm_rate = flops / t_solve / 1e9, 2 * size**3 / t_gemm / 1e9
     return Row(
         SUITE, "solve GFLOP/s vs one matrix product, float32",
