@@ -13,7 +13,7 @@ from __future__ import annotations
 import pkgutil
 
 #: Suites that run first, in this order; any other suite module follows, by name.
-FIRST = ("core", "cholesky", "delta")
+FIRST = ("core", "cholesky", "delta", "models", "distributed")
 
 
 def suite_names() -> tuple[str, ...]:

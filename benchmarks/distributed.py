@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 try:
-    from ._common import Progress, Row, format_table, noop_progress
+    from ._common import Progress, Row, by_mode, format_table, noop_progress
 except ImportError:  # run as a script
-    from _common import Progress, Row, format_table, noop_progress
+    from _common import Progress, Row, by_mode, format_table, noop_progress
 
 SUITE = "distributed"
 K = V = 64
@@ -220,7 +220,7 @@ def run(quick: bool = False, progress: Progress | None = None) -> list[Row]:
         have_torch = False
     if have_torch:
         progress("distributed: context parallelism on 2 gloo ranks")
-        T, heads, repeats = (512, 4, 3) if quick else (4096, 8, 5)
+        T, heads, repeats = by_mode((4096, 8, 5), (512, 4, 3), (64, 2, 1))
         rows += context_rows(T, heads, repeats)
     else:
         progress("torch.distributed is not available: skipping the context-parallel rows")
@@ -232,7 +232,7 @@ def run(quick: bool = False, progress: Progress | None = None) -> list[Row]:
         progress("dask.distributed is not installed: skipping the Dask row")
         return rows
     progress("distributed: Dask, 1 worker process against 2")
-    rows += dask_rows(10_000 if quick else 40_000, 32, 3 if quick else 5)
+    rows += dask_rows(by_mode(40_000, 10_000, 200), 32, by_mode(5, 3, 1))
     return rows
 
 
