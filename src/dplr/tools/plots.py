@@ -202,7 +202,7 @@ def plot_delta_tokens(rows: Rows, footnote: str, path: Path) -> Path:
     fig, ax = _figure(f"{title}\n(B = 1{', ' + shape if shape else ''}, float32)", footnote)
     t, group = _sorted(rows, "T")
     lines = (
-        ("chunked_tok_s", "o-", "dplr (chunked)"),
+        ("chunked_tok_s", "o-", "dplr"),
         ("recurrent_tok_s", "s--", "token-by-token recurrence"),
     )
     for i, (key, style, label) in enumerate(lines):
