@@ -182,6 +182,7 @@ def substitution_pass(
     keep = states.shape[1] > 1
     nc = v.shape[1]
     per_channel = decay.shape[2] > 1
+    one = v.dtype.type(1)  # keeps float32 products in float32
     sink = 0.0
     for b in range(v.shape[0]):
         for p in range(d):
@@ -212,7 +213,7 @@ def substitution_pass(
                 for s in range(width):
                     for p in range(d):
                         z_t[s, p] *= dj[p]
-                _dot_products(y_t, k_t, z_t, 1.0)
+                _dot_products(y_t, k_t, z_t, one)
             else:
                 _dot_products(y_t, k_t, z_t, decay[b, j, 0])
             if keep:

@@ -29,7 +29,14 @@ import numpy as np
 from .._runtime.backend import Array, Ops
 from .._runtime.tuning import CHUNK_ROWS as DEFAULT_CHUNK
 from . import _jit
-from ._decay import ChunkDecay, channel_strict_blocks, chunk_decay, rel_exp, split_resets
+from ._decay import (
+    ChunkDecay,
+    channel_strict_blocks,
+    chunk_decay,
+    exp_at_most_one,
+    rel_exp,
+    split_resets,
+)
 
 
 @dataclass(frozen=True)
@@ -155,7 +162,7 @@ def decay_mask(ops: Ops, g: Array, strict: Array, resets: Array | None = None) -
     rel = g[..., :, None] - g[..., None, :]
     if resets is not None:
         strict = strict & (resets[..., :, None] == resets[..., None, :])
-    return ops.exp(ops.where(strict, rel, -float("inf")))
+    return exp_at_most_one(ops, rel, strict)
 
 
 def reversed_operands(
@@ -330,7 +337,8 @@ def solve(
         out = ops.scratch("blocks", (*ch.q.shape[:-1], ch.c), q)
         blocks = ops.chunk_blocks(ch.q, ch.k, ch.lam, ch.mask, out, kernel=_jit.form_chunk_blocks)
     else:
-        blocks = strict_blocks(ops, ch) + ch.lam[..., None] * ops.eye(ch.c, q)
+        blocks = strict_blocks(ops, ch)  # fresh and contiguous: the diagonal goes in in place
+        blocks.reshape(*blocks.shape[:-2], ch.c * ch.c)[..., :: ch.c + 1] = ch.lam
     yc, states = _substitution_pass(
         ops, ch.q_in, blocks, ch.k_out, ch.chunk_decay, chunk_rows(ops, v, ch.c), h0, return_states
     )
