@@ -52,6 +52,17 @@ def rng():
     return np.random.default_rng(1234)
 
 
+@pytest.fixture(autouse=True)
+def chunked_core_for_small_d(request, monkeypatch):
+    """Core tests run the chunked kernels even for d <= 8 (most use small d),
+    except those of the row-by-row path itself (tests/core/test_recurrent.py)."""
+    where = str(request.node.path)
+    if "tests/core/" in where.replace("\\", "/") and "test_recurrent" not in where:
+        from dplr._runtime import tuning
+
+        monkeypatch.setattr(tuning, "RECURRENT_MAX_RANK", 0)
+
+
 @pytest.fixture(params=["compiled", "device"])
 def path(request, monkeypatch):
     """Run a torch test on the compiled CPU loops or on the pure-torch loops.
