@@ -55,9 +55,9 @@ def rng():
 @pytest.fixture(autouse=True)
 def chunked_core_for_small_d(request, monkeypatch):
     """Core tests run the chunked kernels even for d <= 8 (most use small d),
-    except those of the row-by-row path itself (tests/core/test_recurrent.py)."""
+    except those of the row-by-row path itself (tests/core/test_rowwise.py)."""
     where = str(request.node.path)
-    if "tests/core/" in where.replace("\\", "/") and "test_recurrent" not in where:
+    if "tests/core/" in where.replace("\\", "/") and "test_rowwise" not in where:
         from dplr._runtime import tuning
 
         monkeypatch.setattr(tuning, "RECURRENT_MAX_RANK", 0)

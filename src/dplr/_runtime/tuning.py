@@ -44,7 +44,7 @@ MIN_LANE_COLUMNS = 16
 PARTS_PER_THREAD = 4
 
 #: Largest rank d for which the core product and solve run row by row
-#: (:mod:`dplr.core._recurrent`) instead of by chunks, when no per-chunk
+#: (:mod:`dplr.core._rowwise`) instead of by chunks, when no per-chunk
 #: states are asked for.  n = 10^6, m = 1, float64: row by row 58, 77 and
 #: 100 ms at d = 1, 4, 8 against 450-510 ms chunked (a plain compiled loop:
 #: 33-66 ms); d = 8, m = 64: both about equal.

@@ -28,7 +28,7 @@ import numpy as np
 
 from .._runtime.backend import Array, Ops
 from .._runtime.tuning import CHUNK_ROWS as DEFAULT_CHUNK
-from . import _jit, _recurrent
+from . import _jit, _rowwise
 from ._decay import (
     ChunkDecay,
     channel_strict_blocks,
@@ -289,8 +289,8 @@ def matmul(
         if h0 is not None:
             raise NotImplementedError("an initial state is only defined for T, not T^T")
         return _through_reversal(matmul, ops, q, k, lam, log_decay, v, chunk_size)
-    if _recurrent.applies(q, v):  # small d: row by row
-        return _recurrent.run(q, k, lam, log_decay, v, h0, solve=False)
+    if _rowwise.applies(q, v):  # small d: row by row
+        return _rowwise.run(q, k, lam, log_decay, v, h0, solve=False)
     ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
     vc = chunk_rows(ops, v, ch.c)
     states = _state_sequence(ops, ch, ops.matmul(ch.k_out.mT, vc), h0)
@@ -333,8 +333,8 @@ def solve(
         if h0 is not None or return_states:
             raise NotImplementedError("states are only defined for T, not T^T")
         return _through_reversal(solve, ops, q, k, lam, log_decay, v, chunk_size)
-    if not return_states and _recurrent.applies(q, v):  # small d: row by row
-        return _recurrent.run(q, k, lam, log_decay, v, h0, solve=True)
+    if not return_states and _rowwise.applies(q, v):  # small d: row by row
+        return _rowwise.run(q, k, lam, log_decay, v, h0, solve=True)
     ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
     if ch.decay is None:
         # The blocks die here: they live in scratch memory.

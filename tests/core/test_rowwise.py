@@ -16,7 +16,7 @@ from test_tril_channel import dense_reference, operands
 
 import dplr
 from conftest import eps, rel_err
-from dplr.core import _recurrent
+from dplr.core import _rowwise
 
 
 def decays(rng, kind, shape_row, d):
@@ -37,7 +37,7 @@ def test_against_dense(rng, batch, n, d, kind, dtype):
     ld = decays(rng, kind, (*batch, n), d)
     ld = None if ld is None else ld.astype(dtype)
     v = rng.standard_normal((*batch, n, 3)).astype(dtype)
-    assert _recurrent.applies(q, v)
+    assert _rowwise.applies(q, v)
     T = dplr.LowRankTril(q, k, diag, ld)
     dense = dense_reference(q, k, diag, np.zeros((*batch, n)) if ld is None else ld)
     absT = np.abs(dense_reference(np.abs(q), np.abs(k), np.abs(diag), 0.0 * dense[..., 0]))
@@ -84,7 +84,7 @@ def test_torch_gradients_against_dense_autograd():
     for mode in ("mild", "resets", "scalar-resets"):
         q, k, diag, ld, v = make(11, (2,), 17, 3, 2, mode)
         leaves = [x.requires_grad_() for x in (q, k, diag, ld, v)]
-        assert _recurrent.applies(q, v)
+        assert _rowwise.applies(q, v)
         T = dplr.LowRankTril(q, k, diag, ld)
         outs = [T.solve(v), T.solve(v, transpose=True), T.matmul(v), T.matmul(v, transpose=True)]
         A = dense_torch(q, k, diag, ld)
