@@ -298,7 +298,7 @@ def run(quick: bool = False, progress: Progress | None = None) -> list[Row]:
     progress("models: one decode step against transformers' recurrent step")
     rows = [decode_row(torch, 5 if quick else 15)]
     progress("models: short blocks, recurrence against the chunked algorithm")
-    lengths = by_mode((1, 2, 4, 8, 16, 32, 64, 128, 256, 512), (1, 16, 64, 256), (1, 16))
+    lengths = by_mode((1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), (1, 16, 64, 256), (1, 16))
     rows += crossover_rows(torch, lengths, reps)
     T = by_mode(4096, 512, 64)
     progress(f"models: prefill T={T} against transformers' chunked fallback")

@@ -62,12 +62,13 @@ DELTA_PASS_ROWS = 16384
 #: recurrence (``attention/_recurrent.py``) when no ``chunk_size`` is given
 #: and no gradient is needed; longer ones run chunked.  Measured with
 #: ``python -m dplr_bench.models`` (B = 1, H = 32, K = V = 128, float32,
-#: torch, on the shared 2-core machine while other jobs loaded it): the
-#: recurrence was faster than the chunked algorithm at every T tried, 3x at
-#: T = 1, 4x at T = 64, 2.2x at T = 256, 1.4-1.5x at T = 1024 and 4096.
-#: Kept at short blocks (decode, speculative blocks) until a measurement on
-#: an idle machine places the crossover.
-RECURRENT_MAX_T = 64
+#: torch, one process, on the shared 2-core machine while other jobs loaded
+#: it): the recurrence was faster than the chunked algorithm at every T tried,
+#: 3x at T = 1, 4x at T = 4 and 64, 2.5x at 128, 2.2x at 256, then 1.3x at
+#: 512, 1.4x at 1024 and 1.5x at 4096.  The limit sits where the gain was
+#: still 2x; above it the chunked algorithm keeps long prefills (and its
+#: threads) until a measurement on an idle machine says otherwise.
+RECURRENT_MAX_T = 256
 
 #: Below this many state entries times tokens (about 6 flops each) the
 #: recurrence stays on the calling thread: a decode step at H = 32,
