@@ -119,10 +119,14 @@ _FORK_SCRIPT = textwrap.dedent(
     U = rng.standard_normal((256, 8)) * 0.1
     Ls = np.broadcast_to(np.eye(16) * 2, (128, 16, 16)).copy()
     us = rng.standard_normal((128, 16, 1)) * 0.1
+    qd, kd = rng.standard_normal((2, 1, 1, 32, 128)) / 12  # a decode step, 32 heads
+    vd, bd = rng.standard_normal((1, 1, 32, 128)), rng.random((1, 1, 32))
+    s0 = rng.standard_normal((1, 32, 128, 128)) / 12
     calls = {
         "solve": lambda: dplr.tril_solve(q, q, v),
         "blocked": lambda: dplr.cholesky_update(L, U, method="blocked"),
         "rank1 batch": lambda: dplr.cholesky_update(Ls, us, method="rank1"),
+        "decode": lambda: dplr.delta_rule(qd, kd, vd, bd, initial_state=s0)[0],
     }
     expected = {name: f() for name, f in calls.items()}  # the parent's pool is now running
     original = blas_counts()
@@ -163,8 +167,9 @@ def test_forked_child_runs_solve_and_updates_to_the_end(parent):
         env={**os.environ, "DPLR_NUM_THREADS": "2"},
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split("\n")[:3] == [
+    assert proc.stdout.split("\n")[:4] == [
         "solve exit 0",
         "blocked exit 0",
         "rank1 batch exit 0",
+        "decode exit 0",
     ], proc.stdout + proc.stderr
