@@ -187,6 +187,24 @@ def dplr_channel_recurrence(query, key, value, g, beta, initial_state=None,
     return o, (s if output_final_state else None)
 
 
+def dplr_kda(chunk_size):
+    """A stand-in for the library's Kimi delta attention functions, calling dplr.kda."""
+
+    def kimi_delta_attention(query, key, value, g, beta, initial_state=None,
+                             output_final_state=False, use_qk_l2norm_in_kernel=False,
+                             **kwargs):  # fmt: skip
+        from transformers.models.kimi_linear import modeling_kimi_linear as kimi
+
+        if use_qk_l2norm_in_kernel:
+            query, key = kimi.l2norm(query), kimi.l2norm(key)
+        return dplr.kda(
+            query, key, value, g, beta, initial_state=initial_state,
+            output_final_state=output_final_state, chunk_size=chunk_size,
+        )  # fmt: skip
+
+    return kimi_delta_attention
+
+
 def kimi_logits(monkeypatch, model, fn, ids, steps: int):
     use_kimi_functions(monkeypatch, fn)
     with torch.no_grad():
@@ -208,5 +226,21 @@ def test_kimi_linear_logits_channel_decay(monkeypatch):
     ids = torch.randint(0, VOCAB, (2, 21), generator=torch.Generator().manual_seed(2))
     want = kimi_logits(monkeypatch, model, kimi.recurrent_kimi_delta_attention, ids, 3)
     got = kimi_logits(monkeypatch, model, dplr_channel_recurrence, ids, 3)
+    for step, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert rel_err(a, b) < RTOL, f"step {step}"
+
+
+@pytest.mark.parametrize(("length", "chunk_size"), [(21, None), (21, 8), (80, None), (80, 16)])
+def test_kimi_linear_logits_with_dplr_kda(monkeypatch, length, chunk_size):
+    """dplr.kda in place of the model's KDA functions: prefill (the compiled
+    recurrence, or the chunked algorithm when a chunk size is given) and 3
+    cached decode steps, against the model's own token recurrence, with
+    per-channel decays down to about e^-10 per token."""
+    from transformers.models.kimi_linear import modeling_kimi_linear as kimi
+
+    model = kimi_linear()
+    ids = torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(3))
+    want = kimi_logits(monkeypatch, model, kimi.recurrent_kimi_delta_attention, ids, 3)
+    got = kimi_logits(monkeypatch, model, dplr_kda(chunk_size), ids, 3)
     for step, (a, b) in enumerate(zip(got, want, strict=True)):
         assert rel_err(a, b) < RTOL, f"step {step}"
