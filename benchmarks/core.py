@@ -186,11 +186,92 @@ def bench_per_channel(rng, n: int, d: int, m: int | None = None) -> Row:
     T_row = dplr.LowRankTril(q, k, log_decay=per_channel[:, 0].copy())
     T_chan = dplr.LowRankTril(q, k, log_decay=per_channel)
     t_row, t_chan = median_times([lambda: T_row.solve(v), lambda: T_chan.solve(v)], REPEATS, WARMUP)
-    ref = dplr.tril_solve(*(x.astype(np.float64) for x in (q, k, v)), log_decay=per_channel)
+    # Row i of the solution depends on rows <= i only: the leading rows are
+    # checked against SciPy on the dense per-channel T built here in float64.
+    lead = min(n, 256)
+    q64, k64, g64 = (x[:lead].astype(np.float64) for x in (q, k, per_channel))
+    cum = np.cumsum(g64, 0)
+    dense = np.einsum("ic,jc,ijc->ij", q64, k64, np.exp(cum[:, None] - cum[None, :]))
+    dense = np.tril(dense, -1) + np.eye(lead)
+    ref = sl.solve_triangular(dense, v[:lead].astype(np.float64), lower=True)
     return Row(
         SUITE, "per-channel decay solve, float32", f"n={n}, d={d}, m={m}, decay -5..0",
-        "solve with one decay per row", t_row, t_chan, rel_error(T_chan.solve(v), ref),
+        "solve with one decay per row", t_row, t_chan, rel_error(T_chan.solve(v)[:lead], ref),
+        note=f"error: first {lead} rows against scipy solve_triangular on the dense T (float64)",
     )  # fmt: skip
+
+
+def _compiled_recurrence():
+    """A bare compiled O(n d m) loop for ``T = I + tril(Q K^T, -1)``:
+    ``y_i = v_i - S^T q_i``, then ``S += k_i y_i^T`` (built once per process)."""
+    import numba
+
+    @numba.njit(cache=True)
+    def solve(q, k, v):  # pragma: no cover - compiled
+        n, d = q.shape
+        m = v.shape[1]
+        y = np.empty_like(v)
+        state = np.zeros((d, m))
+        for i in range(n):
+            for j in range(m):
+                acc = v[i, j]
+                for c in range(d):
+                    acc -= q[i, c] * state[c, j]
+                y[i, j] = acc
+            for c in range(d):
+                for j in range(m):
+                    state[c, j] += k[i, c] * y[i, j]
+        return y
+
+    return solve
+
+
+_PEAK_SCRIPT = """
+import resource, sys, numpy as np, dplr
+n, d, m = map(int, sys.argv[1:4])
+rng = np.random.default_rng(0)
+k = rng.standard_normal((n, d)); k /= np.linalg.norm(k, axis=1, keepdims=True)
+q = rng.uniform(0, 1, (n, 1)) * k; v = rng.standard_normal((n, m))
+dplr.tril_solve(q[:64], k[:64], v[:64])  # compile and warm up outside the measurement
+with open("/proc/self/statm") as f:
+    before = int(f.read().split()[1]) * resource.getpagesize()
+y = dplr.tril_solve(q, k, v)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print((peak - before) / (q.nbytes + k.nbytes + v.nbytes + y.nbytes))
+"""
+
+
+def _peak_extra_memory(n: int, d: int, m: int) -> float | None:
+    """Peak memory of one solve beyond the inputs present before it, over the
+    size of the inputs plus the output, in a fresh process (Linux only)."""
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    cmd = [sys.executable, "-c", _PEAK_SCRIPT, str(n), str(d), str(m)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def bench_small_rank(rng, n: int, d: int = 4, m: int = 1) -> Row:
+    """Small d: dplr's solve against a bare compiled row-by-row loop."""
+    q, k = delta_family(rng, (), n, d)
+    v = rng.standard_normal((n, m))
+    loop = _compiled_recurrence()
+    loop(q[:8], k[:8], v[:8])  # compile outside the timing
+    t_loop, t_dplr, t_unchecked = median_times(
+        [lambda: loop(q, k, v), lambda: dplr.tril_solve(q, k, v),
+         lambda: dplr.tril_solve(q, k, v, check_finite=False)], _repeats(), WARMUP,
+    )  # fmt: skip
+    err = rel_error(dplr.tril_solve(q, k, v), loop(q, k, v))
+    extra = _peak_extra_memory(n, d, m)
+    note = f"check_finite=False: {1e3 * t_unchecked:.1f} ms ({t_loop / t_unchecked:.2f}x)"
+    if extra is not None:
+        note += f"; peak extra memory {extra:.2f}x (inputs + output)"
+    return Row(SUITE, "solve, small rank", f"n={n}, d={d}, m={m}",
+               "a bare compiled (Numba) row-by-row loop", t_loop, t_dplr, err, 0.5, note,
+               {"n": n, "d": d, "m": m, "peak_extra": extra})  # fmt: skip
 
 
 def run(quick: bool = False, progress: Progress | None = None) -> list[Row]:
@@ -211,6 +292,9 @@ def run(quick: bool = False, progress: Progress | None = None) -> list[Row]:
     for d in (64, 128):
         say(f"core: per-channel decay, d={d}")
         rows.append(bench_per_channel(rng, by_mode(4096, 1024, 128), d))
+    for d in (2, 4, 8):
+        say(f"core: small rank, d={d}")
+        rows.append(bench_small_rank(rng, by_mode(1_000_000, 200_000, 1000), d))
     if by_mode(True, False, True):
         say("core: chunk-size sweep")
         rows.extend(bench_chunk_sizes(rng, by_mode(16384, 0, 256)))
