@@ -6,7 +6,8 @@ rank writes what it measured to a JSON file; the assertions run here.
 
 References: a token-by-token recurrence under torch autograd written in this
 file (independent of dplr), and dplr's single-process call on the whole
-sequence.  Bound: float64, T <= 40 tokens of contractions; each token adds
+sequence (for KDA also checked against ``dplr.reference.kda_recurrent``).
+Bound: float64, T <= 40 tokens of contractions; each token adds
 O(K eps) relative error, so 1e-10 is far above honest rounding (~1e-15) and
 far below any wrong fold or missing term (O(1)).
 """
@@ -28,20 +29,23 @@ if not dist.is_available():  # pragma: no cover
 
 import dplr  # noqa: E402
 import dplr.distributed  # noqa: E402
+import dplr.reference  # noqa: E402
 
 B, H, K, V = 2, 3, 4, 5
 WORLD = 4
 TOL64 = 1e-10
 #: float32 inputs, maps kept in float32: O(T K eps32) with T = 13, K = 4.
 TOL32 = 50 * 13 * 4 * 1.2e-7
-FUNCTIONS = ("delta_rule", "gated_delta_rule")
+FUNCTIONS = ("delta_rule", "gated_delta_rule", "kda")
 
 
 # ---------------------------------------------------------------- the reference
 def recurrence(q, k, v, beta, g, s0, scale, l2norm=False):
-    """S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, o_t = scale S_t^T q_t.
+    """S_t = (I - beta_t k_t k_t^T) Diag(a_t) S_{t-1} + beta_t k_t v_t^T, o_t = scale S_t^T q_t.
 
-    With HV value heads for H query/key heads, value head i reads key head i // (HV // H).
+    ``a_t = exp(g_t)``: one decay per head (g of shape (B, T, HV)) or per key
+    channel (g of shape (B, T, HV, K), KDA); none if g is None.  With HV value
+    heads for H query/key heads, value head i reads key head i // (HV // H).
     """
     if l2norm:
         q = q / q.norm(dim=-1, keepdim=True)
@@ -51,7 +55,8 @@ def recurrence(q, k, v, beta, g, s0, scale, l2norm=False):
     state, outs = s0, []
     for t in range(q.shape[1]):
         if g is not None:
-            state = torch.exp(g[:, t])[..., None, None] * state
+            decay = torch.exp(g[:, t])
+            state = (decay[..., None] if g.ndim == 4 else decay[..., None, None]) * state
         kt = k[:, t, :, :, None]
         recall = kt.mT @ state
         state = state + beta[:, t, :, None, None] * kt * (v[:, t, :, None, :] - recall)
@@ -59,18 +64,27 @@ def recurrence(q, k, v, beta, g, s0, scale, l2norm=False):
     return torch.stack(outs, 1), state
 
 
-def problem(total: int, dtype, seed: int = 0, hv: int = H) -> dict:
+def problem(total: int, dtype, seed: int = 0, hv: int = H, channels: bool = False) -> dict:
+    """A random problem; ``channels``: KDA's per-channel g, strong (down to -5 per token)
+    in key channels 0 and 1, mild in 2 and 3 (so that states cross the ranks), ``-inf``
+    in a mild channel at tokens 2 and 9."""
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
     k = rand(B, total, H, K)
+    if channels:
+        g = torch.rand(B, total, hv, K, generator=gen, dtype=torch.float64)
+        g = -g * torch.tensor([5.0, 5.0, 0.1, 0.1], dtype=torch.float64)
+        g[0, 2 % total, 0, 2] = g[1, 9 % total, hv - 1, 3] = -torch.inf
+    else:
+        g = -0.3 * torch.rand(B, total, hv, generator=gen, dtype=torch.float64)
     return {
         "q": rand(B, total, H, K).to(dtype),
         "k": (k / k.norm(dim=-1, keepdim=True)).to(dtype),
         "v": rand(B, total, hv, V).to(dtype),
-        "g": (-0.3 * torch.rand(B, total, hv, generator=gen, dtype=torch.float64)).to(dtype),
+        "g": g.to(dtype),
         "beta": torch.rand(B, total, hv, generator=gen, dtype=torch.float64).to(dtype),
         "s0": rand(B, hv, K, V).to(dtype),
         "w": rand(B, total, hv, V).to(dtype),
@@ -79,7 +93,7 @@ def problem(total: int, dtype, seed: int = 0, hv: int = H) -> dict:
 
 
 def names(fn: str) -> tuple[str, ...]:
-    return ("q", "k", "v", "g", "beta") if fn.startswith("gated") else ("q", "k", "v", "beta")
+    return ("q", "k", "v", "beta") if fn == "delta_rule" else ("q", "k", "v", "g", "beta")
 
 
 def leaf(x):
@@ -89,7 +103,7 @@ def leaf(x):
 def rel(a, b) -> float:
     if b.numel() == 0:
         return 0.0 if a.numel() == 0 else float("inf")
-    return float((a.detach().double() - b.detach().double()).abs().max() / b.abs().max())
+    return float((a.detach().double() - b.detach().double()).abs().max() / b.detach().abs().max())
 
 
 # ---------------------------------------------------------------- per rank
@@ -144,6 +158,13 @@ def compare(fn: str, lens, group, p: dict, *, with_s0: bool, options: dict) -> d
     for n in keys:
         grad = mine[n].grad if mine[n].grad is not None else torch.zeros_like(mine[n])
         out[f"d{n}"] = rel(grad, whole[n].grad[:, start:stop])
+    if fn == "kda":  # one process against the library's reference recurrence
+        o_kda, s_kda = dplr.reference.kda_recurrent(
+            *(p[n].double() for n in keys), initial_state=p["s0"].double() if with_s0 else None,
+            **{n: x for n, x in options.items() if n != "chunk_size"},
+        )  # fmt: skip
+        out["one process vs kda_recurrent"] = rel(single[0], o_kda)
+        out["one process final vs kda_recurrent"] = rel(single[1], s_kda)
     if with_s0:
         total = my_s0.grad.clone()
         dist.all_reduce(total, group=group)
@@ -176,8 +197,10 @@ def worker(rank: int, store: str, outdir: str) -> None:
         pair = dist.new_group([1, 3])
         lens = [7, 0, 12, 5]  # uneven, one empty slice
         p = problem(sum(lens), torch.float64)
-        for fn in FUNCTIONS:
+        for fn in FUNCTIONS[:2]:
             results[f"world {fn}"] = compare(fn, lens, None, p, with_s0=True, options={})
+        pk = problem(sum(lens), torch.float64, seed=5, hv=2 * H, channels=True)
+        results["world kda"] = compare("kda", lens, None, pk, with_s0=True, options={})
         grouped = problem(sum(lens), torch.float64, seed=4, hv=2 * H)
         results["world gated, 2 value heads per key head"] = compare(
             "gated_delta_rule", lens, None, grouped, with_s0=True, options={}
@@ -191,6 +214,10 @@ def worker(rank: int, store: str, outdir: str) -> None:
             p3 = problem(13, torch.float32, seed=2)
             results["pair delta float32"] = compare(
                 "delta_rule", [6, 7], pair, p3, with_s0=True, options={}
+            )
+            p4 = problem(13, torch.float64, seed=6, channels=True)
+            results["pair kda, no s0, l2norm"] = compare(
+                "kda", [4, 9], pair, p4, with_s0=False, options=opts
             )
         # Rank 2 passes values of the wrong shape: every rank must raise, none wait.
         mine = problem(3, torch.float64, seed=3)
@@ -230,6 +257,9 @@ def ranks(tmp_path_factory) -> list[dict]:
         o, _ = dplr.gated_delta_rule(
             p["q"], p["k"], p["v"], p["g"], p["beta"], initial_state=p["s0"]
         )
+        o.sum().backward()
+        c = {n: leaf(x) for n, x in problem(4, dtype, channels=True).items()}
+        o, _ = dplr.kda(c["q"], c["k"], c["v"], c["g"], c["beta"], initial_state=c["s0"])
         o.sum().backward()
     ctx = mp.start_processes(
         worker,
@@ -276,6 +306,7 @@ def test_grouped_value_heads(ranks):
 def test_group_of_two_ranks(ranks):
     for r in (1, 3):
         check_errors(ranks[r]["pair gated, no s0, l2norm"], TOL64)
+        check_errors(ranks[r]["pair kda, no s0, l2norm"], TOL64)
         case = ranks[r]["pair delta float32"]
         assert case["dtype"] == "torch.float32"
         check_errors(case, TOL32)

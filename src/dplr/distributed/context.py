@@ -1,4 +1,4 @@
-"""Context parallelism: the (gated) delta rule over a sequence split across ranks.
+"""Context parallelism: the delta rules and KDA over a sequence split across ranks.
 
 Each rank of a ``torch.distributed`` process group holds a contiguous slice
 of the sequence.  A slice's state map is affine in its incoming state,
@@ -8,6 +8,10 @@ state and, as its outputs, ``[o_E | scale * M_t^T q_t]``.  The ranks
 all-gather ``(M, E)``, fold the prefix, and each rank's outputs follow from
 its true incoming state with one product:
 ``o_t = o_E,t + S_in^T (scale * M_t^T q_t)`` (``docs/distributed.md``).
+The three public functions differ only in the single-process function they
+run: ``M`` is a K x K matrix per head in every case (with KDA's per-channel
+decay as with a scalar one), which the columns ``[0 | I]`` carry and the fold
+composes.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from typing import Any
 
 from ..attention import delta_rule as _delta_rule
 from ..attention import gated_delta_rule as _gated_delta_rule
+from ..attention import kda as _kda
 
-__all__ = ["delta_rule", "gated_delta_rule"]
+__all__ = ["delta_rule", "gated_delta_rule", "kda"]
 
 
 def delta_rule(
@@ -111,13 +116,8 @@ def delta_rule(
     """
     inputs = {"q": q, "k": k, "v": v, "beta": beta}
     options = {"scale": scale, "chunk_size": chunk_size, "use_qk_l2norm": use_qk_l2norm}
-
-    def single(x: dict[str, Any], values: Any, state: Any) -> tuple[Any, Any]:
-        return _delta_rule(x["q"], x["k"], values, x["beta"], initial_state=state,
-                           output_final_state=True, **options)  # fmt: skip
-
     return _context_parallel(
-        "delta_rule", single, inputs, options, initial_state, output_final_state,
+        "delta_rule", _delta_rule, inputs, options, initial_state, output_final_state,
         cu_seqlens, group,
     )  # fmt: skip
 
@@ -170,19 +170,78 @@ def gated_delta_rule(
     """
     inputs = {"q": q, "k": k, "v": v, "g": g, "beta": beta}
     options = {"scale": scale, "chunk_size": chunk_size, "use_qk_l2norm": use_qk_l2norm}
-
-    def single(x: dict[str, Any], values: Any, state: Any) -> tuple[Any, Any]:
-        return _gated_delta_rule(x["q"], x["k"], values, x["g"], x["beta"], initial_state=state,
-                                 output_final_state=True, **options)  # fmt: skip
-
     return _context_parallel(
-        "gated_delta_rule", single, inputs, options, initial_state, output_final_state,
+        "gated_delta_rule", _gated_delta_rule, inputs, options, initial_state, output_final_state,
         cu_seqlens, group,
     )  # fmt: skip
 
 
+def kda(
+    q: Any, k: Any, v: Any, g: Any, beta: Any, *, scale: float | None = None,
+    initial_state: Any = None, output_final_state: bool = False, cu_seqlens: Any = None,
+    chunk_size: int | None = None, use_qk_l2norm: bool = False, group: Any = None,
+) -> tuple[Any, Any]:  # fmt: skip
+    """:func:`dplr.kda` (Kimi Delta Attention) over a sequence split across the ranks of ``group``.
+
+    Parameters
+    ----------
+    q, k, v, beta
+        As in :func:`delta_rule`: this rank's slice (``v`` and ``beta`` with
+        HV value heads, a multiple of the H heads of ``q`` and ``k``).
+    g : (B, T_r, HV, K) torch.Tensor
+        This rank's log decay of each key channel, ``g <= 0`` (``-inf``
+        resets that channel).
+    scale, initial_state, output_final_state, cu_seqlens, chunk_size, use_qk_l2norm, group
+        As in :func:`delta_rule`.
+
+    Returns
+    -------
+    o : (B, T_r, HV, V) torch.Tensor
+    final_state : (B, HV, K, V) torch.Tensor or None
+
+    Raises
+    ------
+    RuntimeError, ValueError, TypeError
+        As :func:`delta_rule`, and ``ValueError`` for positive or NaN ``g``.
+
+    Notes
+    -----
+    As :func:`delta_rule`; gradients also reach g.  The map ``M`` of a slice
+    is the product of its tokens' transitions
+    ``(I - beta_t k_t k_t^T) Diag(exp g_t)``, a general K x K matrix per
+    head, carried by the same K extra value columns and composed by the same
+    fold; a ``-inf`` decay is an exact zero in it, as in one process.  The
+    per-token cost and the communication are those of
+    :func:`delta_rule`.
+
+    Examples
+    --------
+    Called like :func:`gated_delta_rule`, with ``g`` per key channel (a
+    group of one rank here):
+
+    >>> import os, tempfile, torch, torch.distributed as dist, dplr, dplr.distributed
+    >>> store = "file://" + os.path.join(tempfile.mkdtemp(), "store")
+    >>> dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    >>> q, k = torch.randn(2, 1, 50, 1, 4)
+    >>> v, beta = torch.randn(1, 50, 2, 3), torch.rand(1, 50, 2)   # 2 value heads
+    >>> g = -torch.rand(1, 50, 2, 4)
+    >>> o, s = dplr.distributed.kda(q, k, v, g, beta, use_qk_l2norm=True,
+    ...                             output_final_state=True)
+    >>> dist.destroy_process_group()
+    >>> o1, s1 = dplr.kda(q, k, v, g, beta, use_qk_l2norm=True, output_final_state=True)
+    >>> bool(torch.allclose(o, o1, atol=1e-6) and torch.allclose(s, s1, atol=1e-6))
+    True
+    """
+    inputs = {"q": q, "k": k, "v": v, "g": g, "beta": beta}
+    options = {"scale": scale, "chunk_size": chunk_size, "use_qk_l2norm": use_qk_l2norm}
+    return _context_parallel(
+        "kda", _kda, inputs, options, initial_state, output_final_state, cu_seqlens, group,
+    )  # fmt: skip
+
+
 # ------------------------------------------------------------------------------ the driver
-Single = Callable[[dict[str, Any], Any, Any], tuple[Any, Any]]
+#: A single-process rule: ``(*inputs, initial_state=, output_final_state=, **options)``.
+Single = Callable[..., tuple[Any, Any]]
 
 
 def _context_parallel(name: str, single: Single, inputs: dict[str, Any], options: dict,
@@ -196,7 +255,7 @@ def _context_parallel(name: str, single: Single, inputs: dict[str, Any], options
     error: BaseException | None = None
     try:
         coll.check_slice(inputs, initial_state, cu_seqlens)
-        local = _slice_maps(single, inputs, initial_state)
+        local = _slice_maps(single, inputs, options, initial_state)
     except Exception as exc:  # every rank must hear of it before the exchange
         error = exc
     meta = coll.describe(inputs, initial_state, output_final_state, options) if local else None
@@ -209,9 +268,11 @@ def _context_parallel(name: str, single: Single, inputs: dict[str, Any], options
     return o.to(dtype), (s_final.to(dtype) if output_final_state else None)
 
 
-def _slice_maps(single: Single, inputs: dict[str, Any], initial_state: Any):
+def _slice_maps(single: Single, inputs: dict[str, Any], options: dict, initial_state: Any):
     """One single-process pass of this slice: outputs ``[o_E | scale M_t^T q_t]`` and ``[E | M]``.
 
+    ``inputs`` are ``single``'s positional arguments in order, ``v`` among
+    them; ``v`` is replaced by ``[v | 0]`` and the initial state is ``[0 | I]``.
     Everything runs in float32 or wider (``wide``), so that the transition
     maps keep their precision whatever the input dtype.
     """
@@ -225,7 +286,8 @@ def _slice_maps(single: Single, inputs: dict[str, Any], initial_state: Any):
     zeros = v.new_zeros((batch, length, heads, kdim), dtype=wide)
     eye = torch.eye(kdim, dtype=wide, device=v.device).expand(batch, heads, kdim, kdim)
     start = torch.cat([v.new_zeros((batch, heads, kdim, vdim), dtype=wide), eye], -1)
-    o_aug, maps = single(x, torch.cat([x["v"], zeros], -1), start)
+    x["v"] = torch.cat([x["v"], zeros], -1)
+    o_aug, maps = single(*x.values(), initial_state=start, output_final_state=True, **options)
     s0 = None if initial_state is None else initial_state.to(wide)
     if s0 is None:
         s0 = v.new_zeros((batch, heads, kdim, vdim), dtype=wide)
