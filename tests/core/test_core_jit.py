@@ -1,5 +1,8 @@
 """dplr.core._jit: the compiled loops of the core, called directly on NumPy arrays.
 
+(Named test_core_jit.py: pytest needs test files with distinct names, and
+tests/_runtime/test_jit.py tests dplr._runtime.jit.)
+
 References are written here: SciPy's ``solve_triangular`` per block, the
 blocks of T from ``q k^T`` in NumPy, and the chunk recurrence and the
 row-by-row recurrence as plain Python loops over dense NumPy steps.  Bound:
