@@ -28,6 +28,8 @@ from .._validate import (
     shape_error,
     to_output,
 )
+from ..core._kernels import effective_chunk
+from ._chunked import chunked_applies, chunked_forward
 from ._delta_grad import delta_forward_passes, delta_function
 from ._recurrent import recurrent_applies, recurrent_forward
 
@@ -71,7 +73,9 @@ def delta_rule(
         ``dplr._runtime.tuning.RECURRENT_MAX_T`` (256) tokens run a compiled
         token recurrence instead when no gradient is needed (NumPy, or torch
         CPU tensors without ``requires_grad`` or under ``torch.no_grad()``):
-        decode steps and short blocks.  Only speed depends on the choice.
+        decode steps and short blocks.  Longer ones without a gradient run the
+        chunked algorithm's solve and product fused in one compiled loop over
+        the chunks (float32/float64 on the CPU).  Only speed depends on the choice.
     use_qk_l2norm : bool, default False
         Normalise q and k to unit L2 norm over K first (zero rows stay zero);
         differentiable like the rest.
@@ -243,6 +247,10 @@ def run_delta_rule(q, k, v, beta, g, *, scale, initial_state, output_final_state
     longest = T if cu is None else int(np.diff(cu).max())
     if chunk_size is None and recurrent_applies(p.torch, (q, k, v, beta, g, s0), longest):
         o, sn = recurrent_forward(p.torch, q, k, v, beta, g, s0, cu, scale, use_qk_l2norm)
+        return to_output(o, p), (to_output(sn, p) if output_final_state else None)
+    if longest and chunked_applies(p.torch, (q, k, v, beta, g, s0), per_channel):
+        c = effective_chunk(longest, chunk_size)
+        o, sn = chunked_forward(p.torch, q, k, v, beta, g, s0, cu, scale, use_qk_l2norm, c)
         return to_output(o, p), (to_output(sn, p) if output_final_state else None)
     if use_qk_l2norm:
         q, k = _l2norm(q, p.torch), _l2norm(k, p.torch)

@@ -1,0 +1,259 @@
+"""The chunked forward pass of the delta rules in one compiled loop per head (no gradient).
+
+Without a gradient to compute, the solve ``T U = beta ⊙ (V - ...)`` and the
+output product ``O = P U + ...`` of ``docs/delta.md`` need not be separate
+passes over the sequence: both read the same state entering each chunk.
+Here one compiled loop per (sequence, value head) walks the chunks once and,
+for chunk J with state ``Z`` (K x V) entering it, forms in cache
+
+    A = tril(kb k^T ⊙ D, -1),  P = tril(q k^T ⊙ D)      (c x c, D_ij = exp(g_i - g_j))
+    U_J = (I + A)^-1 (beta v - (kb ⊙ w_in) Z)            (forward substitution)
+    O_J = P U_J + (q ⊙ w_in) Z
+    Z  <- a Z + (k ⊙ w_out)^T U_J
+
+with ``kb = beta k``, ``g`` the cumulative log decay from the chunk start,
+``w_in = exp(g)``, ``w_out = exp(g_last - g)`` and ``a = exp(g_last)``: the
+quantities of :func:`dplr.core._kernels.make_chunked`, and the arithmetic of
+the core's :func:`~dplr.core._kernels.solve` and
+:func:`~dplr.core._kernels.matmul_from_states` (its compiled products and
+substitution are reused).  The inputs are read in the public layout
+([B, T, H, K]) and normalised and scaled in the loop, the outputs written in
+place: no chunk blocks, decay masks, per-chunk states, copies to a heads-first
+layout or elementwise passes over whole tensors.  Packed sequences are read
+where they lie (no padding).  Decay factors are formed relative to the chunk
+start exactly as in the core (resets exact, factors below the dtype's flush
+threshold zero).
+
+One decay per head or none; per-channel decay (KDA) runs the core's path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .._runtime import tuning
+from .._runtime.backend import Array
+from .._runtime.jit import jit
+from .._runtime.threads import num_workers, run_all, split
+from ..core._decay import _FLUSH_BELOW
+from ..core._jit import _dot_products, _forward_substitute, _strict_lower_product
+from ._recurrent import _as_numpy
+
+
+def chunked_applies(torch: bool, tensors: tuple[Any, ...], per_channel: bool) -> bool:
+    """Whether the compiled chunked forward runs: CPU, float32/float64, no autograd."""
+    if per_channel:
+        return False
+    present = [x for x in tensors if x is not None]
+    if not torch:
+        return all(x.dtype in (np.float32, np.float64) for x in present)
+    import torch as _torch
+
+    if any(x.device.type != "cpu" or x.dtype not in (_torch.float32, _torch.float64)
+           for x in present):  # fmt: skip
+        return False
+    return not (_torch.is_grad_enabled() and any(x.requires_grad for x in present))
+
+
+def chunked_forward(
+    torch: bool,
+    q: Array,
+    k: Array,
+    v: Array,
+    beta: Array,
+    g: Array | None,
+    s0: Array | None,
+    cu: np.ndarray | None,
+    scale: float,
+    use_qk_l2norm: bool,
+    chunk: int,
+) -> tuple[Array, Array]:
+    """Outputs (B, T, HV, V) and final states (N, HV, K, V) by chunks of ``chunk`` tokens.
+
+    Arguments as :func:`dplr.attention._recurrent.recurrent_forward` (g one
+    log decay per head, (B, T, HV), or None), all of one dtype on the CPU.
+    """
+    q, k, v, beta, g, s0 = (_as_numpy(x) for x in (q, k, v, beta, g, s0))
+    B, T, HV, V = v.shape
+    K = k.shape[-1]
+    if cu is None:
+        batch = np.arange(B, dtype=np.int64)
+        start, stop = np.zeros(B, np.int64), np.full(B, T, np.int64)
+    else:
+        batch = np.zeros(len(cu) - 1, np.int64)
+        start, stop = cu[:-1].astype(np.int64), cu[1:].astype(np.int64)
+    N = len(batch)
+    g = np.empty((B, T, 0), v.dtype) if g is None else g
+    out = np.empty((B, T, HV, V), v.dtype)
+    state = np.empty((N, HV, K, V), v.dtype)
+    has_s0 = s0 is not None
+    if not has_s0:
+        s0 = np.empty((1, 1, 1, 1), v.dtype)  # never read
+    floor = v.dtype.type(_FLUSH_BELOW.get(v.dtype.itemsize, _FLUSH_BELOW[4]))
+    args = (q, k, v, beta, g, s0, has_s0, state, out, batch, start, stop,
+            v.dtype.type(scale), use_qk_l2norm, max(1, chunk), floor)  # fmt: skip
+    lanes = N * HV
+    flops = 6.0 * int((stop - start).sum()) * HV * K * V
+    workers = num_workers() if flops >= tuning.LOOP_MIN_FLOPS else 1
+    # Several parts per thread: a thread slowed by another process holds back less.
+    parts = split(lanes, min(lanes, workers * tuning.PARTS_PER_THREAD))
+    run_all(lambda s: _chunked_lanes(*args, s.start, s.stop), parts)
+    if torch:
+        import torch as _torch
+
+        return _torch.from_numpy(out), _torch.from_numpy(state)
+    return out, state
+
+
+@jit(nogil=True, fastmath={"contract", "reassoc"})
+def _chunked_lanes(q, k, v, beta, g, s0, has_s0, state, out, batch, start, stop, scale,
+                   l2norm, chunk, floor, lane_start, lane_stop):  # fmt: skip
+    """Lanes ``lane_start:lane_stop`` (lane = sequence * HV + value head), chunk by chunk.
+
+    q, k: (B, T, H, K); v, out: (B, T, HV, V); beta: (B, T, HV); g: (B, T, HV)
+    or (B, T, 0) for no decay; s0, state: (N, HV, K, V); sequence n is
+    ``batch[n], start[n]:stop[n]``.
+    """
+    H, K = q.shape[2], q.shape[3]
+    HV, V = v.shape[2], v.shape[3]
+    group = HV // H
+    dt = v.dtype.type
+    z_t = np.empty((V, K), v.dtype)  # the state, transposed
+    full = _buffers(chunk, K, V, v.dtype)
+    for lane in range(lane_start, lane_stop):
+        n, h = lane // HV, lane % HV
+        b, hk = batch[n], h // group
+        for p in range(K):
+            for s in range(V):
+                z_t[s, p] = s0[n, h, p, s] if has_s0 else dt(0)
+        t0 = start[n]
+        while t0 < stop[n]:
+            L = min(chunk, stop[n] - t0)
+            buf = full if L == chunk else _buffers(L, K, V, v.dtype)
+            _load_chunk(q, k, v, beta, g, b, hk, h, t0, scale, l2norm, floor, buf)
+            _chunk_step(buf, z_t, out, b, h, t0)
+            t0 += L
+        dst = state[n, h]
+        for p in range(K):
+            for s in range(V):
+                dst[p, s] = z_t[s, p]
+
+
+@jit(nogil=True)
+def _buffers(L, K, V, dtype):
+    """Scratch arrays for a chunk of L tokens (all in cache for L = 32..64, K = V = 128)."""
+    return (
+        np.empty((2 * L, K), dtype),  # rows: kb ⊙ w_in, then q ⊙ w_in (read the state)
+        np.empty((L, K), dtype),  # kb = beta k
+        np.empty((L, K), dtype),  # q (scaled, normalised)
+        np.empty((L, K), dtype),  # k (normalised)
+        np.empty((K, L), dtype),  # (k ⊙ w_out)^T (writes the state)
+        np.empty((L, L), dtype),  # I + A
+        np.empty((L, L), dtype),  # P
+        np.empty((L, V), dtype),  # beta v, then the right-hand side
+        np.empty((2 * L, V), dtype),  # [kb ⊙ w_in; q ⊙ w_in] Z
+        np.empty((L, V), dtype),  # U
+        np.empty((V, L), dtype),  # U^T
+        np.empty(L, dtype),  # cumulative finite log decay from the chunk start
+        np.empty(L, np.int64),  # resets (g = -inf) from the chunk start
+        np.empty(L, dtype),  # w_in
+        np.empty(2, dtype),  # [a, 0]
+    )
+
+
+@jit(nogil=True, fastmath={"contract", "reassoc"})
+def _load_chunk(q, k, v, beta, g, b, hk, h, t0, scale, l2norm, floor, buf):
+    """Read tokens t0:t0+L of one head into the chunk buffers, with the decay factors."""
+    kq_in, kb, qs, kn, k_out_t, a_blk, p_blk, rhs, _, _, _, gc, rc, w_in, a = buf
+    L, K = kb.shape
+    V = rhs.shape[1]
+    dt = kb.dtype.type
+    tiny = np.finfo(kb.dtype).tiny
+    gated = g.shape[2] > 0
+    acc, resets = dt(0), 0
+    for i in range(L):
+        t = t0 + i
+        qi, ki = q[b, t, hk], k[b, t, hk]
+        qn = kn_ = dt(1)
+        if l2norm:
+            sq = sk = dt(0)
+            for p in range(K):
+                sq += qi[p] * qi[p]
+                sk += ki[p] * ki[p]
+            qn = dt(1) / np.sqrt(max(sq, tiny))
+            kn_ = dt(1) / np.sqrt(max(sk, tiny))
+        bt = beta[b, t, h]
+        qn *= scale
+        for p in range(K):
+            kv = ki[p] * kn_
+            kn[i, p] = kv
+            kb[i, p] = bt * kv
+            qs[i, p] = qi[p] * qn
+        vi = v[b, t, h]
+        for s in range(V):
+            rhs[i, s] = bt * vi[s]
+        if gated:
+            gi = g[b, t, h]
+            if gi == -np.inf:
+                resets += 1
+            else:
+                acc += gi
+        gc[i], rc[i] = acc, resets
+    # Decay factors from the chunk start: exp(x) for x <= 0, exactly 0 across a
+    # reset or below the flush threshold (as dplr.core._decay.exp_at_most_one).
+    g_last, r_last = gc[L - 1], rc[L - 1]
+    a[0] = _factor(g_last, r_last == 0, floor)
+    for i in range(L):
+        w_in[i] = _factor(gc[i], rc[i] == 0, floor)
+        w_out = _factor(g_last - gc[i], rc[i] == r_last, floor)
+        for p in range(K):
+            kq_in[i, p] = w_in[i] * kb[i, p]
+            kq_in[L + i, p] = w_in[i] * qs[i, p]
+            k_out_t[p, i] = w_out * kn[i, p]
+    _strict_lower_product(kb, kn, a_blk)
+    _strict_lower_product(qs, kn, p_blk)
+    for i in range(L):
+        for j in range(i):
+            d_ij = _factor(gc[i] - gc[j], rc[i] == rc[j], floor)
+            a_blk[i, j] *= d_ij
+            p_blk[i, j] *= d_ij
+        a_blk[i, i] = dt(1)
+        diag = dt(0)
+        for p in range(K):
+            diag += qs[i, p] * kn[i, p]
+        p_blk[i, i] = diag
+
+
+@jit(nogil=True)
+def _factor(x, keep, floor):
+    """``exp(x)`` for ``-floor <= x <= 0`` where ``keep``, else exactly 0."""
+    if keep and x >= -floor:
+        return np.exp(min(x, x * 0))
+    return x * 0
+
+
+@jit(nogil=True, fastmath={"contract", "reassoc"})
+def _chunk_step(buf, z_t, out, b, h, t0):
+    """One chunk: U, the outputs (written to ``out[b, t0:t0+L, h]``) and the next state."""
+    kq_in, _, _, _, k_out_t, a_blk, p_blk, rhs, read, u, u_t, _, _, _, a = buf
+    L = rhs.shape[0]
+    V = rhs.shape[1]
+    _dot_products(kq_in, z_t, read)  # [kb ⊙ w_in; q ⊙ w_in] Z, (2L, V)
+    for i in range(L):
+        for s in range(V):
+            rhs[i, s] -= read[i, s]
+    _forward_substitute(a_blk, rhs, u)
+    for i in range(L):
+        o = out[b, t0 + i, h]
+        for s in range(V):
+            o[s] = read[L + i, s]
+        for j in range(i + 1):
+            pij = p_blk[i, j]
+            uj = u[j]
+            for s in range(V):
+                o[s] += pij * uj[s]
+        for s in range(V):
+            u_t[s, i] = u[i, s]
+    _dot_products(u_t, k_out_t, z_t, a[0])  # Z^T <- a Z^T + U^T (k ⊙ w_out)
