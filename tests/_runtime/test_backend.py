@@ -121,19 +121,28 @@ def test_cholesky_flagged_marks_the_failures_and_keeps_the_rest(ops, wrap, rng):
 
 
 @pytest.mark.parametrize(("ops", "wrap"), BACKENDS, ids=IDS)
-def test_matmul_into_a_strided_block(ops, wrap, rng):
-    a, b = rng.standard_normal((2, 4, 3)), rng.standard_normal((2, 3, 5))
-    big = wrap(np.zeros((2, 9, 9)))
-    ops.matmul_into(wrap(a), wrap(b), big[..., 2:6, 3:8])
-    expected = np.zeros((2, 9, 9))
-    expected[..., 2:6, 3:8] = a @ b
-    np.testing.assert_allclose(as_numpy(big), expected, rtol=1e-14)
+def test_qr_complete_is_an_orthogonal_times_an_upper_triangle(ops, wrap, rng):
+    a = rng.standard_normal((3, 7, 4))
+    q, r = (as_numpy(x) for x in ops.qr_complete(wrap(a)))
+    assert q.shape == (3, 7, 7) and r.shape == (3, 7, 4)
+    np.testing.assert_allclose(q @ np.swapaxes(q, -1, -2), np.broadcast_to(np.eye(7), q.shape),
+                               atol=1e-14)  # fmt: skip
+    assert np.all(np.tril(r, -1) == 0)
+    np.testing.assert_allclose(q @ r, a, atol=1e-14)
 
 
-def test_blas_scopes_torch_has_none():
-    import contextlib
+def _copy_tri(src, dst, rows):
+    """A plain kernel for copy_lower: the lower triangle of src, zeros above."""
+    assert rows
+    dst[...] = np.tril(src)
 
-    assert TorchOps.blas_scopes(1) == (contextlib.nullcontext,) * 3
+
+@pytest.mark.parametrize(("ops", "wrap"), BACKENDS, ids=IDS)
+def test_copy_lower_broadcasts_and_zeroes_above(ops, wrap, rng):
+    src = rng.standard_normal((5, 5))
+    dst = wrap(np.full((2, 3, 5, 5), np.nan))
+    ops.copy_lower(dst, wrap(src), kernel=_copy_tri)
+    np.testing.assert_array_equal(as_numpy(dst), np.broadcast_to(np.tril(src), (2, 3, 5, 5)))
 
 
 def forward_substitution(L, B, X):

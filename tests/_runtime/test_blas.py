@@ -121,22 +121,3 @@ def test_four_threads_calling_dplr_leave_the_counts_as_they_found_them(monkeypat
         t.join(60)
     assert limited_inside and all(limited_inside)
     assert set(counts()) == {ORIGINAL}
-
-
-def test_panel_scopes():
-    whole, small, big = blas.panel_scopes(1)
-    with whole():
-        assert set(counts()) == {1}
-    whole, small, big = blas.panel_scopes(0)
-    with whole():
-        assert set(counts()) == {ORIGINAL}
-        with small():
-            assert set(counts()) == {1}
-        with big():
-            assert set(counts()) == {ORIGINAL}
-    whole, small, big = blas.panel_scopes(2)
-    with big():
-        assert set(counts()) == {2}
-    for scope in blas.panel_scopes(None):
-        with scope():
-            assert set(counts()) == {ORIGINAL}

@@ -9,7 +9,7 @@ import pytest
 
 from dplr._runtime import tuning
 from dplr.attention import _delta_grad
-from dplr.cholesky import _policy, _rank1
+from dplr.cholesky import _blocked, _policy, _rank1
 from dplr.core import _kernels
 
 NAMES = [name for name in vars(tuning) if name.isupper()]
@@ -41,7 +41,7 @@ def test_every_threshold_is_a_positive_number_with_its_measurement_written_above
 def test_the_modules_use_the_values_from_here():
     assert _kernels.DEFAULT_CHUNK == tuning.CHUNK_ROWS
     assert _kernels.effective_chunk(10_000, None) == tuning.CHUNK_ROWS
-    assert _policy.CHUNK == tuning.CHOLESKY_CHUNK_ROWS
+    assert _blocked.PANEL == tuning.CHOLESKY_CHUNK_ROWS
     assert _rank1.GROUP == tuning.RANK1_GROUP_ROWS
     assert _rank1.SMALL == tuning.RANK1_SMALL_ORDER
     assert _delta_grad.PASS_ROWS == tuning.DELTA_PASS_ROWS
@@ -64,7 +64,7 @@ def test_the_auto_policy_reads_its_thresholds_here(monkeypatch, name, n, m, batc
 
 
 def test_threaded_blas_order(monkeypatch):
-    assert _policy.panel_threads(tuning.THREADED_BLAS_MIN_ORDER, 8, 1) == 0
-    assert _policy.panel_threads(tuning.THREADED_BLAS_MIN_ORDER - 1, 8, 1) == 1
+    assert _policy.blas_thread_count(tuning.THREADED_BLAS_MIN_ORDER) == 0
+    assert _policy.blas_thread_count(tuning.THREADED_BLAS_MIN_ORDER - 1) == 1
     monkeypatch.setattr(tuning, "THREADED_BLAS_MIN_ORDER", 10)
-    assert _policy.panel_threads(10, 8, 1) == 0
+    assert _policy.blas_thread_count(10) == 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from dplr.cholesky._policy import choose_method, panel_threads
+from dplr.cholesky._policy import blas_thread_count, choose_method
 
 #: (N, M) -> the fastest method of the measured table (single factor, NumPy);
 #: the cells marked "≈" there (ties) are left out.
@@ -52,6 +52,6 @@ def test_torch_never_gets_the_numpy_only_sweeps():
             assert choose_method(n, m, 3, torch=True) == want, (n, m)
 
 
-def test_panel_threads_one_thread_below_order_1000():
-    # docs/cholesky.md and the docstring: below N = 1000 one thread is as fast.
-    assert [panel_threads(n, 32, 1) for n in (10, 999, 1000, 4000)] == [1, 1, 0, 0]
+def test_one_blas_thread_below_order_1000():
+    # The docstring's measurement: below N = 1000 one thread is as fast.
+    assert [blas_thread_count(n) for n in (10, 999, 1000, 4000)] == [1, 1, 0, 0]

@@ -112,12 +112,13 @@ def test_tri_all_finite_reads_only_the_triangle():
     assert list(_rank1.tri_all_finite(R, False)) == [True, True, False, True]
 
 
-def test_copy_lower_and_negate_lower_against_numpy():
+@pytest.mark.parametrize("rows", [True, False])
+def test_copy_tri_and_negate_lower_against_numpy(rows):
     rng = np.random.default_rng(5)
     src = rng.standard_normal((7, 7))
-    dst = np.full((3, 7, 7), np.nan)
-    _rank1.copy_lower(dst, src)  # broadcast over the batch of dst
-    assert np.array_equal(dst, np.broadcast_to(np.tril(src), dst.shape))
+    dst = np.full((7, 7), np.nan)
+    _rank1.copy_tri(src, dst, rows)  # the lower triangle, or the upper one of R = L^T
+    assert np.array_equal(dst, np.tril(src) if rows else np.triu(src))
     out = np.full((7, 7), np.nan)
     _rank1.negate_lower(out, src)
     assert np.array_equal(out, -np.tril(src))

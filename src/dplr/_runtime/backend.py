@@ -13,14 +13,13 @@ algorithms.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from . import blas, threads, tuning
+from . import threads, tuning
 from .workspace import scratch
 
 Array = Any  # numpy.ndarray or torch.Tensor
@@ -278,15 +277,21 @@ class NumpyOps:
         return lt.reshape(a.shape), ok.reshape(a.shape[:-2])
 
     @staticmethod
-    def matmul_into(a: Array, b: Array, out: Array) -> None:
-        """``out[...] = a @ b``, written straight into a (possibly strided) ``out``."""
-        np.matmul(a, b, out=out)
+    def qr_complete(a: Array) -> tuple[Array, Array]:
+        """Complete QR factorisations ``a = Q R`` of a stack, Q (..., p, p), R (..., p, r)."""
+        return np.linalg.qr(a, mode="complete")
 
     @staticmethod
-    def blas_scopes(panel_threads: int | None) -> tuple[Any, Any, Any]:
-        """BLAS thread scopes for a loop of small steps and panel products
-        (see :func:`dplr._runtime.blas.panel_scopes`)."""
-        return blas.panel_scopes(panel_threads)
+    def copy_lower(dst: Array, src: Array, *, kernel: Kernel) -> None:
+        """``dst`` (..., n, n) = the lower triangle of ``src`` (broadcast), zeros above.
+
+        One pass per matrix and no temporary: ``kernel(src, dst, True)`` is the
+        compiled triangle copy (:func:`dplr.cholesky._rank1.copy_tri`); ``dst``
+        may be ``src``.
+        """
+        src = np.broadcast_to(src, dst.shape)
+        for idx in np.ndindex(*dst.shape[:-2]):
+            kernel(src[idx], dst[idx], True)
 
 
 class TorchOps:
@@ -459,15 +464,18 @@ class TorchOps:
         return lt, ok
 
     @staticmethod
-    def matmul_into(a: Array, b: Array, out: Array) -> None:
-        """``out[...] = a @ b`` (torch has no strided ``out=`` for batched products)."""
-        out[...] = a @ b
+    def qr_complete(a: Array) -> tuple[Array, Array]:
+        """As :meth:`NumpyOps.qr_complete` (``torch.linalg.qr``)."""
+        import torch
+
+        return torch.linalg.qr(a, mode="complete")
 
     @staticmethod
-    def blas_scopes(panel_threads: int | None) -> tuple[Any, Any, Any]:
-        """No scopes: torch manages its own threads."""
-        null = contextlib.nullcontext
-        return null, null, null
+    def copy_lower(dst: Array, src: Array, *, kernel: Kernel) -> None:
+        """As :meth:`NumpyOps.copy_lower`, by ``torch.tril`` (any device; ``kernel`` unused)."""
+        import torch
+
+        dst[...] = torch.tril(src.expand(dst.shape))
 
 
 def _all_cpu(*xs: Array) -> bool:

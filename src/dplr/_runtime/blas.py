@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
 
@@ -125,28 +125,6 @@ def _settle(libs: tuple[Any, ...]) -> None:
 def single_threaded_blas() -> contextlib.AbstractContextManager[None]:
     """:func:`blas_threads` (1): for loops of small products and triangular solves."""
     return blas_threads(1)
-
-
-def panel_scopes(
-    panel_threads: int | None,
-) -> tuple[Callable[[], Any], Callable[[], Any], Callable[[], Any]]:
-    """Context factories for a loop of small steps and large panel products.
-
-    Returns ``(whole, small, big)``: around the whole loop, around its small
-    per-chunk steps, around its large products.  ``panel_threads`` is 1 (one
-    thread throughout, set once around the loop), 0 (small steps in one
-    thread, large products at the count in force outside), k > 1 (small steps
-    in one thread, large products in at most k), or None (leave threading
-    alone).
-    """
-    null = contextlib.nullcontext
-    if panel_threads is None:
-        return null, null, null
-    if panel_threads == 1:
-        return single_threaded_blas, null, null
-    if panel_threads > 1:
-        return null, single_threaded_blas, lambda: blas_threads(panel_threads)
-    return null, single_threaded_blas, null
 
 
 def _reset_after_fork() -> None:

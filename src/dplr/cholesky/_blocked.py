@@ -27,10 +27,8 @@ import numpy as np
 import scipy.linalg.lapack as _lapack
 
 from .._runtime import tuning as _t
-from .._runtime.backend import Array, NumpyOps, TorchOps
+from .._runtime.backend import Array, Ops
 from . import _rank1
-
-Ops = type[NumpyOps] | type[TorchOps]
 
 #: ``nb`` of ``?tpqrt``, and rows per block of the dense-panel reductions.
 TPQRT_BLOCK = _t.CHOLESKY_TPQRT_BLOCK
@@ -41,14 +39,6 @@ PANEL = _t.CHOLESKY_CHUNK_ROWS
 def tril_block(ops: Ops, a: Array) -> Array:
     """The lower triangle of ``a`` (a new array), zeros above."""
     return ops.where(ops.strict_lower_mask(a.shape[-1], a).mT, 0.0, a)
-
-
-def _qr_complete(ops: Ops, a: Array) -> tuple[Array, Array]:
-    if ops.name == "torch":
-        import torch
-
-        return torch.linalg.qr(a, mode="complete")
-    return np.linalg.qr(a, mode="complete")
 
 
 def _signs(ops: Ops, d: Array) -> Array:
@@ -63,11 +53,15 @@ def update(ops: Ops, low: Array, u: Array, out: Array, block: int | None = None)
     low: (..., N, N) lower triangle read; u: (..., N, M); out: (..., N, N)
     with the full batch shape, may be ``low`` itself.  Cannot fail.  The
     strict upper triangle of ``out`` is set to zero.
+
+    LAPACK's ``?tpqrt`` is a different algorithm (a method, not a spelling),
+    reachable only from NumPy arrays; torch tensors and an explicit ``block``
+    (the tests' way to reach the panels on NumPy) take the dense-panel QRs.
     """
     if ops.name == "numpy" and low.dtype in (np.float32, np.float64) and block is None:
         _update_lapack(low, u, out)
     else:
-        _copy_lower(ops, out, low)
+        ops.copy_lower(out, low, kernel=_rank1.copy_tri)
         _update_panels(ops, out.mT, u.mT, block or PANEL)
 
 
@@ -103,37 +97,31 @@ def _update_lapack(low: np.ndarray, u: np.ndarray, out: np.ndarray) -> None:
 def _update_panels(ops: Ops, r: Array, bt: Array, block: int) -> None:
     """The same reduction with a dense QR per block column; r upper, written in place.
 
-    For the block J of rows/columns ``s:e``, the panel ``[R_JJ; B_J]`` (a
+    For the block J of rows/columns ``start:stop``, the panel ``[R_JJ; B_J]`` (a
     triangle over M rows) has the QR ``Q [T; 0]``; ``Q^T`` applied to
     ``[R_J, after J; B_after J]`` finishes the block row of R' and leaves the
     rows of B to be reduced by the next blocks.
     """
     n = r.shape[-1]
-    bt = bt.clone() if ops.name == "torch" else np.array(bt)
-    for s in range(0, n, block):
-        e = min(s + block, n)
-        q, t = _qr_complete(ops, ops.concat([r[..., s:e, s:e], bt[..., :, s:e]], -2))
-        d = _signs(ops, t.diagonal(0, -2, -1))[..., : e - s, None]
-        r[..., s:e, s:e] = t[..., : e - s, :] * d
-        if e < n:
-            rest = q.mT @ ops.concat([r[..., s:e, e:], bt[..., :, e:]], -2)
-            r[..., s:e, e:] = rest[..., : e - s, :] * d
-            bt[..., :, e:] = rest[..., e - s :, :]
-
-
-def _copy_lower(ops: Ops, dst: Array, src: Array) -> None:
-    """``dst`` = lower triangle of ``src`` (broadcast), zeros above; ``dst`` may be ``src``."""
-    if ops.name == "numpy":
-        _rank1.copy_lower(dst, src)
-    else:
-        dst[...] = tril_block(ops, ops.broadcast_to(src, dst.shape))
+    bt = ops.copy(bt)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        width = stop - start
+        panel = ops.concat([r[..., start:stop, start:stop], bt[..., :, start:stop]], -2)
+        q, t = ops.qr_complete(panel)
+        signs = _signs(ops, t.diagonal(0, -2, -1))[..., :width, None]
+        r[..., start:stop, start:stop] = t[..., :width, :] * signs
+        if stop < n:
+            rest = q.mT @ ops.concat([r[..., start:stop, stop:], bt[..., :, stop:]], -2)
+            r[..., start:stop, stop:] = rest[..., :width, :] * signs
+            bt[..., :, stop:] = rest[..., width:, :]
 
 
 # ---------------------------------------------------------------- downdate
 def downdate_check(ops: Ops, low: Array, u: Array) -> tuple[Array, Array, Array]:
     """``W = L^-1 U``, ``S`` with ``S^T S = I - W^T W``, and where that is positive definite.
 
-    Returns ``(w, s, ok)``: w (..., N, M), s (..., M, M) upper triangular
+    Returns ``(w, s_root, ok)``: w (..., N, M), s_root (..., M, M) upper triangular
     (the identity where ``ok`` is False).  ``L L^T - U U^T = L (I - W W^T) L^T``
     is positive definite iff ``I - W^T W`` is (the nonzero eigenvalues of
     ``W W^T`` and ``W^T W`` coincide).
@@ -144,7 +132,9 @@ def downdate_check(ops: Ops, low: Array, u: Array) -> tuple[Array, Array, Array]
     return w, lt.mT, ok
 
 
-def downdate(ops: Ops, low: Array, w: Array, s: Array, out: Array, block: int | None = None):
+def downdate(
+    ops: Ops, low: Array, w: Array, s_root: Array, out: Array, block: int | None = None
+) -> None:
     """``out`` (lower) = the factor of ``L L^T - U U^T`` from :func:`downdate_check`'s W, S.
 
     ``out`` has the full batch shape and may be ``low``; its strict upper
@@ -160,18 +150,20 @@ def downdate(ops: Ops, low: Array, w: Array, s: Array, out: Array, block: int | 
     """
     n, m = low.shape[-1], w.shape[-1]
     block = block or PANEL
-    _copy_lower(ops, out, low)
+    ops.copy_lower(out, low, kernel=_rank1.copy_tri)
     r = out.mT
-    x = ops.zeros((*out.shape[:-2], m, n), out)
-    for s0 in reversed(range(0, n, block)):
-        e = min(s0 + block, n)
-        q, t = _qr_complete(ops, ops.concat([ops.broadcast_to(s, (*out.shape[:-2], m, m)),
-                                             w[..., s0:e, :]], -2))  # fmt: skip
-        s = t[..., :m, :]
-        y = q.mT @ ops.concat([x[..., :, s0:], r[..., s0:e, s0:]], -2)
-        x[..., :, s0:] = y[..., :m, :]
-        z, t = _qr_complete(ops, y[..., m:, : e - s0])
-        d = _signs(ops, t.diagonal(0, -2, -1))[..., :, None]
-        r[..., s0:e, s0:e] = ops.where(ops.strict_lower_mask(e - s0, t), 0.0, t * d)
-        if e < n:
-            r[..., s0:e, e:] = (z.mT @ y[..., m:, e - s0 :]) * d
+    batch = out.shape[:-2]
+    x = ops.zeros((*batch, m, n), out)
+    for start in reversed(range(0, n, block)):
+        stop = min(start + block, n)
+        width = stop - start
+        panel = ops.concat([ops.broadcast_to(s_root, (*batch, m, m)), w[..., start:stop, :]], -2)
+        q, t = ops.qr_complete(panel)
+        s_root = t[..., :m, :]
+        y = q.mT @ ops.concat([x[..., :, start:], r[..., start:stop, start:]], -2)
+        x[..., :, start:] = y[..., :m, :]
+        z, t = ops.qr_complete(y[..., m:, :width])
+        signs = _signs(ops, t.diagonal(0, -2, -1))[..., :, None]
+        r[..., start:stop, start:stop] = ops.where(ops.strict_lower_mask(width, t), 0.0, t * signs)
+        if stop < n:
+            r[..., start:stop, stop:] = (z.mT @ y[..., m:, width:]) * signs

@@ -1,4 +1,4 @@
-"""How ``method="auto"`` and the BLAS thread setting are chosen for Cholesky updates.
+"""How ``method="auto"`` and the BLAS thread setting are chosen for Cholesky modifications.
 
 The thresholds are measurements, not theory: see ``benchmarks/cholesky.py``
 (the grid of N x M) and ``docs/cholesky.md`` (the table they came from).
@@ -7,9 +7,6 @@ The thresholds are measurements, not theory: see ``benchmarks/cholesky.py``
 from __future__ import annotations
 
 from .._runtime import tuning as _t
-
-#: Rows per chunk of the blocked path (:data:`dplr._runtime.tuning.CHOLESKY_CHUNK_ROWS`).
-CHUNK = _t.CHOLESKY_CHUNK_ROWS
 
 
 def choose_method(n: int, m: int, batch: int, torch: bool) -> str:
@@ -27,16 +24,17 @@ def choose_method(n: int, m: int, batch: int, torch: bool) -> str:
     return "blocked"
 
 
-def panel_threads(n: int, m: int, batch: int) -> int:
-    """BLAS threads for the panel products of the blocked path (0: library default).
+def blas_thread_count(n: int) -> int:
+    """BLAS threads for the ``blocked`` and ``refactor`` paths of an N x N factor.
 
-    Small per-chunk operations always run in one thread.  The (N - e) x (c + M)
-    panel products of a large factor run in the library's (or the caller's
-    threadpoolctl) setting: on an idle 2-core machine that measured N = 3000,
-    M = 32 at 29-35 ms against 40-41 ms in one thread, and N = 4000, M = 64 at
-    61 ms against 92 ms.  (When other processes hold every core, OpenBLAS's
-    spinning threads can make them much slower; limit BLAS threads with
-    threadpoolctl or ``OPENBLAS_NUM_THREADS`` there.)  Below N = 1000 the panels
-    are small and one thread is as fast.
+    1 (the whole call in one thread) below
+    :data:`dplr._runtime.tuning.THREADED_BLAS_MIN_ORDER`; 0 (the library's,
+    or the caller's threadpoolctl, setting) from there on.  The (N - e) x
+    (c + M) panel products of a large factor gain from threads: on an idle
+    2-core machine N = 3000, M = 32 measured 29-35 ms against 40-41 ms in one
+    thread, and N = 4000, M = 64 61 ms against 92 ms.  (When other processes
+    hold every core, OpenBLAS's spinning threads can make them much slower;
+    limit BLAS threads with threadpoolctl or ``OPENBLAS_NUM_THREADS`` there.)
+    Below N = 1000 the panels are small and one thread is as fast.
     """
     return 0 if n >= _t.THREADED_BLAS_MIN_ORDER else 1

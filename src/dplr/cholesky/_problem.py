@@ -31,8 +31,8 @@ class Problem:
     """Validated operands: the factor seen as lower triangular, U, the weights."""
 
     lower: Array  # (..., N, N) lower view of the factor (a transpose view for upper)
-    u: Array  # (..., N, M)
-    w: Array  # (..., M) signed weights
+    u: Array  # (..., N, M) the update columns U
+    weights: Array  # (..., M) signed weights (the public multiplier times the sign)
     batch: tuple[int, ...]
     prep: Any
     source: Any  # the caller's factor object
@@ -107,12 +107,12 @@ def problem(factor, u, multiplier, sign, lower, check_finite) -> Problem:
     u_ = _columns(u_, n)
     raw = cholesky_weights(multiplier, prep, u_.shape[-1], False)[..., 0]
     others = broadcast_batch({"factor": tuple(f.shape[:-2]), "u": tuple(u_.shape[:-2])})
-    w = sign * column_weights(raw, int(u_.shape[-1]), others)
-    batch = broadcast_batch({"factor": others, "multiplier": tuple(w.shape[:-1])})
+    weights = sign * column_weights(raw, int(u_.shape[-1]), others)
+    batch = broadcast_batch({"factor": others, "multiplier": tuple(weights.shape[:-1])})
     if check_finite and not all_finite(u_):
         raise not_finite_error("u")
     low = f if lower else f.mT
-    return Problem(low, u_, w, batch, prep, factor, lower)  # diagonal: checked by the path
+    return Problem(low, u_, weights, batch, prep, factor, lower)  # diagonal: checked by the path
 
 
 def check_triangle_finite(pb: Problem) -> None:

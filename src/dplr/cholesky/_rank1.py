@@ -70,12 +70,12 @@ def _update_rows_one(src, dst, x, cs, sn, xs):
             for r in range(GROUP):
                 xs[r] = x[i0 + r]
             for j in range(i0):
-                c = cs[j]
-                s = sn[j]
+                cos = cs[j]
+                sin = sn[j]
                 for r in range(GROUP):
                     a = src[i0 + r, j]
-                    dst[i0 + r, j] = c * a + s * xs[r]
-                    xs[r] = c * xs[r] - s * a
+                    dst[i0 + r, j] = cos * a + sin * xs[r]
+                    xs[r] = cos * xs[r] - sin * a
             for r in range(GROUP):
                 x[i0 + r] = xs[r]
         else:
@@ -84,9 +84,9 @@ def _update_rows_one(src, dst, x, cs, sn, xs):
         for r in range(g):
             i = i0 + r
             _apply_update_row(src, dst, x, cs, sn, i, i0, i)
-            d = src[i, i]
-            rr = math.hypot(d, x[i])
-            cs[i] = d / rr
+            diag = src[i, i]
+            rr = math.hypot(diag, x[i])
+            cs[i] = diag / rr
             sn[i] = x[i] / rr
             dst[i, i] = rr
             for j in range(i + 1, n):
@@ -119,21 +119,21 @@ def _update_rows_small(src, dst, x, buf):
         return -1
     acc = 0.0
     for k in range(n):
-        d = buf[k, k]
+        diag = buf[k, k]
         xk = x[k]
-        rr = math.sqrt(d * d + xk * xk)
+        rr = math.sqrt(diag * diag + xk * xk)
         if not 1e-150 < rr < 1e150:
-            rr = math.hypot(d, xk)
+            rr = math.hypot(diag, xk)
         inv = 1.0 / rr
-        c = d * inv
-        s = xk * inv
+        cos = diag * inv
+        sin = xk * inv
         buf[k, k] = rr
         acc += rr * 0.0
         for i in range(k + 1, n):
             a = buf[i, k]
             xi = x[i]
-            buf[i, k] = c * a + s * xi
-            x[i] = c * xi - s * a
+            buf[i, k] = cos * a + sin * xi
+            x[i] = cos * xi - sin * a
     for i in range(n):
         for j in range(i + 1):
             dst[i, j] = buf[i, j]
@@ -182,17 +182,17 @@ def _update_cols_one(src, dst, x):
     """Givens update of R = L^T: step k rotates row k of R against x."""
     n = src.shape[0]
     for k in range(n):
-        d = src[k, k]
-        rr = math.hypot(d, x[k])
-        c = d / rr
-        s = x[k] / rr
+        diag = src[k, k]
+        rr = math.hypot(diag, x[k])
+        cos = diag / rr
+        sin = x[k] / rr
         for j in range(k):
             dst[k, j] = 0.0
         dst[k, k] = rr
         for i in range(k + 1, n):
             a = src[k, i]
-            dst[k, i] = c * a + s * x[i]
-            x[i] = c * x[i] - s * a
+            dst[k, i] = cos * a + sin * x[i]
+            x[i] = cos * x[i] - sin * a
 
 
 @_jit(**_SERIAL)
@@ -212,12 +212,12 @@ def _downdate_cols_one(src, dst, cs, sn, xx):
     n = src.shape[0]
     xx[:] = 0.0
     for i in range(n - 1, -1, -1):
-        c = cs[i]
-        s = sn[i]
+        cos = cs[i]
+        sin = sn[i]
         for j in range(i, n):
             a = src[i, j]
-            t = c * xx[j] + s * a
-            dst[i, j] = c * a - s * xx[j]
+            t = cos * xx[j] + sin * a
+            dst[i, j] = cos * a - sin * xx[j]
             xx[j] = t
         for j in range(i):
             dst[i, j] = 0.0
@@ -281,62 +281,55 @@ def negate_lower(dst: np.ndarray, src: np.ndarray) -> None:
     _negate_tri(src, dst)
 
 
-def copy_lower(dst: np.ndarray, src: np.ndarray) -> None:
-    """``dst`` (..., n, n) = the lower triangle of ``src`` (broadcast), zeros above."""
-    src = np.broadcast_to(src, dst.shape)
-    for idx in np.ndindex(*dst.shape[:-2]):
-        copy_tri(src[idx], dst[idx], True)
-
-
 @_jit(**_SERIAL)
-def _sweep_rows_one(s, d, x, work, down, inplace):
+def _sweep_rows_one(src, dst, x, work, down, inplace):
     """One rank-1 update or downdate of one lower factor read by rows; False if not PD."""
-    n = s.shape[0]
+    n = src.shape[0]
     cs, sn, p = work[0, :n], work[1, :n], work[2, :n]
     if not down:
-        _update_rows_one(s, d, x, cs, sn, work[2])
+        _update_rows_one(src, dst, x, cs, sn, work[2])
         return True
-    _forward_rows_one(s, x, p)
+    _forward_rows_one(src, x, p)
     if _downdate_rotations(p, cs, sn):
-        _downdate_rows_one(s, d, cs, sn)
+        _downdate_rows_one(src, dst, cs, sn)
         return True
     if not inplace:
-        copy_tri(s, d, True)
+        copy_tri(src, dst, True)
     return False
 
 
 @_jit(**_SERIAL)
-def _sweep_cols_one(s, d, x, work, down, inplace):
+def _sweep_cols_one(src, dst, x, work, down, inplace):
     """One rank-1 update or downdate of one factor read through R = L^T; False if not PD."""
-    n = s.shape[0]
+    n = src.shape[0]
     cs, sn, p = work[0, :n], work[1, :n], work[2, :n]
     if not down:
-        _update_cols_one(s, d, x)
+        _update_cols_one(src, dst, x)
         return True
-    _forward_cols_one(s, x, p)
+    _forward_cols_one(src, x, p)
     if _downdate_rotations(p, cs, sn):
-        _downdate_cols_one(s, d, cs, sn, p)
+        _downdate_cols_one(src, dst, cs, sn, p)
         return True
     if not inplace:
-        copy_tri(s, d, False)
+        copy_tri(src, dst, False)
     return False
 
 
 @_jit(**_SERIAL)
-def _diag_finite(d):
+def _diag_finite(factor):
     acc = 0.0
-    for i in range(d.shape[0]):
-        acc += d[i, i] * 0.0
+    for i in range(factor.shape[0]):
+        acc += factor[i, i] * 0.0
     return acc == 0.0
 
 
 @_jit(**_SERIAL)
-def _diag_positive(s):
+def _diag_positive(factor):
     """All diagonal entries > 0 (NaN is not); no early exit, so the loads overlap."""
     count = 0
-    for i in range(s.shape[0]):
-        count += s[i, i] > 0.0
-    return count == s.shape[0]
+    for i in range(factor.shape[0]):
+        count += factor[i, i] > 0.0
+    return count == factor.shape[0]
 
 
 @_jit(**_SERIAL)
@@ -346,23 +339,23 @@ def _sweep_range(src, src_idx, dst, x, down, ok, fin, pos, inplace, rows, lo, hi
     work = np.empty((3, max(n, GROUP)), dtype=x.dtype)
     buf = np.empty((min(n, SMALL), min(n, SMALL)), dtype=x.dtype)
     for b in range(lo, hi):
-        s, d = src[src_idx[b]], dst[b]
+        one_src, one_dst = src[src_idx[b]], dst[b]
         if rows and n <= SMALL and not down[b]:
-            status = _update_rows_small(s, d, x[b], buf)
+            status = _update_rows_small(one_src, one_dst, x[b], buf)
             pos[b] = status >= 0
             ok[b] = status >= 0
             fin[b] = status == 1
             continue
-        pos[b] = _diag_positive(s)
+        pos[b] = _diag_positive(one_src)
         if not pos[b]:  # not a Cholesky factor: the caller raises
             ok[b] = False
             fin[b] = False
             continue
         if rows:
-            ok[b] = _sweep_rows_one(s, d, x[b], work, down[b], inplace)
+            ok[b] = _sweep_rows_one(one_src, one_dst, x[b], work, down[b], inplace)
         else:
-            ok[b] = _sweep_cols_one(s, d, x[b], work, down[b], inplace)
-        fin[b] = _diag_finite(d)
+            ok[b] = _sweep_cols_one(one_src, one_dst, x[b], work, down[b], inplace)
+        fin[b] = _diag_finite(one_dst)
 
 
 # Large batches of sweeps are split between dplr's threads
@@ -392,18 +385,18 @@ def sweep(src, src_idx, dst, x, down, ok, inplace: bool, rows: bool):
 
 
 @_jit(nogil=True, fastmath={"reassoc"})
-def _tri_finite_one(s, rows):
-    """True if the factor's triangle of s is finite.
+def _tri_finite_one(factor, rows):
+    """True if the triangle of factor is finite.
 
     ``v * 0`` is 0 for a finite v and NaN otherwise, so the sum is exact and
     may be reassociated (vectorised) freely.
     """
-    n = s.shape[0]
+    n = factor.shape[0]
     acc = 0.0
     for i in range(n):
         lo = 0 if rows else i
         hi = i + 1 if rows else n
-        row = s[i]
+        row = factor[i]
         for j in range(lo, hi):
             acc += row[j] * 0.0
     return acc == 0.0

@@ -15,7 +15,6 @@ import numpy as np
 from .._errors import NotPositiveDefiniteError
 from .._runtime.backend import Array, is_torch
 from .._runtime.blas import single_threaded_blas
-from .._runtime.tuning import THREADED_BLAS_MIN_ORDER
 from .._validate import (
     all_finite,
     broadcast_batch,
@@ -28,7 +27,7 @@ from .._validate import (
     to_output,
 )
 from . import _blocked, _rank1
-from ._policy import choose_method, panel_threads
+from ._policy import blas_thread_count, choose_method
 from ._problem import Problem, check_triangle_finite, problem, square_factor
 
 __all__ = ["cholesky_delete", "cholesky_downdate", "cholesky_insert", "cholesky_update"]
@@ -69,15 +68,15 @@ def _rank1_path(pb: Problem, target: Array | None, check_finite: bool, errors: s
     bsize = int(np.prod(batch, dtype=np.int64))
     src = orient(low).reshape(-1, n, n)
     src_idx = np.broadcast_to(np.arange(src.shape[0]).reshape(low.shape[:-2]), batch).reshape(-1)
-    w = np.broadcast_to(pb.w, (*batch, m)).reshape(bsize, m)
+    weights = np.broadcast_to(pb.weights, (*batch, m)).reshape(bsize, m)
     x_all = np.broadcast_to(pb.u, (*batch, n, m)).reshape(bsize, n, m)
     if m > 1:  # updates first: every partial result stays positive definite
-        order = np.argsort(w < 0, axis=-1, kind="stable")
-        w = np.take_along_axis(w, order, -1)
+        order = np.argsort(weights < 0, axis=-1, kind="stable")
+        weights = np.take_along_axis(weights, order, -1)
         x_all = np.take_along_axis(x_all, order[:, None, :], -1)
-    x_all = x_all * np.sqrt(np.abs(w))[:, None, :]
+    x_all = x_all * np.sqrt(np.abs(weights))[:, None, :]
     one_pass = m == 1 and (bsize == 1 or errors == "flag")
-    direct = target is not None and (one_pass or not (w < 0).any())
+    direct = target is not None and (one_pass or not (weights < 0).any())
     if direct:  # the kernels skip factors without a positive diagonal; check first here
         check_cholesky_diagonal(low, check_finite)
         if check_finite:
@@ -93,8 +92,9 @@ def _rank1_path(pb: Problem, target: Array | None, check_finite: bool, errors: s
     for j in range(m):
         x = np.ascontiguousarray(x_all[:, :, j])
         first = j == 0
-        fin, pos = _rank1.sweep(src if first else dst, src_idx if first else np.arange(bsize),
-                                dst, x, w[:, j] < 0, ok_j, direct or not first, rows)  # fmt: skip
+        read, read_idx = (src, src_idx) if first else (dst, np.arange(bsize))
+        down = weights[:, j] < 0
+        fin, pos = _rank1.sweep(read, read_idx, dst, x, down, ok_j, direct or not first, rows)
         if first and not pos.all():  # the input's diagonal, read by the kernel
             check_cholesky_diagonal(low, check_finite)
         ok &= ok_j
@@ -118,7 +118,7 @@ def _blocked_path(pb: Problem, target: Array | None, check_finite: bool, chunk: 
         check_triangle_finite(pb)
     up, down = _split_weights(pb)
     shape = (*pb.batch, n, n)
-    with _blas_threads(pb, panel_threads(n, pb.m, int(np.prod(pb.batch, dtype=np.int64)))):
+    with _blas_threads(pb, blas_thread_count(n)):
         if down is None:
             out = target if target is not None else _new_lower(pb, shape)
             _blocked.update(ops, low, up, out, chunk)
@@ -127,22 +127,22 @@ def _blocked_path(pb: Problem, target: Array | None, check_finite: bool, chunk: 
         if up is not None:  # into scratch: the caller's memory waits for the check
             base = _new_lower(pb, shape)
             _blocked.update(ops, low, up, base, chunk)
-        w, s, ok = _blocked.downdate_check(ops, base, down)
+        w, s_root, ok = _blocked.downdate_check(ops, base, down)
         ok = _expand(ops, ok, pb.batch)
         out = target if target is not None and bool(ok.all()) else None
         if out is None:
             out = base if base is not low else _new_lower(pb, shape)
         with np.errstate(all="ignore"):  # failed entries may overflow; they are discarded
-            _blocked.downdate(ops, base, w, s, out, chunk)
+            _blocked.downdate(ops, base, w, s_root, out, chunk)
     return out, ok
 
 
 def _split_weights(pb: Problem) -> tuple[Array | None, Array | None]:
     """``U sqrt(max(w, 0))`` and ``U sqrt(max(-w, 0))`` over the columns that need them."""
-    ops, w = pb.ops, pb.w
+    ops = pb.ops
     parts = []
     for sign in (1.0, -1.0):
-        sw = w * sign
+        sw = pb.weights * sign
         cols = (sw > 0).reshape(-1, pb.m).any(0)
         if not bool(cols.any()):
             parts.append(None)
@@ -160,9 +160,9 @@ def _new_lower(pb: Problem, shape: tuple[int, ...]) -> Array:
 def _refactor_path(pb: Problem) -> tuple[Array, Array]:
     """Form ``L L^T + U diag(w) U^T`` and factor it again: O(N^3)."""
     ops = pb.ops
-    with _blas_threads(pb, 1 if pb.n < THREADED_BLAS_MIN_ORDER else 0):
+    with _blas_threads(pb, blas_thread_count(pb.n)):
         low = _blocked.tril_block(ops, pb.lower)
-        b = low @ low.mT + (pb.u * pb.w[..., None, :]) @ pb.u.mT
+        b = low @ low.mT + (pb.u * pb.weights[..., None, :]) @ pb.u.mT
         lt, ok = ops.cholesky_flagged(b)
     return lt, _expand(ops, ok, pb.batch)
 
@@ -440,21 +440,13 @@ def cholesky_delete(
         new = cholesky_update(low[..., e:, e:], low[..., e:, :e], check_finite=False)
         return to_output(new if lower else new.mT, pb.prep)
     new = ops.empty((*pb.batch, n - count, n - count), low)
-    _lower_into(ops, new[..., :k, :k], low[..., :k, :k])
+    ops.copy_lower(new[..., :k, :k], low[..., :k, :k], kernel=_rank1.copy_tri)
     new[..., :k, k:] = 0.0
     new[..., k:, :k] = low[..., e:, :k]
     if e < n:  # the update runs in place on the copied block (it zeroes the upper part)
         new[..., k:, k:] = low[..., e:, e:]
         _in_place(cholesky_update, new[..., k:, k:], low[..., e:, k:e])
     return to_output(new if lower else new.mT, pb.prep)
-
-
-def _lower_into(ops, dst: Array, src: Array) -> None:
-    """``dst`` = the lower triangle of ``src``, zeros above, without a temporary."""
-    if ops.name == "torch":
-        dst[...] = _blocked.tril_block(ops, src)
-    else:
-        _rank1.copy_lower(dst, src)
 
 
 def _in_place(fn, block: Array, u: Array, **kwargs) -> Array:
@@ -525,19 +517,19 @@ def cholesky_insert(
     check_choice("errors", errors, _ERRORS)
     pb = _factor_only(factor, lower, check_finite, {"cols": cols})
     n, low, ops = pb.n, pb.lower, pb.ops
-    c = pb.prep["cols"]
-    require_ndim("cols", c, 2, "(..., N + p, p)")
-    p = c.shape[-1]
-    if p == 0 or c.shape[-2] != n + p:
+    new_cols = pb.prep["cols"]
+    require_ndim("cols", new_cols, 2, "(..., N + p, p)")
+    p = new_cols.shape[-1]
+    if p == 0 or new_cols.shape[-2] != n + p:
         raise ValueError(
             f"'cols' must have shape (..., {n} + p, p) with p >= 1 to match 'factor' "
-            f"{tuple(pb.lower.shape)}; got {tuple(c.shape)}"
+            f"{tuple(pb.lower.shape)}; got {tuple(new_cols.shape)}"
         )
-    if check_finite and not all_finite(c):
+    if check_finite and not all_finite(new_cols):
         raise not_finite_error("cols")
     k = int_in_range("index", index, 0, n)
-    batch = broadcast_batch({"factor": pb.batch, "cols": tuple(c.shape[:-2])})
-    a12, a22, a32 = c[..., :k, :], c[..., k : k + p, :], c[..., k + p :, :]
+    batch = broadcast_batch({"factor": pb.batch, "cols": tuple(new_cols.shape[:-2])})
+    a12, a22, a32 = new_cols[..., :k, :], new_cols[..., k : k + p, :], new_cols[..., k + p :, :]
     l11, l31 = low[..., :k, :k], low[..., k:, :k]
     x = ops.solve_lower_dense(l11, a12)  # (..., k, p): L21 = x^T
     l22, ok = ops.cholesky_flagged(a22 - x.mT @ x)
@@ -546,7 +538,7 @@ def cholesky_insert(
     if k < n:  # in place on the copied block; a failed entry is left as copied
         new[..., k + p :, k + p :] = low[..., k:, k:]
         ok = ok & _in_place(cholesky_downdate, new[..., k + p :, k + p :], l32, errors="flag")
-    _lower_into(ops, new[..., :k, :k], l11)
+    ops.copy_lower(new[..., :k, :k], l11, kernel=_rank1.copy_tri)
     new[..., :k, k:] = 0.0
     new[..., k : k + p, :k] = x.mT
     new[..., k : k + p, k : k + p] = l22
