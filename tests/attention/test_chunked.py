@@ -56,22 +56,24 @@ def reference(q, k, v, beta, g=None, *, scale=None, s0=None, cu=None, l2norm=Fal
             S = np.zeros((K, V)) if s0 is None else np.array(s0[n, h], np.float64)
             for t in range(start, stop):
                 kt, bt = k[b, t, hk], beta[b, t, h]
-                S = np.exp(g[b, t, h]) * S
+                decay = np.exp(g[b, t, h])  # a scalar, or one per key channel
+                S = (decay[:, None] if decay.ndim else decay) * S
                 S = S - bt * np.outer(kt, kt @ S) + bt * np.outer(kt, v[b, t, h])
                 o[b, t, h] = scale * (q[b, t, hk] @ S)
             states[n, h] = S
     return o, states
 
 
-def inputs(rng, B, T, H, K, V, *, HV=None, N=None, dtype=np.float64, g_scale=1.0):
-    """Unit-norm keys, beta in (0, 1), log decays in [-g_scale, 0], an O(1) initial state."""
+def inputs(rng, B, T, H, K, V, *, HV=None, N=None, dtype=np.float64, g_scale=1.0, channel=False):
+    """Unit-norm keys, beta in (0, 1), log decays in [-g_scale, 0] (per head, or per key
+    channel), an O(1) initial state."""
     HV = H if HV is None else HV
     q = rng.standard_normal((B, T, H, K))
     k = rng.standard_normal((B, T, H, K))
     k /= np.linalg.norm(k, axis=-1, keepdims=True)
     v = rng.standard_normal((B, T, HV, V))
     beta = rng.uniform(0, 1, (B, T, HV))
-    g = -g_scale * rng.uniform(0, 1, (B, T, HV))
+    g = -g_scale * rng.uniform(0, 1, (B, T, HV, K) if channel else (B, T, HV))
     s0 = rng.standard_normal((B if N is None else N, HV, K, V))
     return tuple(x.astype(dtype) for x in (q, k, v, beta, g, s0))
 
@@ -97,13 +99,14 @@ CASES = [  # (B, T, H, HV, K, V, chunk): T = 1, T < chunk, T not a multiple, K !
 ]
 
 
-@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("decay", ["none", "per head", "per channel"])
 @pytest.mark.parametrize("state", [False, True])
 @pytest.mark.parametrize(("B", "T", "H", "HV", "K", "V", "chunk"), CASES)
-def test_matches_recurrence(B, T, H, HV, K, V, chunk, gated, state):
+def test_matches_recurrence(B, T, H, HV, K, V, chunk, decay, state):
     rng = np.random.default_rng(T * 100 + K + HV)
-    q, k, v, beta, g, s0 = inputs(rng, B, T, H, K, V, HV=HV)
-    g, s0 = (g if gated else None), (s0 if state else None)
+    channel = decay == "per channel"
+    q, k, v, beta, g, s0 = inputs(rng, B, T, H, K, V, HV=HV, channel=channel)
+    g, s0 = (None if decay == "none" else g), (s0 if state else None)
     o, sn = chunked_forward(False, q, k, v, beta, g, s0, None, 0.3, False, chunk)
     o_ref, s_ref = reference(q, k, v, beta, g, s0=s0, scale=0.3)
     assert o.shape == (B, T, HV, V) and sn.shape == (B, HV, K, V)
@@ -115,25 +118,37 @@ def test_matches_recurrence(B, T, H, HV, K, V, chunk, gated, state):
 @given(
     B=st.integers(1, 2), T=st.integers(1, 70), H=st.integers(1, 2), groups=st.integers(1, 2),
     K=st.integers(1, 9), V=st.integers(1, 9), chunk=st.sampled_from([1, 3, 16, 32]),
-    l2norm=st.booleans(), g_scale=st.sampled_from([0.0, 0.5, 5.0]), seed=st.integers(0, 2**31),
+    l2norm=st.booleans(), g_scale=st.sampled_from([0.0, 0.5, 5.0, 50.0]), channel=st.booleans(),
+    seed=st.integers(0, 2**31),
 )  # fmt: skip
-def test_property_matches_recurrence(B, T, H, groups, K, V, chunk, l2norm, g_scale, seed):
+def test_property_matches_recurrence(B, T, H, groups, K, V, chunk, l2norm, g_scale, channel,
+                                     seed):  # fmt: skip
     rng = np.random.default_rng(seed)
-    q, k, v, beta, g, s0 = inputs(rng, B, T, H, K, V, HV=H * groups, g_scale=g_scale)
+    q, k, v, beta, g, s0 = inputs(rng, B, T, H, K, V, HV=H * groups, g_scale=g_scale,
+                                  channel=channel)  # fmt: skip
     o, sn = chunked_forward(False, q, k, v, beta, g, s0, None, 0.5, l2norm, chunk)
     o_ref, s_ref = reference(q, k, v, beta, g, s0=s0, scale=0.5, l2norm=l2norm)
     assert rel_err(o, o_ref) < bound(np.float64, T, chunk, K, V)
     assert rel_err(sn, s_ref) < bound(np.float64, T, chunk, K, V)
 
 
+@pytest.mark.parametrize("channel", [False, True])
 @pytest.mark.parametrize("chunk", [16, 32, 64])
-def test_float32_at_the_steepest_gate(chunk):
-    """g = -5 per token (a 64-token chunk spans e^-320): float32 within its bound."""
+def test_float32_at_the_steepest_gate(chunk, channel):
+    """g = -5 per token (a 64-token chunk spans e^-320): float32 within its bound.
+
+    Per channel: -5 in half the channels, uniform in [-5, 0] in the others, so
+    that the anchored sub-blocks are shorter than the chunk.
+    """
     rng = np.random.default_rng(chunk)
     T, H, K, V = 2048, 1, 16, 8
     q, k, v, beta, _, s0 = inputs(rng, 1, T, H, K, V)
-    g = np.full((1, T, H), -5.0)
-    g[:, 1::7] = -0.01  # some slow tokens, so that long-range terms are not all below e^-40
+    if channel:
+        g = -5.0 * rng.uniform(0, 1, (1, T, H, K))
+        g[..., ::2] = -5.0
+    else:
+        g = np.full((1, T, H), -5.0)
+        g[:, 1::7] = -0.01  # some slow tokens, so that long-range terms are not all below e^-40
     args32 = (x.astype(np.float32) for x in (q, k, v, beta, g, s0))
     o, sn = chunked_forward(False, *args32, None, 0.25, True, chunk)
     o_ref, s_ref = reference(q, k, v, beta, g, s0=s0, scale=0.25, l2norm=True)
@@ -158,6 +173,30 @@ def test_minus_inf_gates_reset_the_state(dtype):
     # The last token resets head 0: its state is that token's write alone.
     last = beta[0, -1, 0] * np.outer(k[0, -1, 0], v[0, -1, 0])
     assert rel_err(sn[0, 0], last) < bound(dtype, 1, 1, K, V)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_minus_inf_in_some_channels(dtype):
+    """Resets of single channels, inside anchored sub-blocks (pair by pair) and at their edges."""
+    rng = np.random.default_rng(15)
+    T, K, V = 90, 6, 4
+    q, k, v, beta, g, s0 = inputs(rng, 1, T, 2, K, V, channel=True, g_scale=5.0)
+    for t, h, c in [
+        (0, 0, 0),
+        (5, 0, 1),
+        (6, 0, 1),
+        (17, 1, 5),
+        (31, 0, 2),
+        (32, 1, 0),
+        (89, 0, 3),
+    ]:
+        g[0, t, h, c] = -np.inf
+    args = (x.astype(dtype) for x in (q, k, v, beta, g, s0))
+    o, sn = chunked_forward(False, *args, None, 0.4, True, 32)
+    o_ref, s_ref = reference(q, k, v, beta, g, s0=s0, scale=0.4, l2norm=True)
+    assert np.isfinite(o).all() and np.isfinite(sn).all()
+    assert rel_err(o, o_ref) < bound(dtype, T, 32, K, V)
+    assert rel_err(sn, s_ref) < bound(dtype, T, 32, K, V)
 
 
 def test_packed_sequences_with_empty_ones():
@@ -212,9 +251,9 @@ def test_public_functions_choose_it_without_gradients(monkeypatch):
     dplr.delta_rule(q[:, :3], k[:, :3], v[:, :3], beta[:, :3], chunk_size=2)
     assert len(calls) == 2
     dplr.delta_rule(q[:, :3], k[:, :3], v[:, :3], beta[:, :3])  # short: the recurrence
-    gk = np.repeat(g[..., None], 4, axis=-1)
-    dplr.kda(q, k, v, gk, beta)  # per-channel decay: the core's path
     assert len(calls) == 2
+    dplr.kda(q, k, v, np.repeat(g[..., None], 4, axis=-1), beta)
+    assert len(calls) == 3
 
 
 @needs_torch

@@ -24,7 +24,10 @@ where they lie (no padding).  Decay factors are formed relative to the chunk
 start exactly as in the core (resets exact, factors below the dtype's flush
 threshold zero).
 
-One decay per head or none; per-channel decay (KDA) runs the core's path.
+With one decay per key channel (KDA) the blocks A and P are formed from
+rows rescaled per sub-block (anchored, as the core's
+:func:`dplr.core._decay.channel_strict_blocks`), and the state decays by
+``Diag(a)``.
 """
 
 from __future__ import annotations
@@ -37,15 +40,13 @@ from .._runtime import tuning
 from .._runtime.backend import Array
 from .._runtime.jit import jit
 from .._runtime.threads import num_workers, run_all, split
-from ..core._decay import _FLUSH_BELOW
+from ..core._decay import _EXPONENT_BUDGET, _FLUSH_BELOW
 from ..core._jit import _dot_products, _forward_substitute, _strict_lower_product
 from ._recurrent import _as_numpy
 
 
-def chunked_applies(torch: bool, tensors: tuple[Any, ...], per_channel: bool) -> bool:
+def chunked_applies(torch: bool, tensors: tuple[Any, ...]) -> bool:
     """Whether the compiled chunked forward runs: CPU, float32/float64, no autograd."""
-    if per_channel:
-        return False
     present = [x for x in tensors if x is not None]
     if not torch:
         return all(x.dtype in (np.float32, np.float64) for x in present)
@@ -73,7 +74,8 @@ def chunked_forward(
     """Outputs (B, T, HV, V) and final states (N, HV, K, V) by chunks of ``chunk`` tokens.
 
     Arguments as :func:`dplr.attention._recurrent.recurrent_forward` (g one
-    log decay per head, (B, T, HV), or None), all of one dtype on the CPU.
+    log decay per head (B, T, HV), per key channel (B, T, HV, K), or None),
+    all of one dtype on the CPU.
     """
     q, k, v, beta, g, s0 = (_as_numpy(x) for x in (q, k, v, beta, g, s0))
     B, T, HV, V = v.shape
@@ -85,15 +87,20 @@ def chunked_forward(
         batch = np.zeros(len(cu) - 1, np.int64)
         start, stop = cu[:-1].astype(np.int64), cu[1:].astype(np.int64)
     N = len(batch)
-    g = np.empty((B, T, 0), v.dtype) if g is None else g
+    if g is None:
+        g = np.empty((B, T, HV, 0), v.dtype)
+    elif g.ndim == 3:
+        g = g[..., None]
     out = np.empty((B, T, HV, V), v.dtype)
     state = np.empty((N, HV, K, V), v.dtype)
     has_s0 = s0 is not None
     if not has_s0:
         s0 = np.empty((1, 1, 1, 1), v.dtype)  # never read
-    floor = v.dtype.type(_FLUSH_BELOW.get(v.dtype.itemsize, _FLUSH_BELOW[4]))
+    dt = v.dtype.type
+    floor = dt(_FLUSH_BELOW.get(v.dtype.itemsize, _FLUSH_BELOW[4]))
+    budget = dt(_EXPONENT_BUDGET.get(v.dtype.itemsize, _EXPONENT_BUDGET[4]))
     args = (q, k, v, beta, g, s0, has_s0, state, out, batch, start, stop,
-            v.dtype.type(scale), use_qk_l2norm, max(1, chunk), floor)  # fmt: skip
+            dt(scale), use_qk_l2norm, max(1, chunk), floor, budget)  # fmt: skip
     lanes = N * HV
     flops = 6.0 * int((stop - start).sum()) * HV * K * V
     workers = num_workers() if flops >= tuning.LOOP_MIN_FLOPS else 1
@@ -109,19 +116,20 @@ def chunked_forward(
 
 @jit(nogil=True, fastmath={"contract", "reassoc"})
 def _chunked_lanes(q, k, v, beta, g, s0, has_s0, state, out, batch, start, stop, scale,
-                   l2norm, chunk, floor, lane_start, lane_stop):  # fmt: skip
+                   l2norm, chunk, floor, budget, lane_start, lane_stop):  # fmt: skip
     """Lanes ``lane_start:lane_stop`` (lane = sequence * HV + value head), chunk by chunk.
 
-    q, k: (B, T, H, K); v, out: (B, T, HV, V); beta: (B, T, HV); g: (B, T, HV)
-    or (B, T, 0) for no decay; s0, state: (N, HV, K, V); sequence n is
-    ``batch[n], start[n]:stop[n]``.
+    q, k: (B, T, H, K); v, out: (B, T, HV, V); beta: (B, T, HV); g: (B, T, HV,
+    E) with E = 0 (no decay), 1 (one per head) or K (per channel); s0, state:
+    (N, HV, K, V); sequence n is ``batch[n], start[n]:stop[n]``.
     """
     H, K = q.shape[2], q.shape[3]
     HV, V = v.shape[2], v.shape[3]
+    E = g.shape[3]
     group = HV // H
     dt = v.dtype.type
     z_t = np.empty((V, K), v.dtype)  # the state, transposed
-    full = _buffers(chunk, K, V, v.dtype)
+    full = _buffers(chunk, K, V, E, v.dtype)
     for lane in range(lane_start, lane_stop):
         n, h = lane // HV, lane % HV
         b, hk = batch[n], h // group
@@ -131,8 +139,12 @@ def _chunked_lanes(q, k, v, beta, g, s0, has_s0, state, out, batch, start, stop,
         t0 = start[n]
         while t0 < stop[n]:
             L = min(chunk, stop[n] - t0)
-            buf = full if L == chunk else _buffers(L, K, V, v.dtype)
+            buf = full if L == chunk else _buffers(L, K, V, E, v.dtype)
             _load_chunk(q, k, v, beta, g, b, hk, h, t0, scale, l2norm, floor, buf)
+            if E > 1:
+                _channel_blocks(buf, floor, budget)
+            else:
+                _row_blocks(buf, floor)
             _chunk_step(buf, z_t, out, b, h, t0)
             t0 += L
         dst = state[n, h]
@@ -142,8 +154,9 @@ def _chunked_lanes(q, k, v, beta, g, s0, has_s0, state, out, batch, start, stop,
 
 
 @jit(nogil=True)
-def _buffers(L, K, V, dtype):
+def _buffers(L, K, V, E, dtype):
     """Scratch arrays for a chunk of L tokens (all in cache for L = 32..64, K = V = 128)."""
+    e = max(E, 1)
     return (
         np.empty((2 * L, K), dtype),  # rows: kb ⊙ w_in, then q ⊙ w_in (read the state)
         np.empty((L, K), dtype),  # kb = beta k
@@ -156,23 +169,22 @@ def _buffers(L, K, V, dtype):
         np.empty((2 * L, V), dtype),  # [kb ⊙ w_in; q ⊙ w_in] Z
         np.empty((L, V), dtype),  # U
         np.empty((V, L), dtype),  # U^T
-        np.empty(L, dtype),  # cumulative finite log decay from the chunk start
-        np.empty(L, np.int64),  # resets (g = -inf) from the chunk start
-        np.empty(L, dtype),  # w_in
-        np.empty(2, dtype),  # [a, 0]
+        np.empty((L, e), dtype),  # cumulative finite log decay from the chunk start
+        np.empty((L, e), np.int64),  # resets (g = -inf) from the chunk start
+        np.empty((3 * L, K), dtype),  # anchored rows (per-channel blocks)
+        np.empty(K, dtype),  # a, the state's decay across the chunk (per channel)
     )
 
 
 @jit(nogil=True, fastmath={"contract", "reassoc"})
 def _load_chunk(q, k, v, beta, g, b, hk, h, t0, scale, l2norm, floor, buf):
     """Read tokens t0:t0+L of one head into the chunk buffers, with the decay factors."""
-    kq_in, kb, qs, kn, k_out_t, a_blk, p_blk, rhs, _, _, _, gc, rc, w_in, a = buf
+    kq_in, kb, qs, kn, k_out_t, _, _, rhs, _, _, _, gc, rc, _, a = buf
     L, K = kb.shape
     V = rhs.shape[1]
+    E = g.shape[3]
     dt = kb.dtype.type
     tiny = np.finfo(kb.dtype).tiny
-    gated = g.shape[2] > 0
-    acc, resets = dt(0), 0
     for i in range(L):
         t = t0 + i
         qi, ki = q[b, t, hk], k[b, t, hk]
@@ -194,29 +206,40 @@ def _load_chunk(q, k, v, beta, g, b, hk, h, t0, scale, l2norm, floor, buf):
         vi = v[b, t, h]
         for s in range(V):
             rhs[i, s] = bt * vi[s]
-        if gated:
-            gi = g[b, t, h]
+    # Cumulative decay from the chunk start: finite part and count of resets.
+    for e in range(gc.shape[1]):
+        acc, resets = dt(0), 0
+        for i in range(L):
+            gi = g[b, t0 + i, h, e] if E > 0 else dt(0)
             if gi == -np.inf:
                 resets += 1
             else:
                 acc += gi
-        gc[i], rc[i] = acc, resets
-    # Decay factors from the chunk start: exp(x) for x <= 0, exactly 0 across a
-    # reset or below the flush threshold (as dplr.core._decay.exp_at_most_one).
-    g_last, r_last = gc[L - 1], rc[L - 1]
-    a[0] = _factor(g_last, r_last == 0, floor)
-    for i in range(L):
-        w_in[i] = _factor(gc[i], rc[i] == 0, floor)
-        w_out = _factor(g_last - gc[i], rc[i] == r_last, floor)
-        for p in range(K):
-            kq_in[i, p] = w_in[i] * kb[i, p]
-            kq_in[L + i, p] = w_in[i] * qs[i, p]
+            gc[i, e], rc[i, e] = acc, resets
+    # Factors from the chunk start: exp(x) for x <= 0, exactly 0 across a reset
+    # or below the flush threshold (as dplr.core._decay.exp_at_most_one).
+    for p in range(K):
+        e = p if E > 1 else 0
+        a[p] = _factor(gc[L - 1, e], rc[L - 1, e] == 0, floor)
+        for i in range(L):
+            w_in = _factor(gc[i, e], rc[i, e] == 0, floor)
+            w_out = _factor(gc[L - 1, e] - gc[i, e], rc[i, e] == rc[L - 1, e], floor)
+            kq_in[i, p] = w_in * kb[i, p]
+            kq_in[L + i, p] = w_in * qs[i, p]
             k_out_t[p, i] = w_out * kn[i, p]
+
+
+@jit(nogil=True, fastmath={"contract", "reassoc"})
+def _row_blocks(buf, floor):
+    """``I + A`` and ``P`` with one decay per row: products masked by ``D_ij = exp(g_i - g_j)``."""
+    _, kb, qs, kn, _, a_blk, p_blk, _, _, _, _, gc, rc, _, _ = buf
+    L, K = kn.shape
+    dt = kn.dtype.type
     _strict_lower_product(kb, kn, a_blk)
     _strict_lower_product(qs, kn, p_blk)
     for i in range(L):
         for j in range(i):
-            d_ij = _factor(gc[i] - gc[j], rc[i] == rc[j], floor)
+            d_ij = _factor(gc[i, 0] - gc[j, 0], rc[i, 0] == rc[j, 0], floor)
             a_blk[i, j] *= d_ij
             p_blk[i, j] *= d_ij
         a_blk[i, i] = dt(1)
@@ -224,6 +247,86 @@ def _load_chunk(q, k, v, beta, g, b, hk, h, t0, scale, l2norm, floor, buf):
         for p in range(K):
             diag += qs[i, p] * kn[i, p]
         p_blk[i, i] = diag
+
+
+@jit(nogil=True, fastmath={"contract", "reassoc"})
+def _channel_blocks(buf, floor, budget):
+    """``I + A`` and ``P`` with one decay per key channel, anchored per sub-block.
+
+    ``A_ij = sum_c kb_ic k_jc exp(G_ic - G_jc)`` (P with q for kb) as in
+    :func:`dplr.core._decay.channel_strict_blocks` (docs/algorithms.md,
+    section 10): for sub-blocks of ``sub`` rows over which no exponent
+    exceeds ``budget``, the diagonal sub-block is anchored at its first row
+    s, ``(x_i exp(G_i - G_s)) . (k_j exp(G_s - G_j))``, and the rows below at
+    its last row a, ``(x_i exp(G_i - G_a)) . (k_j exp(G_a - G_j))`` (both
+    factors <= 1, resets exact).  A diagonal sub-block with a reset after its
+    first row is formed pair by pair.  The sub-block length is chosen per
+    chunk from the steepest decay inside it.
+    """
+    _, kb, qs, kn, _, a_blk, p_blk, _, _, _, _, gc, rc, rows, _ = buf
+    L, K = kn.shape
+    dt = kn.dtype.type
+    steepest = dt(0)
+    for i in range(1, L):
+        for p in range(K):
+            steepest = max(steepest, gc[i - 1, p] - gc[i, p])
+    sub = L
+    if (L - 1) * steepest > budget:
+        sub = 1
+        while sub * 2 <= L and (sub * 2 - 1) * steepest <= budget:
+            sub *= 2
+    xa, xp, ky = rows[:L], rows[L : 2 * L], rows[2 * L :]
+    for i in range(L):
+        a_blk[i, i] = dt(1)
+        diag = dt(0)
+        for p in range(K):
+            diag += qs[i, p] * kn[i, p]
+        p_blk[i, i] = diag
+    for s in range(0, L, sub):
+        e = min(s + sub, L)
+        reset_inside = False
+        for p in range(K):
+            reset_inside = reset_inside or rc[e - 1, p] != rc[s, p]
+        if reset_inside:  # pair by pair, the factor of each pair tested
+            for i in range(s + 1, e):
+                for j in range(s, i):
+                    sa = sp = dt(0)
+                    for p in range(K):
+                        f = _factor(gc[i, p] - gc[j, p], rc[i, p] == rc[j, p], floor) * kn[j, p]
+                        sa += kb[i, p] * f
+                        sp += qs[i, p] * f
+                    a_blk[i, j], p_blk[i, j] = sa, sp
+        else:
+            for i in range(s, e):
+                for p in range(K):
+                    wq = np.exp(gc[i, p] - gc[s, p])
+                    xa[i, p], xp[i, p] = kb[i, p] * wq, qs[i, p] * wq
+                    ky[i, p] = kn[i, p] * np.exp(gc[s, p] - gc[i, p])
+            for i in range(s + 1, e):
+                for j in range(s, i):
+                    sa = sp = dt(0)
+                    for p in range(K):
+                        sa += xa[i, p] * ky[j, p]
+                        sp += xp[i, p] * ky[j, p]
+                    a_blk[i, j], p_blk[i, j] = sa, sp
+        if e == L:
+            continue
+        anchor = e - 1
+        for i in range(e, L):
+            for p in range(K):
+                wq = _factor(gc[i, p] - gc[anchor, p], rc[i, p] == rc[anchor, p], floor)
+                xa[i, p], xp[i, p] = kb[i, p] * wq, qs[i, p] * wq
+        for j in range(s, e):
+            for p in range(K):
+                wk = _factor(gc[anchor, p] - gc[j, p], rc[anchor, p] == rc[j, p], floor)
+                ky[j, p] = kn[j, p] * wk
+        for i in range(e, L):
+            for j in range(s, e):
+                sa = sp = dt(0)
+                for p in range(K):
+                    sa += xa[i, p] * ky[j, p]
+                    sp += xp[i, p] * ky[j, p]
+                a_blk[i, j], p_blk[i, j] = sa, sp
 
 
 @jit(nogil=True)
@@ -237,9 +340,10 @@ def _factor(x, keep, floor):
 @jit(nogil=True, fastmath={"contract", "reassoc"})
 def _chunk_step(buf, z_t, out, b, h, t0):
     """One chunk: U, the outputs (written to ``out[b, t0:t0+L, h]``) and the next state."""
-    kq_in, _, _, _, k_out_t, a_blk, p_blk, rhs, read, u, u_t, _, _, _, a = buf
+    kq_in, _, _, _, k_out_t, a_blk, p_blk, rhs, read, u, u_t, gc, _, _, a = buf
     L = rhs.shape[0]
     V = rhs.shape[1]
+    K = a.shape[0]
     _dot_products(kq_in, z_t, read)  # [kb ⊙ w_in; q ⊙ w_in] Z, (2L, V)
     for i in range(L):
         for s in range(V):
@@ -256,4 +360,10 @@ def _chunk_step(buf, z_t, out, b, h, t0):
                 o[s] += pij * uj[s]
         for s in range(V):
             u_t[s, i] = u[i, s]
-    _dot_products(u_t, k_out_t, z_t, a[0])  # Z^T <- a Z^T + U^T (k ⊙ w_out)
+    if gc.shape[1] == 1:  # one decay: Z^T <- a Z^T + U^T (k ⊙ w_out)
+        _dot_products(u_t, k_out_t, z_t, a[0])
+    else:  # per channel: column p of Z^T decays by a_p
+        for s in range(V):
+            for p in range(K):
+                z_t[s, p] *= a[p]
+        _dot_products(u_t, k_out_t, z_t, a.dtype.type(1))

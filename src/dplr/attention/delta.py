@@ -248,7 +248,7 @@ def run_delta_rule(q, k, v, beta, g, *, scale, initial_state, output_final_state
     if chunk_size is None and recurrent_applies(p.torch, (q, k, v, beta, g, s0), longest):
         o, sn = recurrent_forward(p.torch, q, k, v, beta, g, s0, cu, scale, use_qk_l2norm)
         return to_output(o, p), (to_output(sn, p) if output_final_state else None)
-    if longest and chunked_applies(p.torch, (q, k, v, beta, g, s0), per_channel):
+    if longest and chunked_applies(p.torch, (q, k, v, beta, g, s0)):
         c = effective_chunk(longest, chunk_size)
         o, sn = chunked_forward(p.torch, q, k, v, beta, g, s0, cu, scale, use_qk_l2norm, c)
         return to_output(o, p), (to_output(sn, p) if output_final_state else None)
