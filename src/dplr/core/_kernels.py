@@ -50,6 +50,8 @@ class Chunked:
     ``g`` is the cumulative log decay *within* each chunk.  With per-channel
     decay these weights are per channel (``chunk_decay`` (..., nc, d)),
     ``mask`` is None and ``decay`` holds what :func:`strict_blocks` needs.
+    ``w_in`` and ``w_out`` are those decay weights themselves, (..., nc, c, e)
+    with e = 1 (one decay per row) or d (per channel); None without decay.
     """
 
     q: Array  # (..., nc, c, d)
@@ -62,6 +64,8 @@ class Chunked:
     n: int
     c: int
     decay: ChunkDecay | None = None  # per-channel decay only
+    w_in: Array | None = None  # exp(g), (..., nc, c, e)
+    w_out: Array | None = None  # exp(g[c-1] - g), (..., nc, c, e)
 
     def state_decay(self, j: int) -> Array:
         """The factor of the state across chunk j, shaped to multiply a (..., d, m) state."""
@@ -103,13 +107,17 @@ def make_chunked(
     lam: Array,
     log_decay: Array | None,
     chunk_size: int | None,
+    *,
+    decay_of: Chunked | None = None,
 ) -> Chunked:
     """Cut the operands of T into chunks and form the per-chunk quantities.
 
     The blocks ``T_JJ`` themselves are left to the caller: the solve forms
     them in compiled code, the others with :func:`strict_blocks`.
     ``log_decay`` is (..., n), (..., n, d) or None; ``-inf`` entries are
-    exact resets.
+    exact resets.  ``decay_of``, the chunks of other operands with the same
+    ``log_decay`` and chunk size, lends its decay weights and mask instead
+    of forming them again (they depend on the decay only).
     """
     n = q.shape[-2]
     c = effective_chunk(n, chunk_size)
@@ -117,6 +125,25 @@ def make_chunked(
     lamc = chunk_rows(ops, lam[..., None], c, 1.0)[..., 0]
     if log_decay is None:
         return Chunked(qc, kc, lamc, None, qc, kc, None, n, c)
+    weights = _decay_weights(ops, q, log_decay, c) if decay_of is None else decay_of
+    return Chunked(
+        q=qc,
+        k=kc,
+        lam=lamc,
+        mask=weights.mask,
+        q_in=qc * weights.w_in,
+        k_out=kc * weights.w_out,
+        chunk_decay=weights.chunk_decay,
+        n=n,
+        c=c,
+        decay=weights.decay,
+        w_in=weights.w_in,
+        w_out=weights.w_out,
+    )
+
+
+def _decay_weights(ops: Ops, q: Array, log_decay: Array, c: int) -> Chunked:
+    """The decay fields of :class:`Chunked` (the operand fields left None)."""
     channel = is_per_channel(q, log_decay)
     dec = chunk_decay(ops, log_decay if channel else log_decay[..., None], c, chunk_rows)
     g, r = dec.g, dec.r
@@ -130,16 +157,18 @@ def make_chunked(
         rr = None if r is None else r[..., 0]
         mask = decay_mask(ops, g[..., 0], ops.strict_lower_mask(c, q), rr)
     return Chunked(
-        q=qc,
-        k=kc,
-        lam=lamc,
+        q=None,
+        k=None,
+        lam=None,
         mask=mask,
-        q_in=qc * w_in,
-        k_out=kc * w_out,
+        q_in=None,
+        k_out=None,
         chunk_decay=a if channel else a[..., 0],
-        n=n,
+        n=q.shape[-2],
         c=c,
         decay=dec if channel else None,
+        w_in=w_in,
+        w_out=w_out,
     )
 
 
@@ -297,9 +326,13 @@ def matmul(
     return _read_out(ops, ch, vc, states), states[..., -1, :, :]
 
 
-def _read_out(ops: Ops, ch: Chunked, vc: Array, states: Array) -> Array:
-    """``Y_J = lam_J V_J + tril(T_JJ, -1) V_J + q_in_J H_J`` for all chunks at once."""
-    yc = ch.lam[..., None] * vc + ops.matmul(strict_blocks(ops, ch), vc)
+def _read_out(
+    ops: Ops, ch: Chunked, vc: Array, states: Array, strict: Array | None = None
+) -> Array:
+    """``Y_J = lam_J V_J + tril(T_JJ, -1) V_J + q_in_J H_J`` for all chunks at once
+    (``strict``: the blocks ``tril(T_JJ, -1)`` if already formed)."""
+    strict = strict_blocks(ops, ch) if strict is None else strict
+    yc = ch.lam[..., None] * vc + ops.matmul(strict, vc)
     yc = yc + ops.matmul(ch.q_in, states[..., :-1, :, :])
     return unchunk_rows(yc, ch.n)
 
@@ -336,18 +369,40 @@ def solve(
     if not return_states and _rowwise.applies(q, v):  # small d: row by row
         return _rowwise.run(q, k, lam, log_decay, v, h0, solve=True)
     ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
-    if ch.decay is None:
-        # The blocks die here: they live in scratch memory.
-        out = ops.scratch("blocks", (*ch.q.shape[:-1], ch.c), q)
-        blocks = ops.chunk_blocks(ch.q, ch.k, ch.lam, ch.mask, out, kernel=_jit.form_chunk_blocks)
-    else:
-        blocks = strict_blocks(ops, ch)  # fresh and contiguous: the diagonal goes in in place
-        blocks.reshape(*blocks.shape[:-2], ch.c * ch.c)[..., :: ch.c + 1] = ch.lam
-    yc, states = _substitution_pass(
-        ops, ch.q_in, blocks, ch.k_out, ch.chunk_decay, chunk_rows(ops, v, ch.c), h0, return_states
-    )
-    y = unchunk_rows(yc, ch.n)
+    blocks = diagonal_blocks(ops, ch, scratch=True)  # the blocks die here
+    y, states = solve_chunked(ops, ch, blocks, v, h0, return_states)
     return (y, states) if return_states else (y, states[..., -1, :, :])
+
+
+def diagonal_blocks(ops: Ops, ch: Chunked, *, scratch: bool = False) -> Array:
+    """The diagonal blocks ``T_JJ`` of every chunk, (..., nc, c, c).
+
+    Fresh, with zeros above the diagonal; with ``scratch`` (and no
+    per-channel decay) only the lower triangles are written, by the
+    compiled loop into scratch memory that the next such call reuses.
+    """
+    if ch.decay is None and scratch:
+        out = ops.scratch("blocks", (*ch.q.shape[:-1], ch.c), ch.q)
+        return ops.chunk_blocks(ch.q, ch.k, ch.lam, ch.mask, out, kernel=_jit.form_chunk_blocks)
+    blocks = strict_blocks(ops, ch)  # fresh and contiguous: the diagonal goes in in place
+    blocks.reshape(*blocks.shape[:-2], ch.c * ch.c)[..., :: ch.c + 1] = ch.lam
+    return blocks
+
+
+def solve_chunked(
+    ops: Ops, ch: Chunked, blocks: Array, v: Array, h0: Array | None, keep_states: bool
+) -> tuple[Array, Array]:
+    """The chunked forward substitution of :func:`solve` given its chunks and blocks.
+
+    ``blocks`` (..., nc, c, c) are the diagonal blocks ``T_JJ`` of ``ch``
+    (lower triangles read only).  Returns Y (..., n, m) and the states
+    (..., nc + 1, d, m) entering every chunk and after the last, or
+    (..., 1, d, m), the final state only, unless ``keep_states``.
+    """
+    yc, states = _substitution_pass(
+        ops, ch.q_in, blocks, ch.k_out, ch.chunk_decay, chunk_rows(ops, v, ch.c), h0, keep_states
+    )
+    return unchunk_rows(yc, ch.n), states
 
 
 def _substitution_pass(
@@ -461,3 +516,9 @@ def matmul_from_states(
     """
     ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
     return _read_out(ops, ch, chunk_rows(ops, v, ch.c), states)
+
+
+def matmul_chunked(ops: Ops, ch: Chunked, strict: Array, v: Array, states: Array) -> Array:
+    """:func:`matmul_from_states` given the chunks ``ch`` and their strict blocks
+    ``strict = tril(T_JJ, -1)`` (..., nc, c, c) (:func:`strict_blocks`)."""
+    return _read_out(ops, ch, chunk_rows(ops, v, ch.c), states, strict)
