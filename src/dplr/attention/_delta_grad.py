@@ -31,7 +31,7 @@ import numpy as np
 from .._runtime.backend import Array, TorchOps, is_torch
 from .._runtime.tuning import DELTA_PASS_ROWS
 from ..core import _jit, _kernels
-from ..core._decay import channel_pull_blocks_pair, chunk_decay, rel_exp
+from ..core._decay import channel_pull_blocks_pair
 from ..core._grad import reverse_cumsum
 from ..core._kernels import Ops, is_per_channel
 
@@ -45,40 +45,29 @@ def delta_forward(
     g: Array | None,
     s0: Array | None,
     chunk_size: int | None,
-) -> tuple[Array, Array, Array, Array]:
-    """O (..., n, dv), the final state (..., dk, dv), U (..., n, dv) and the
-    states entering every chunk and after the last, (..., nc + 1, dk, dv).
+    keep_blocks: bool = False,
+) -> tuple[Array, Array, Array, Array, tuple[Array, Array] | None]:
+    """O (..., n, dv), the final state (..., dk, dv), U (..., n, dv), the
+    states entering every chunk and after the last, (..., nc + 1, dk, dv),
+    and, with ``keep_blocks``, the blocks ``L = I + A`` of the solve and
+    ``tril(P, -1)`` of the output, (..., nc, c, c) each (else None).
 
-    ``q`` already carries the output scale; ``g=None`` means no decay.
+    ``q`` already carries the output scale; ``g=None`` means no decay.  The
+    two structures share their decay weights (formed once).
     """
-    kb = beta[..., None] * k
     ones = ops.zeros(beta.shape, beta) + 1.0
-    u, states = _kernels.solve(
-        ops, kb, k, ones, g, beta[..., None] * v,
-        h0=s0, chunk_size=chunk_size, return_states=True,
-    )  # fmt: skip
-    lam = (q * k).sum(-1)
-    o = _kernels.matmul_from_states(ops, q, k, lam, g, u, states, chunk_size=chunk_size)
-    return o, states[..., -1, :, :], u, states
+    sol = _kernels.make_chunked(ops, beta[..., None] * k, k, ones, g, chunk_size)
+    out = _kernels.make_chunked(ops, q, k, _rowdot(q, k), g, chunk_size, decay_of=sol)
+    l_blocks = _kernels.diagonal_blocks(ops, sol, scratch=not keep_blocks)
+    u, states = _kernels.solve_chunked(ops, sol, l_blocks, beta[..., None] * v, s0, True)
+    p_strict = _kernels.strict_blocks(ops, out)
+    o = _kernels.matmul_chunked(ops, out, p_strict, u, states)
+    blocks = (l_blocks, p_strict) if keep_blocks else None
+    return o, states[..., -1, :, :], u, states, blocks
 
 
 def _rowdot(a: Array, b: Array) -> Array:
     return (a * b).sum(-1)
-
-
-def _chunk_weights(ops: Ops, k: Array, g: Array, c: int) -> tuple[Array, Array]:
-    """``exp(G)`` and ``exp(G_last - G)`` inside each chunk, (..., nc, c, e), both <= 1.
-
-    e = 1 for one decay per row, e = dk per channel; resets (``-inf``) are
-    exact.  These are the factors that ``q_in`` and ``k_out`` of
-    :func:`dplr.core._kernels.make_chunked` carry.
-    """
-    channel = is_per_channel(k, g)
-    dec = chunk_decay(ops, g if channel else g[..., None], c, _kernels.chunk_rows)
-    gg, r = dec.g, dec.r
-    zero = 0.0 * gg[..., -1:, :]
-    r_zero, r_last = (None, None) if r is None else (0.0 * zero, r[..., -1:, :])
-    return rel_exp(ops, gg, r, zero, r_zero), rel_exp(ops, gg[..., -1:, :], r_last, gg, r)
 
 
 def _per_weight(x: Array, w: Array) -> Array:
@@ -121,6 +110,7 @@ def delta_backward(
     do: Array,
     dsn: Array | None,
     chunk_size: int | None,
+    blocks: tuple[Array, Array] | None = None,
 ) -> tuple[Array, Array, Array, Array, Array | None, Array]:
     """Gradients ``dq, dk, dv, dbeta, dg, ds0`` of the delta rule, chunk by chunk.
 
@@ -134,22 +124,25 @@ def delta_backward(
     blocks, decay factors and chunks are the core's, for one decay per row
     (``g`` (..., n)) or per channel (``g`` (..., n, dk)).
     O(n c (dk + dv) + n dk dv) flops; the saved states make a forward state
-    pass unnecessary.  ``ds0`` is always returned.
+    pass unnecessary, and ``blocks``, the forward's ``I + A`` and
+    ``tril(P, -1)`` (:func:`delta_forward` with ``keep_blocks``), forming the
+    blocks again (formed here when None).  ``ds0`` is always returned.
     """
     n, d = k.shape[-2], k.shape[-1]
     kb = beta[..., None] * k
     ones = ops.zeros(beta.shape, beta) + 1.0
     # The solve's blocks A and the output's P = tril(q k^T ⊙ D) with diagonal q·k.
     sol = _kernels.make_chunked(ops, kb, k, ones, g, chunk_size)
-    out = _kernels.make_chunked(ops, q, k, _rowdot(q, k), g, chunk_size)
+    out = _kernels.make_chunked(ops, q, k, _rowdot(q, k), g, chunk_size, decay_of=sol)
     c = sol.c
-    a_strict = _kernels.strict_blocks(ops, sol)
-    p_strict = _kernels.strict_blocks(ops, out)
+    if blocks is None:
+        blocks = _kernels.diagonal_blocks(ops, sol), _kernels.strict_blocks(ops, out)
+    # L = I + A has zeros above the diagonal; its unit diagonal cancels in dG.
+    l_blocks, p_strict = blocks
     # A copy, not a view: a view's batch dimensions do not flatten, and every
     # batched product with it would copy it again.
     h = ops.copy(states[..., :-1, :, :])
     uc, doc = _kernels.chunk_rows(ops, u, c), _kernels.chunk_rows(ops, do, c)
-    l_blocks = a_strict + ops.eye(c, q)
     w = ops.solve_lower_blocks(l_blocks, sol.q_in, kernel=_jit.solve_lower_stack)
     ut = uc + w @ h
 
@@ -168,7 +161,7 @@ def delta_backward(
     if g is None:
         dq, dk = dq + do_h, dk + u_dh
     else:
-        w_in, w_out = _chunk_weights(ops, k, g, c)
+        w_in, w_out = sol.w_in, sol.w_out
         dq, dk = dq + w_in * do_h, dk + w_out * u_dh
         t = _per_weight(sol.k_out * u_dh, w_in)
         h_dh = (h * dh_next).sum(-1)  # (..., nc, dk)
@@ -182,7 +175,7 @@ def delta_backward(
     dr = _kernels.solve_blocks_transposed(ops, l_blocks, ops.concat([-(du @ h.mT), du], -1))
     dr_w, dr_v = dr[..., :d], dr[..., d:]
     da = -(dr_w @ w.mT + dr_v @ ut.mT)
-    dkb, dk_a, dgam_a = _pull_back_strict(ops, da, sol, a_strict)
+    dkb, dk_a, dgam_a = _pull_back_strict(ops, da, sol, l_blocks)
     dk = dk + dk_a
     if g is None:
         dkb = dkb + dr_w
@@ -240,48 +233,56 @@ def delta_forward_passes(ops, q, k, v, beta, g, s0, chunk_size, *, for_backward=
     q, k (B, T, H, dk), v (B, T, H, dv), beta, g (B, T, H), s0 (B, H, dk, dv).
     Each pass is moved to the kernels' batch-first layout on its own, and its
     output written straight into O (B, T, H, dv).  Returns O, the final state
-    and, with ``for_backward``, U (B, H, T, dv) and the chunk states
-    (B, H, nc + 1, dk, dv) (else None, None).
+    and, with ``for_backward``, what :func:`delta_backward_passes` reads
+    (else None): U (B, H, T, dv), the chunk states (B, H, nc + 1, dk, dv),
+    then the blocks ``I + A`` of every pass and the blocks ``tril(P, -1)`` of
+    every pass (B, H, nc_pass, c, c).
     """
     B, n, H = q.shape[:3]
     out = ops.zeros((B, n, H, v.shape[-1]), v)
-    us, states = [], []
+    us, states, l_blocks, p_blocks = [], [], [], []
     s = s0
     for a, b in _passes(n, pass_length(q.shape, chunk_size)):
-        o, s, u, st = delta_forward(
+        o, s, u, st, blocks = delta_forward(
             ops, *(heads_first(None if x is None else x[:, a:b]) for x in (q, k, v, beta, g)),
-            s, chunk_size,
+            s, chunk_size, for_backward,
         )  # fmt: skip
         out[:, a:b] = _tokens_first(o)
         if for_backward:
             us.append(u)
             states.append(st[..., :-1, :, :])
+            l_blocks.append(blocks[0])
+            p_blocks.append(blocks[1])
     if not for_backward:
-        return out, s, None, None
+        return out, s, None
     states.append(st[..., -1:, :, :])
-    return out, s, _cat(ops, us, -2), _cat(ops, states, -3)
+    # The blocks stay per pass: a last pass shorter than a chunk has smaller ones.
+    return out, s, (_cat(ops, us, -2), _cat(ops, states, -3), *l_blocks, *p_blocks)
 
 
 def _cat(ops: Ops, xs: list[Array], axis: int) -> Array:
     return xs[0] if len(xs) == 1 else ops.concat(xs, axis)
 
 
-def delta_backward_passes(ops, q, k, v, beta, g, u, states, do, dsn, chunk_size):
+def delta_backward_passes(ops, q, k, v, beta, g, saved, do, dsn, chunk_size):
     """:func:`delta_backward` over the passes of :func:`delta_forward_passes`, last first.
 
-    Inputs and ``do`` in the public layout, u and states as the forward pass
-    returned them; the gradients come back in the public layout.
+    Inputs and ``do`` in the public layout, ``saved`` as the forward pass
+    returned it; the gradients come back in the public layout.
     """
+    u, states, *blocks = saved
     n = q.shape[1]
     c = _kernels.effective_chunk(n, chunk_size)
     grads = [ops.zeros(x.shape, x) for x in (q, k, v, beta)]
     grads.append(None if g is None else ops.zeros(g.shape, g))
-    for a, b in reversed(_passes(n, pass_length(q.shape, chunk_size))):
+    passes = _passes(n, pass_length(q.shape, chunk_size))
+    for i in reversed(range(len(passes))):
+        a, b = passes[i]
         rows = (heads_first(None if x is None else x[:, a:b]) for x in (q, k, v, beta, g))
         # Chunk size as in the forward pass, whose passes are whole chunks.
         *part, dsn = delta_backward(
             ops, *rows, u[..., a:b, :], states[..., a // c : -(-b // c) + 1, :, :],
-            heads_first(do[:, a:b]), dsn, c,
+            heads_first(do[:, a:b]), dsn, c, (blocks[i], blocks[len(passes) + i]),
         )  # fmt: skip
         for full, piece in zip(grads, part, strict=True):
             if full is not None:
@@ -299,8 +300,8 @@ def _torch_function_class():
 
         @staticmethod
         def forward(ctx, q, k, v, beta, g, s0, chunk_size):
-            o, sn, u, states = delta_forward_passes(TorchOps, q, k, v, beta, g, s0, chunk_size)
-            ctx.save_for_backward(q, k, v, beta, g, u, states)
+            o, sn, saved = delta_forward_passes(TorchOps, q, k, v, beta, g, s0, chunk_size)
+            ctx.save_for_backward(q, k, v, beta, g, *saved)
             ctx.has_s0 = s0 is not None
             ctx.chunk_size = chunk_size
             return o, sn
@@ -308,11 +309,11 @@ def _torch_function_class():
         @staticmethod
         @first_order_only("dplr.delta_rule")
         def backward(ctx, do, dsn):
-            q, k, v, beta, g, u, states = ctx.saved_tensors
+            q, k, v, beta, g, *saved = ctx.saved_tensors
             if do is None:
                 do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=v.device)
             dq, dk, dv, dbeta, dg, ds0 = delta_backward_passes(
-                TorchOps, q, k, v, beta, g, u, states, do, dsn, ctx.chunk_size
+                TorchOps, q, k, v, beta, g, saved, do, dsn, ctx.chunk_size
             )
             return dq, dk, dv, dbeta, dg, ds0 if ctx.has_s0 else None, None
 

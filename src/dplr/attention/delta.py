@@ -278,10 +278,10 @@ def _run(p: Prepared, q, k, v, beta, g, s0, chunk_size) -> tuple[Array, Array]:
         inputs = (q, k, v, beta, g, s0)
         if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
             return delta_function().apply(q, k, v, beta, g, s0, chunk_size)
-        o, sn, _, _ = delta_forward_passes(ops, *inputs, chunk_size, for_backward=False)
+        o, sn, _ = delta_forward_passes(ops, *inputs, chunk_size, for_backward=False)
         return o, sn
     with single_threaded_blas():
-        o, sn, _, _ = delta_forward_passes(ops, q, k, v, beta, g, s0, chunk_size,
+        o, sn, _ = delta_forward_passes(ops, q, k, v, beta, g, s0, chunk_size,
                                            for_backward=False)  # fmt: skip
     return o, sn
 
