@@ -75,7 +75,7 @@ def test_forward_outputs_new_values_and_chunk_states(dtype, decay, chunk_size):
     ops_in = _operands(rng, decay)
     o_want, s_want, u_want, every = _loop(*_tensors(ops_in))
     cast = [None if x is None else x.astype(dtype) for x in ops_in]
-    o, sn, u, states = _delta_grad.delta_forward(NumpyOps, *cast, chunk_size)
+    o, sn, u, states, _ = _delta_grad.delta_forward(NumpyOps, *cast, chunk_size)
     n = ops_in[0].shape[-2]
     c = min(chunk_size, n)
     boundaries = [*range(0, n, c), n]  # the states entering every chunk, then the last
@@ -89,7 +89,8 @@ def test_forward_outputs_new_values_and_chunk_states(dtype, decay, chunk_size):
 
 @pytest.mark.parametrize("decay", DECAYS)
 @pytest.mark.parametrize("chunk_size", [4, 32])
-def test_backward_is_the_gradient_of_the_recurrence(decay, chunk_size):
+@pytest.mark.parametrize("keep_blocks", [False, True])  # blocks formed again / the forward's
+def test_backward_is_the_gradient_of_the_recurrence(decay, chunk_size, keep_blocks):
     rng = np.random.default_rng(1)
     q, k, v, beta, g, s0 = ops_in = _operands(rng, decay)
     do = rng.standard_normal(v.shape)
@@ -100,8 +101,11 @@ def test_backward_is_the_gradient_of_the_recurrence(decay, chunk_size):
     present = [x for x in leaves if x is not None]
     want = dict(zip([i for i, x in enumerate(leaves) if x is not None],
                     torch.autograd.grad(loss, present), strict=True))  # fmt: skip
-    _, _, u, states = _delta_grad.delta_forward(NumpyOps, *ops_in, chunk_size)
-    got = _delta_grad.delta_backward(NumpyOps, q, k, v, beta, g, u, states, do, dsn, chunk_size)
+    _, _, u, states, blocks = _delta_grad.delta_forward(NumpyOps, *ops_in, chunk_size, keep_blocks)
+    assert (blocks is not None) == keep_blocks
+    got = _delta_grad.delta_backward(
+        NumpyOps, q, k, v, beta, g, u, states, do, dsn, chunk_size, blocks
+    )
     # dq, dk, dv, dbeta, dg, ds0 against the leaves q, k, v, beta, g, s0.
     for i, name in enumerate(("q", "k", "v", "beta", "g", "s0")):
         if name == "g" and g is None:
@@ -136,12 +140,10 @@ def test_passes_over_a_long_sequence_match_the_recurrence(decay, monkeypatch):
 
     q, k, v, beta, g = (_public(x) for x in ops_in[:5])
     s0 = ops_in[5]
-    o, sn, u, states = _delta_grad.delta_forward_passes(NumpyOps, q, k, v, beta, g, s0, 4)
+    o, sn, saved = _delta_grad.delta_forward_passes(NumpyOps, q, k, v, beta, g, s0, 4)
     assert rel_err(_public(o), o_want.detach().numpy()) <= TOL[np.float64]
     assert rel_err(sn, s_want.detach().numpy()) <= TOL[np.float64]
-    got = _delta_grad.delta_backward_passes(
-        NumpyOps, q, k, v, beta, g, u, states, _public(do), dsn, 4
-    )
+    got = _delta_grad.delta_backward_passes(NumpyOps, q, k, v, beta, g, saved, _public(do), dsn, 4)
     for name, gr, w in zip(("q", "k", "v", "beta", "g", "s0"), got, want, strict=True):
         if w is None:
             assert gr is None
