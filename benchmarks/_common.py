@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import math
+import multiprocessing
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -317,3 +318,63 @@ def format_table(rows: Iterable[Row | dict[str, Any]], markdown: bool = True) ->
 
 def noop_progress(message: str) -> None:
     """The default progress callback: say nothing."""
+
+
+# ------------------------------------------------------------- shared figures
+def delta_rule_flops(T: int, heads: int, d: int, m: int, c: int) -> float:
+    """Flops of dplr's chunked delta-rule forward at chunk size ``c`` (docs/delta.md).
+
+    The solve for the new values (docs/algorithms.md): strict lower blocks
+    ``T c d``, substitutions with them ``T c m``, two state products per chunk
+    ``4 T d m``; then the output from the states: the causal blocks ``T c d``,
+    their product with the values ``T c m``, the state product ``2 T d m``.
+    Triangular block products are counted at their triangular cost; ``d``,
+    ``m`` are the key and value widths, summed over ``heads``.
+    """
+    per_head = 2 * T * c * (d + m) + 6 * T * d * m
+    return float(heads * per_head)
+
+
+def matmul_gflops(torch: Any, repeats: int) -> tuple[float, float]:
+    """GFLOP/s of one 1024^2 float32 product and of 512 batched 64^3 products, timed now."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    big = 2 * 1024**3 / median_time(lambda: a @ b, repeats) / 1e9
+    x, y = torch.randn(512, 64, 64), torch.randn(512, 64, 64)
+    small = 2 * 512 * 64**3 / median_time(lambda: x @ y, repeats) / 1e9
+    return big, small
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_child(setup: Callable[..., Callable[[], object]], args: tuple, conn: Any) -> None:
+    run = setup(*args)
+    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
+        f.write("5")
+    before = _status_mib("VmRSS")
+    run()
+    conn.send(_status_mib("VmHWM") - before)
+    conn.close()
+
+
+def peak_memory_mib(setup: Callable[..., Callable[[], object]], *args: Any) -> float:
+    """Growth of the peak RSS (MiB) over one call, measured in a fresh process.
+
+    In a spawned process ``setup(*args)`` makes the inputs, warms the code
+    paths and returns the call to measure; the peak (VmHWM) is then reset
+    (``clear_refs`` 5, Linux), so that neither the imports, the inputs nor
+    compilation count.  ``setup`` must be a module-level function (it is
+    pickled by name).
+    """
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_peak_child, args=(setup, args, child))
+    proc.start()
+    value = parent.recv()
+    proc.join()
+    return float(value)

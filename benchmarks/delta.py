@@ -16,7 +16,6 @@ Run ``python -m dplr bench --suite delta`` (or ``python -m dplr_bench.delta``).
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 
 import dplr
@@ -26,10 +25,13 @@ from ._common import (
     Progress,
     Row,
     by_mode,
+    delta_rule_flops,
     format_table,
+    matmul_gflops,
     median_time,
     median_times,
     noop_progress,
+    peak_memory_mib,
     rel_error,
 )
 
@@ -79,19 +81,6 @@ def naive_chunked(q, k, v, beta, scale, c=NAIVE_CHUNK):
     return scale * out.reshape(B, Hh, T, -1), S
 
 
-def chunked_flops(T: int, heads: int = H, d: int = K, m: int = V, c: int = CHUNK) -> float:
-    """Flops of dplr's chunked forward with chunk size ``c`` (docs/delta.md).
-
-    The solve for the new values (docs/algorithms.md): strict lower blocks
-    ``T c d``, substitutions with them ``T c m``, two state products per chunk
-    ``4 T d m``; then the output from the states: the causal blocks ``T c d``,
-    their product with the values ``T c m``, the state product ``2 T d m``.
-    Triangular block products are counted at their triangular cost.
-    """
-    per_head = 2 * T * c * (d + m) + 6 * T * d * m
-    return float(heads * per_head)
-
-
 # ------------------------------------------------------------------------ inputs
 def make_inputs(T: int, dtype="float32", seed: int = 0):
     """Torch tensors in the public layout [B, T, H, .]: unit-norm keys, beta in (0, 1)."""
@@ -111,56 +100,22 @@ def _heads_first(*xs):
 
 
 # ---------------------------------------------------------------- peak memory
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _peak_child(which: str, T: int, conn) -> None:
-    """In a fresh process: growth of the peak RSS (MiB) over one forward + backward.
-
-    The peak (VmHWM) is reset after the imports and inputs (``clear_refs``
-    5, Linux), so that neither torch's import nor compilation counts.
-    """
+def _peak_job(which: str, T: int):
+    """For :func:`peak_memory_mib`: one forward + backward of ``which`` at length T."""
     import torch
 
     q, k, v, beta = (x.requires_grad_() for x in make_inputs(T))
     dplr.delta_rule(q[:, :64], k[:, :64], v[:, :64], beta[:, :64])  # warm up the code paths
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status_mib("VmRSS")
-    if which == "chunked":
-        o, _ = dplr.delta_rule(q, k, v, beta)
-    else:
-        o, _ = recurrent(q, k, v, beta)
-    torch.autograd.grad((o.sum(),), (q, k, v, beta))
-    conn.send(_status_mib("VmHWM") - before)
-    conn.close()
+    forward = dplr.delta_rule if which == "chunked" else recurrent
 
+    def run() -> None:
+        o, _ = forward(q, k, v, beta)
+        torch.autograd.grad((o.sum(),), (q, k, v, beta))
 
-def peak_memory_mib(which: str, T: int) -> float:
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_peak_child, args=(which, T, child))
-    proc.start()
-    value = parent.recv()
-    proc.join()
-    return float(value)
+    return run
 
 
 # ---------------------------------------------------------------------- suite
-def _matmul_gflops(torch, repeats: int) -> tuple[float, float]:
-    """GFLOP/s of one 1024^2 float32 product and of 512 batched 64^3 products."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    big = 2 * 1024**3 / median_time(lambda: a @ b, repeats) / 1e9
-    x, y = torch.randn(512, 64, 64), torch.randn(512, 64, 64)
-    small = 2 * 512 * 64**3 / median_time(lambda: x @ y, repeats) / 1e9
-    return big, small
-
-
 def _loss_grads(torch, o, s, inputs):
     return torch.autograd.grad((o.sum() + s.sum(),), inputs)
 
@@ -184,8 +139,8 @@ def _forward_rows(torch, T: int, reps: int) -> list[Row]:
              lambda: naive_chunked(hq, hk, hv, hb, scale, min(NAIVE_CHUNK, T))],
             reps, settle=0.0,
         )  # fmt: skip
-        big, small = _matmul_gflops(torch, reps)
-    gflops = chunked_flops(T, c=c) / t_ours / 1e9
+        big, small = matmul_gflops(torch, reps)
+    gflops = delta_rule_flops(T, H, K, V, c) / t_ours / 1e9
     note = (
         f"dplr at chunk_size={c}: {gflops:.0f} GFLOP/s = {gflops / big:.0%} of one 1024^2 "
         f"matmul ({big:.0f} GFLOP/s); batched 64^3 products: {small:.0f} GFLOP/s"
@@ -231,8 +186,8 @@ def _backward_rows(torch, T: int, reps: int, memory: bool) -> list[Row]:
     ]  # fmt: skip
     note, mem = "", {}
     if memory:
-        mem = {"peak_mib": peak_memory_mib("chunked", T),
-               "baseline_peak_mib": peak_memory_mib("recurrent", T)}  # fmt: skip
+        mem = {"peak_mib": peak_memory_mib(_peak_job, "chunked", T),
+               "baseline_peak_mib": peak_memory_mib(_peak_job, "recurrent", T)}  # fmt: skip
         note = (
             f"peak memory (RSS growth) {mem['peak_mib']:.0f} MiB vs "
             f"{mem['baseline_peak_mib']:.0f} MiB for the recurrence"

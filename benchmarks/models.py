@@ -23,12 +23,32 @@ from __future__ import annotations
 
 import contextlib
 
-import numpy as np
-
 try:
-    from ._common import Progress, Row, by_mode, format_table, median_times, noop_progress
+    from ._common import (
+        Progress,
+        Row,
+        by_mode,
+        delta_rule_flops,
+        format_table,
+        matmul_gflops,
+        median_times,
+        noop_progress,
+        peak_memory_mib,
+        rel_error,
+    )  # fmt: skip
 except ImportError:  # run as a script
-    from _common import Progress, Row, by_mode, format_table, median_times, noop_progress
+    from _common import (
+        Progress,
+        Row,
+        by_mode,
+        delta_rule_flops,
+        format_table,
+        matmul_gflops,
+        median_times,
+        noop_progress,
+        peak_memory_mib,
+        rel_error,
+    )  # fmt: skip
 
 import dplr
 from dplr._runtime import tuning
@@ -50,11 +70,6 @@ def make_inputs(T: int, seed: int = 0, state: bool = False):
     beta = torch.rand(1, T, H, generator=gen)
     s0 = torch.randn(1, H, K, V, generator=gen) * 0.1 if state else None
     return q, k, v, g, beta, s0
-
-
-def _rel(a, b) -> float:
-    a, b = (np.asarray(x.detach().double().numpy()) for x in (a, b))
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
 
 
 @contextlib.contextmanager
@@ -96,7 +111,7 @@ def decode_row(torch, reps: int) -> Row:
         t_ref, t_ours = median_times(
             [lambda: _theirs(recurrent_fn, *args), lambda: _dplr(*args)], reps
         )
-    err = max(_rel(o, o_ref), _rel(s, s_ref))
+    err = max(rel_error(o, o_ref), rel_error(s, s_ref))
     return Row(SUITE, "decode step (T=1, with state)", SIZE,
                "transformers torch_recurrent_gated_delta_rule", t_ref, t_ours, err, 2.0,
                f"{t_ours * 1e6:.0f} us per step against {t_ref * 1e6:.0f} us",
@@ -119,26 +134,13 @@ def crossover_rows(torch, lengths, reps: int) -> list[Row]:
 
         with torch.no_grad():
             t_chunked, t_rec = median_times([chunked, recurrent], reps)
-            err = _rel(recurrent()[0], chunked()[0])
+            err = rel_error(recurrent()[0], chunked()[0])
         auto = "recurrence" if T <= tuning.RECURRENT_MAX_T else "chunked"
         rows.append(Row(SUITE, f"short block T={T}", SIZE, "dplr chunked algorithm", t_chunked,
                         t_rec, err, None, f"auto runs the {auto}",
                         {"T": T, "plot": "models_crossover", "method": "recurrent",
                          "auto": auto}))  # fmt: skip
     return rows
-
-
-def _matmul_gflops(torch, reps: int) -> float:
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    return 2 * 1024**3 / median_times([lambda: a @ b], reps)[0] / 1e9
-
-
-def chunked_flops(T: int, c: int) -> float:
-    """Flops of dplr's chunked forward for all heads with chunk size ``c`` (``docs/delta.md``):
-    the solve ``T c K + T c V + 4 T K V``, the output ``T c K + T c V + 2 T K V``
-    (triangular block products at their triangular cost)."""
-    per_head = 2 * T * c * (K + V) + 6 * T * K * V
-    return float(H * per_head)
 
 
 def prefill_row(torch, T: int, reps: int) -> Row:
@@ -149,14 +151,14 @@ def prefill_row(torch, T: int, reps: int) -> Row:
         o_ref, s_ref = _theirs(chunk_fn, *args)
         t_ref, t_ours = median_times([lambda: _theirs(chunk_fn, *args), lambda: _dplr(*args)],
                                      reps)  # fmt: skip
-        mm = _matmul_gflops(torch, reps)
+        mm, _ = matmul_gflops(torch, reps)
     c = min(32, T)  # dplr's documented default chunk size
-    gflops = chunked_flops(T, c) / t_ours / 1e9
+    gflops = delta_rule_flops(T, H, K, V, c) / t_ours / 1e9
     note = (f"{gflops:.0f} GFLOP/s (chunk {c}) = {gflops / mm:.0%} of a 1024^2 matmul "
             f"in this run ({mm:.0f} GFLOP/s)")  # fmt: skip
     return Row(SUITE, "prefill, gated", f"B=1 T={T} H={H} K=V={K}",
                "transformers torch_chunk_gated_delta_rule", t_ref, t_ours,
-               max(_rel(o, o_ref), _rel(s, s_ref)), 2.5, note,
+               max(rel_error(o, o_ref), rel_error(s, s_ref)), 2.5, note,
                {"T": T, "method": "chunked", "gflops": gflops, "matmul_gflops": mm})  # fmt: skip
 
 
@@ -234,55 +236,33 @@ def kda_rows(torch, T: int, reps: int, memory: bool) -> list[Row]:
                 [lambda fn=fn: _their_kda(fn, *args), lambda: _dplr_kda(*args)], reps
             )
             rows.append(Row(SUITE, "KDA forward", size, f"transformers {name}", t_ref, t_ours,
-                            max(_rel(o, o_ref), _rel(s, s_ref)), goal, "",
+                            max(rel_error(o, o_ref), rel_error(s, s_ref)), goal, "",
                             {"T": T, "method": "chunked"}))  # fmt: skip
     if memory:
-        ours, theirs = kda_peak_memory_mib("dplr", T), kda_peak_memory_mib("transformers", T)
+        ours = peak_memory_mib(_kda_peak_job, "dplr", T)
+        theirs = peak_memory_mib(_kda_peak_job, "transformers", T)
         rows[-1].note = f"peak memory (RSS growth) {ours:.0f} MiB against {theirs:.0f} MiB"
         rows[-1].params |= {"peak_mib": ours, "baseline_peak_mib": theirs}
     return rows
 
 
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _kda_peak_child(which: str, T: int, conn) -> None:
-    """In a fresh process: growth of the peak RSS (MiB) over one KDA forward.
-
-    The peak (VmHWM) is reset after the imports and inputs (``clear_refs`` 5, Linux).
-    """
+def _kda_peak_job(which: str, T: int):
+    """For :func:`peak_memory_mib`: one KDA forward (no gradients) of ``which`` at length T."""
     import torch
 
     args = kda_inputs(T)
     _, chunk_fn = _kda_functions()
     with torch.no_grad():
         _dplr_kda(*(x[:, :96] for x in args))  # compile and warm the code paths
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _status_mib("VmRSS")
-        if which == "dplr":
-            _dplr_kda(*args)
-        else:
-            _their_kda(chunk_fn, *args)
-    conn.send(_status_mib("VmHWM") - before)
-    conn.close()
 
+    def run() -> None:
+        with torch.no_grad():
+            if which == "dplr":
+                _dplr_kda(*args)
+            else:
+                _their_kda(chunk_fn, *args)
 
-def kda_peak_memory_mib(which: str, T: int) -> float:
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_kda_peak_child, args=(which, T, child))
-    proc.start()
-    value = parent.recv()
-    proc.join()
-    return float(value)
+    return run
 
 
 def run(quick: bool = False, progress: Progress | None = None) -> list[Row]:
