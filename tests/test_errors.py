@@ -27,6 +27,20 @@ def test_batch_indices_are_kept_and_default_to_none_listed():
     assert NotPositiveDefiniteError("m").batch_indices == ()
 
 
+def test_from_mask_lists_the_failed_entries_in_the_message():
+    ok = np.ones((3, 5), dtype=bool)
+    ok[0, 4] = ok[2, 1] = False
+    err = NotPositiveDefiniteError.from_mask(ok, "the thing", "nothing was written")
+    assert err.batch_indices == ((0, 4), (2, 1))
+    head = "the thing is not positive definite at batch entries (0, 4), (2, 1);"
+    assert str(err).startswith(head)
+    assert "nothing was written (pass errors='flag'" in str(err)
+    many = NotPositiveDefiniteError.from_mask(np.zeros(12, dtype=bool), "x", "y")
+    assert len(many.batch_indices) == 12 and "(9,), ..." in str(many)
+    single = NotPositiveDefiniteError.from_mask(np.array(False), "x", "y")
+    assert single.batch_indices == ((),) and "batch entries" not in str(single)
+
+
 def test_singular_diagonal_raises_singular_matrix_error():
     rng = np.random.default_rng(0)
     q, k = rng.standard_normal((2, 6, 3))

@@ -22,3 +22,19 @@ class NotPositiveDefiniteError(np.linalg.LinAlgError):
     def __init__(self, message: str, batch_indices: tuple[tuple[int, ...], ...] = ()):
         super().__init__(message)
         self.batch_indices = batch_indices
+
+    @classmethod
+    def from_mask(cls, ok: np.ndarray, what: str, outcome: str) -> NotPositiveDefiniteError:
+        """The error for the False entries of ``ok`` (a boolean array of the batch shape).
+
+        The message reads "``what`` is not positive definite at batch entries
+        ...; ``outcome`` (pass errors='flag' ...)", listing the first ten.
+        """
+        indices = tuple(tuple(int(i) for i in row) for row in np.argwhere(~np.asarray(ok)))
+        shown = ", ".join(map(str, indices[:10])) + (", ..." if len(indices) > 10 else "")
+        where = "" if indices == ((),) else f" at batch entries {shown}"
+        return cls(
+            f"{what} is not positive definite{where}; {outcome} "
+            "(pass errors='flag' to get a per-entry mask instead)",
+            indices,
+        )

@@ -192,15 +192,8 @@ def _unchanged(pb: Problem, errors: str, check_finite: bool):
 
 # ---------------------------------------------------------------- dispatching
 def _failure(ok: Array, what: str) -> NotPositiveDefiniteError:
-    bad = np.argwhere(~np.asarray(ok.cpu() if is_torch(ok) else ok))
-    indices = tuple(tuple(int(i) for i in row) for row in bad)
-    shown = ", ".join(str(i) for i in indices[:10]) + (", ..." if len(indices) > 10 else "")
-    where = "" if indices == ((),) else f" at batch entries {shown}"
-    return NotPositiveDefiniteError(
-        f"{what} is not positive definite{where}; the input factor is unchanged "
-        "(pass errors='flag' to get a per-entry mask instead)",
-        indices,
-    )
+    mask = ok.cpu().numpy() if is_torch(ok) else ok
+    return NotPositiveDefiniteError.from_mask(mask, what, "the input factor is unchanged")
 
 
 def _finish(pb: Problem, out, ok, target, errors: str):

@@ -326,11 +326,6 @@ def _raise_or_pass(block: np.ndarray, ok: np.ndarray) -> np.ndarray:
     """``block`` if every entry of the whole batch succeeded, else the error naming them."""
     if bool(np.all(ok)):
         return block
-    indices = tuple(tuple(int(i) for i in row) for row in np.argwhere(~np.asarray(ok)))
-    shown = ", ".join(map(str, indices[:10])) + (", ..." if len(indices) > 10 else "")
-    where = "" if indices == ((),) else f" at batch entries {shown}"
-    raise NotPositiveDefiniteError(
-        f"the modified matrix is not positive definite{where}; no result is returned and "
-        "the inputs are unchanged (pass errors='flag' to get a per-entry mask instead)",
-        indices,
+    raise NotPositiveDefiniteError.from_mask(
+        ok, "the modified matrix", "no result is returned and the inputs are unchanged"
     )
