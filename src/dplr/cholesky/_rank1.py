@@ -282,37 +282,33 @@ def negate_lower(dst: np.ndarray, src: np.ndarray) -> None:
 
 
 @_jit(**_SERIAL)
-def _sweep_rows_one(src, dst, x, work, down, inplace):
-    """One rank-1 update or downdate of one lower factor read by rows; False if not PD."""
+def _sweep_one(src, dst, x, work, down, inplace, rows):
+    """One rank-1 update or downdate of one factor (read by rows, or through R = L^T).
+
+    Returns False (and leaves ``dst`` unwritten when ``inplace``, else a copy
+    of the input) where a downdate would not be positive definite.
+    """
     n = src.shape[0]
     cs, sn, p = work[0, :n], work[1, :n], work[2, :n]
     if not down:
-        _update_rows_one(src, dst, x, cs, sn, work[2])
+        if rows:
+            _update_rows_one(src, dst, x, cs, sn, work[2])
+        else:
+            _update_cols_one(src, dst, x)
         return True
-    _forward_rows_one(src, x, p)
-    if _downdate_rotations(p, cs, sn):
+    if rows:
+        _forward_rows_one(src, x, p)
+    else:
+        _forward_cols_one(src, x, p)
+    if not _downdate_rotations(p, cs, sn):
+        if not inplace:
+            copy_tri(src, dst, rows)
+        return False
+    if rows:
         _downdate_rows_one(src, dst, cs, sn)
-        return True
-    if not inplace:
-        copy_tri(src, dst, True)
-    return False
-
-
-@_jit(**_SERIAL)
-def _sweep_cols_one(src, dst, x, work, down, inplace):
-    """One rank-1 update or downdate of one factor read through R = L^T; False if not PD."""
-    n = src.shape[0]
-    cs, sn, p = work[0, :n], work[1, :n], work[2, :n]
-    if not down:
-        _update_cols_one(src, dst, x)
-        return True
-    _forward_cols_one(src, x, p)
-    if _downdate_rotations(p, cs, sn):
+    else:
         _downdate_cols_one(src, dst, cs, sn, p)
-        return True
-    if not inplace:
-        copy_tri(src, dst, False)
-    return False
+    return True
 
 
 @_jit(**_SERIAL)
@@ -351,10 +347,7 @@ def _sweep_range(src, src_idx, dst, x, down, ok, fin, pos, inplace, rows, lo, hi
             ok[b] = False
             fin[b] = False
             continue
-        if rows:
-            ok[b] = _sweep_rows_one(one_src, one_dst, x[b], work, down[b], inplace)
-        else:
-            ok[b] = _sweep_cols_one(one_src, one_dst, x[b], work, down[b], inplace)
+        ok[b] = _sweep_one(one_src, one_dst, x[b], work, down[b], inplace, rows)
         fin[b] = _diag_finite(one_dst)
 
 
