@@ -86,19 +86,23 @@ def use_qwen_functions(monkeypatch, fn) -> None:
     monkeypatch.setattr(qwen, "torch_recurrent_gated_delta_rule", fn)
 
 
-def qwen_logits(monkeypatch, model, fn, ids, steps: int):
+def cached_logits(model, ids, steps: int):
     """Logits of a prefill of ``ids`` with a cache, then of ``steps`` cached one-token steps."""
-    use_qwen_functions(monkeypatch, fn)
     with torch.no_grad():
         out = model(ids, use_cache=True)
-        logits = [out.logits]
-        cache = out.past_key_values
+        logits, cache = [out.logits], out.past_key_values
         for t in range(steps):
             step = ((ids[:, -1:] + 7 * t + 1) % VOCAB).contiguous()
             out = model(step, cache=cache, use_cache=True)
             logits.append(out.logits)
             cache = out.past_key_values
     return logits
+
+
+def qwen_logits(monkeypatch, model, fn, ids, steps: int):
+    """:func:`cached_logits` with the Qwen3-Next layers calling ``fn``."""
+    use_qwen_functions(monkeypatch, fn)
+    return cached_logits(model, ids, steps)
 
 
 @pytest.mark.parametrize(
@@ -206,16 +210,9 @@ def dplr_kda(chunk_size):
 
 
 def kimi_logits(monkeypatch, model, fn, ids, steps: int):
+    """:func:`cached_logits` with the Kimi Linear layers calling ``fn``."""
     use_kimi_functions(monkeypatch, fn)
-    with torch.no_grad():
-        out = model(ids, use_cache=True)
-        logits, cache = [out.logits], out.past_key_values
-        for t in range(steps):
-            step = ((ids[:, -1:] + 7 * t + 1) % VOCAB).contiguous()
-            out = model(step, cache=cache, use_cache=True)
-            logits.append(out.logits)
-            cache = out.past_key_values
-    return logits
+    return cached_logits(model, ids, steps)
 
 
 def test_kimi_linear_logits_channel_decay(monkeypatch):
