@@ -16,42 +16,28 @@ functions the transformers library runs on a CPU:
   ``recurrent_kimi_delta_attention`` (the token recurrence) and
   ``chunk_kimi_delta_attention``, with the peak memory of both forwards.
 
-Run ``python -m dplr_bench.models`` (or ``python benchmarks/models.py``).
+Run ``python -m dplr_bench.models``.
 """
 
 from __future__ import annotations
 
 import contextlib
 
-try:
-    from ._common import (
-        Progress,
-        Row,
-        by_mode,
-        delta_rule_flops,
-        format_table,
-        matmul_gflops,
-        median_times,
-        noop_progress,
-        peak_memory_mib,
-        rel_error,
-    )  # fmt: skip
-except ImportError:  # run as a script
-    from _common import (
-        Progress,
-        Row,
-        by_mode,
-        delta_rule_flops,
-        format_table,
-        matmul_gflops,
-        median_times,
-        noop_progress,
-        peak_memory_mib,
-        rel_error,
-    )  # fmt: skip
-
 import dplr
 from dplr._runtime import tuning
+
+from ._common import (
+    Progress,
+    Row,
+    by_mode,
+    delta_rule_flops,
+    format_table,
+    matmul_gflops,
+    median_times,
+    noop_progress,
+    peak_memory_mib,
+    rel_error,
+)  # fmt: skip
 
 SUITE = "models"
 H, K, V = 32, 128, 128

@@ -156,27 +156,15 @@ def gated_delta_rule_recurrent(
 
     Parameters
     ----------
-    q, k : (B, T, H, K) ndarray or torch.Tensor
-        Queries and keys.
-    v : (B, T, H, V) array
-        Values.
+    q, k, v, beta, scale, initial_state, use_qk_l2norm
+        As in :func:`delta_rule_recurrent`.
     g : (B, T, H) array
         Log decays (``g <= 0`` for a decay).
-    beta : (B, T, H) array
-        Writing strengths.
-    scale : float, optional
-        Factor of the outputs (default ``K ** -0.5``).
-    initial_state : (B, H, K, V) array, optional
-        ``S_0`` (zeros if omitted).
-    use_qk_l2norm : bool
-        Normalise each query and key to unit Euclidean norm first.
 
     Returns
     -------
-    o : (B, T, H, V) array
-        ``o_t = scale * S_t^T q_t``.
-    final_state : (B, H, K, V) array
-        ``S_T``.
+    o, final_state
+        As in :func:`delta_rule_recurrent`.
 
     Notes
     -----

@@ -93,8 +93,8 @@ def test_overlapping_threads_first_out_does_not_lift_the_other_and_last_out_rest
 
 
 def test_four_threads_calling_dplr_leave_the_counts_as_they_found_them(monkeypatch):
-    # The blocked update's panels run at the library's count (small steps at
-    # one thread) from this order on: switched per chunk, the riskiest pattern.
+    # From this order on the blocked update runs at the library's count, while
+    # the solves in the other threads hold BLAS at one thread.
     monkeypatch.setattr(tuning, "THREADED_BLAS_MIN_ORDER", 200)
     rng = np.random.default_rng(0)
     q = rng.random((2048, 32)) * 0.01
