@@ -100,16 +100,16 @@ def _decay_weights(ops: Ops, q: Array, log_decay: Array | None):
     return global_weights(ops, log_decay, -2 if is_per_channel(q, log_decay) else -1)
 
 
-def _scale_rows(x: Array, w: Array | None) -> Array:
-    """Rows of x (..., n, d) times w: (..., n) per row or (..., n, d) per channel."""
-    if w is None:
+def _scale_rows(x: Array, factors: Array | None) -> Array:
+    """Rows of x (..., n, d) times decay factors: (..., n) per row or (..., n, d) per channel."""
+    if factors is None:
         return x
-    return x * w if w.ndim == x.ndim else x * w[..., None]
+    return x * factors if factors.ndim == x.ndim else x * factors[..., None]
 
 
-def _per_decay(x: Array, w: Array) -> Array:
+def _per_decay(x: Array, factors: Array) -> Array:
     """A per-channel term x (..., n, d) summed over channels when the decay is per row."""
-    return x if w.ndim == x.ndim else x.sum(-1)
+    return x if factors.ndim == x.ndim else x.sum(-1)
 
 
 def matmul_backward(
