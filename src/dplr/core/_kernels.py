@@ -265,23 +265,26 @@ def state_pass_adjoint(
         dY_J = du_local_J + k_out_J dZ_{J+1}
         dZ_J = Diag(a_J) dZ_{J+1} + x_read_J^T dy_read_J - W_J^T dY_J
 
-    This is again a substitution pass, run by the same compiled loop with
-    the chunks in reverse order: rows ``[dy_read; dY]`` with identity
-    blocks, read ``[0; -k_out]``, written ``[x_read; -W]``.
+    The products ``x_read_J^T dy_read_J`` are formed for all chunks at once;
+    the rest runs in the compiled reverse pass (:func:`dplr.core._jit.adjoint_pass`),
+    two products of c x d by d x m per chunk, with the chunks in reverse order.
     """
-    c = du_local.shape[-2]
-    flip = ops.flip
-    zero = ops.zeros(x_read.shape, x_read)
-    q_aug = flip(ops.concat([zero, -ch.k_out], -2), -3)
-    k_aug = flip(ops.concat([x_read, -w], -2), -3)
-    v_aug = flip(ops.concat([dy_read, du_local], -2), -3)
-    eye = ops.broadcast_to(ops.eye(2 * c, w), (*v_aug.shape[:-1], 2 * c))
-    decay = None
-    if ch.chunk_decay is not None:
-        decay = flip(ch.chunk_decay, -2 if ch.decay is not None else -1)
-    yc, states = _substitution_pass(ops, q_aug, eye, k_aug, decay, v_aug, dh_last, True)
-    dy = flip(yc[..., c:, :], -3)
-    return dy, flip(states[..., :-1, :, :], -3), states[..., -1, :, :]
+    batch, (nc, c, m), d = du_local.shape[:-3], du_local.shape[-3:], w.shape[-1]
+    count = int(np.prod(batch))
+
+    def stack(x: Array) -> Array:
+        return x.reshape(count, nc, *x.shape[-2:])
+
+    dz_add = ops.matmul(x_read.mT, dy_read)  # (..., nc, d, m)
+    decay = None if ch.chunk_decay is None else ch.chunk_decay.reshape(count, nc, -1)
+    dz_last = (
+        ops.zeros((count, d, m), du_local) if dh_last is None else dh_last.reshape(count, d, m)
+    )
+    dy, dz, dz0 = ops.adjoint_pass(
+        stack(ch.k_out), stack(w), decay, stack(du_local), stack(dz_add), dz_last,
+        kernel=_jit.adjoint_pass,
+    )  # fmt: skip
+    return dy.reshape(*batch, nc, c, m), dz.reshape(*batch, nc, d, m), dz0.reshape(*batch, d, m)
 
 
 def solve_blocks_transposed(ops: Ops, blocks: Array, rhs: Array) -> Array:
