@@ -346,6 +346,38 @@ def test_gradients_match_autograd_through_recurrence(gated, l2norm, chunk, T, pa
 
 
 @needs_torch
+@pytest.mark.parametrize("chunk", [4, 8])
+def test_gradients_at_minus_inf_gates_match_the_recurrence(chunk):
+    """Resets (g = -inf) at the first and last token, on both sides of a chunk
+    boundary and inside chunks, among strong decays: every gradient is finite
+    and that of autograd through the token recurrence; a -inf entry gets 0."""
+    rng = np.random.default_rng(19)
+    B, T, H, K, V = 2, 30, 2, 4, 3
+    arrays = make_inputs(rng, B, T, H, K, V, gated=True, state=True, strong=True)
+    g = arrays[4]
+    g[:, [0, 7, 8, 29], :] = -np.inf
+    g[1, 13, 1] = -np.inf
+    inputs = dict(zip(GRAD_NAMES, _torch(*arrays, grad=True), strict=True))
+    wo = torch.tensor(rng.standard_normal((B, T, H, V)))
+    ws = torch.tensor(rng.standard_normal((B, H, K, V)))
+
+    def ours(x):
+        return run(x["q"], x["k"], x["v"], x["beta"], x["g"], initial_state=x["initial_state"],
+                   output_final_state=True, chunk_size=chunk)  # fmt: skip
+
+    def reference(x):
+        return recurrence(x["q"], x["k"], x["v"], x["beta"], x["g"], s0=x["initial_state"])
+
+    got, want = _grads(ours, inputs, wo, ws), _grads(reference, inputs, wo, ws)
+    tol = 10 * tolerance(torch.float64, T, K, V, chunk)  # a backward pass is ~2 forwards
+    for name in got:
+        assert torch.isfinite(want[name]).all(), f"reference gradient of {name!r}"
+        assert torch.isfinite(got[name]).all(), f"gradient of {name!r}"
+        assert rel_err(got[name], want[name]) < tol, f"gradient of {name!r}"
+    assert (got["g"][torch.tensor(g) == -np.inf] == 0).all()
+
+
+@needs_torch
 @pytest.mark.parametrize("gated", [False, True])
 def test_several_passes_match_recurrence(gated, monkeypatch):
     """Long inputs run in passes of whole chunks; force several on a short one."""
