@@ -18,8 +18,10 @@ With ``T = I + tril(diag(beta) K K^T ⊙ D, -1)`` (the core structure with
 (derivation: ``docs/delta.md``).  The backward pass is written by hand over the
 same chunks (the core's :func:`dplr.core._kernels.make_chunked`): one reverse pass
 carries the gradient of the state, everything else is batched over all chunks.
-The torch ``autograd.Function`` saves the inputs, U and the states entering
-each chunk, O(n (dk + dv) + (n / c) dk dv) numbers, never the graph of a loop.
+The torch ``autograd.Function`` saves the inputs, U, the states entering
+each chunk and the c x c blocks of both structures that the forward pass
+formed, O(n (dk + dv + 2 c) + (n / c) dk dv) numbers, never the graph of a
+loop (``docs/delta.md``, section 4.1).
 """
 
 from __future__ import annotations
