@@ -108,9 +108,9 @@ def delta_rule(
     ``initial_state``.  With
     torch, gradients flow to q, k, v, beta and ``initial_state`` through a
     hand-written backward that stores the inputs, U, the state entering each
-    chunk and the chunks' c x c blocks (2 T c numbers per head).  Grouped value heads run as HV heads
-    on shared copies of q and k (O(T HV K) memory); the gradients of q and k
-    sum over each group.
+    chunk and the chunks' c x c blocks (2 T c numbers per head).  Grouped
+    value heads run as HV heads on shared copies of q and k (O(T HV K)
+    memory); the gradients of q and k sum over each group.
 
     Examples
     --------
