@@ -64,20 +64,24 @@ def qwen3_next(key_heads: int, value_heads: int):
     return model
 
 
-def dplr_gated(chunk_size):
-    """A stand-in for the library's gated delta rule functions, calling dplr."""
+def dplr_stand_in(rule, l2norm, chunk_size):
+    """A stand-in for a model's (gated or Kimi) delta attention functions, calling ``rule``."""
 
-    def gated_delta_rule(query, key, value, g, beta, initial_state=None,
-                         output_final_state=False, use_qk_l2norm_in_kernel=False,
-                         **kwargs):  # fmt: skip
+    def attention(query, key, value, g, beta, initial_state=None, output_final_state=False,
+                  use_qk_l2norm_in_kernel=False, **kwargs):  # fmt: skip
         if use_qk_l2norm_in_kernel:
-            query, key = qwen.l2norm(query), qwen.l2norm(key)
-        return dplr.gated_delta_rule(
+            query, key = l2norm(query), l2norm(key)
+        return rule(
             query, key, value, g, beta, initial_state=initial_state,
             output_final_state=output_final_state, chunk_size=chunk_size,
         )  # fmt: skip
 
-    return gated_delta_rule
+    return attention
+
+
+def dplr_gated(chunk_size):
+    """The Qwen3-Next stand-in: dplr.gated_delta_rule."""
+    return dplr_stand_in(dplr.gated_delta_rule, qwen.l2norm, chunk_size)
 
 
 def use_qwen_functions(monkeypatch, fn) -> None:
@@ -192,21 +196,10 @@ def dplr_channel_recurrence(query, key, value, g, beta, initial_state=None,
 
 
 def dplr_kda(chunk_size):
-    """A stand-in for the library's Kimi delta attention functions, calling dplr.kda."""
+    """The Kimi Linear stand-in: dplr.kda."""
+    from transformers.models.kimi_linear import modeling_kimi_linear as kimi
 
-    def kimi_delta_attention(query, key, value, g, beta, initial_state=None,
-                             output_final_state=False, use_qk_l2norm_in_kernel=False,
-                             **kwargs):  # fmt: skip
-        from transformers.models.kimi_linear import modeling_kimi_linear as kimi
-
-        if use_qk_l2norm_in_kernel:
-            query, key = kimi.l2norm(query), kimi.l2norm(key)
-        return dplr.kda(
-            query, key, value, g, beta, initial_state=initial_state,
-            output_final_state=output_final_state, chunk_size=chunk_size,
-        )  # fmt: skip
-
-    return kimi_delta_attention
+    return dplr_stand_in(dplr.kda, kimi.l2norm, chunk_size)
 
 
 def kimi_logits(monkeypatch, model, fn, ids, steps: int):
