@@ -4,7 +4,8 @@
 tests/_runtime/test_jit.py tests dplr._runtime.jit.)
 
 References are written here: SciPy's ``solve_triangular`` per block, the
-blocks of T from ``q k^T`` in NumPy, and the chunk recurrence and the
+blocks of T from ``q k^T`` in NumPy, and the chunk recurrence (forward and
+reverse) and the
 row-by-row recurrence as plain Python loops over dense NumPy steps.  Bound:
 every case is a few products of length <= d plus substitutions with unit-ish
 diagonals (cond <= ~10), so the error is a small multiple of
@@ -144,3 +145,41 @@ def test_recurrence_is_the_row_by_row_definition(dtype, solve, decay_width):
     _jit.recurrence(*args, y, hn, solve, 1, m)
     tol = _tol(dtype, n, d)
     assert rel_err(y, y_want) <= tol and rel_err(hn, hn_want) <= tol
+
+
+def _adjoint_reference(k_out, w, decay, dy_local, dh_add, dh_last):
+    """The reverse recurrence of the docstring, chunk by chunk from the last (float64)."""
+    count, nc = dy_local.shape[:2]
+    dy = np.empty(dy_local.shape)
+    dh = np.empty(dh_add.shape)
+    dh0 = np.empty(dh_last.shape)
+    for b in range(count):
+        grad = dh_last[b].astype(float)
+        for j in reversed(range(nc)):
+            dh[b, j] = grad
+            dy[b, j] = dy_local[b, j] + k_out[b, j] @ grad
+            grad = decay[b, j][:, None] * grad + dh_add[b, j] - w[b, j].T @ dy[b, j]
+        dh0[b] = grad
+    return dy, dh, dh0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_adjoint_pass_is_the_reverse_chunk_recurrence(dtype, per_channel):
+    rng = np.random.default_rng(4)
+    count, nc, c, d, m = 2, 4, 5, 6, 7
+    k_out, w = (0.3 * rng.standard_normal((count, nc, c, d)) for _ in range(2))
+    decay = rng.uniform(0.5, 1.0, (count, nc, d if per_channel else 1))
+    dy_local = rng.standard_normal((count, nc, c, m))
+    dh_add = rng.standard_normal((count, nc, d, m))
+    dh_last = rng.standard_normal((count, d, m))
+    args = [x.astype(dtype) for x in (k_out, w, decay, dy_local, dh_add, dh_last)]
+    want = _adjoint_reference(*args)
+    got = [np.full(x.shape, np.nan, dtype) for x in want]
+    # Two column ranges, as two threads would run them.
+    _jit.adjoint_pass(*args, *got, 0, 3)
+    assert np.isnan(got[0][..., 3:]).all()
+    _jit.adjoint_pass(*args, *got, 3, m)
+    tol = _tol(dtype, c, d, nc)
+    for name, g, ref in zip(("dy", "dh", "dh0"), got, want, strict=True):
+        assert rel_err(g, ref) <= tol, name
