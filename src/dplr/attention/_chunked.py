@@ -171,7 +171,7 @@ def _buffers(L, K, V, E, dtype):
         np.empty((V, L), dtype),  # U^T
         np.empty((L, e), dtype),  # cumulative finite log decay from the chunk start
         np.empty((L, e), np.int64),  # resets (g = -inf) from the chunk start
-        np.empty((3 * L, K), dtype),  # anchored rows (per-channel blocks)
+        np.empty((4 * L, K), dtype),  # factors and anchored rows (per-channel decay)
         np.empty(K, dtype),  # a, the state's decay across the chunk (per channel)
     )
 
@@ -179,7 +179,7 @@ def _buffers(L, K, V, E, dtype):
 @jit(nogil=True, fastmath={"contract", "reassoc"})
 def _load_chunk(q, k, v, beta, g, b, hk, h, t0, scale, l2norm, floor, buf):
     """Read tokens t0:t0+L of one head into the chunk buffers, with the decay factors."""
-    kq_in, kb, qs, kn, k_out_t, _, _, rhs, _, _, _, gc, rc, _, a = buf
+    kq_in, kb, qs, kn, k_out_t, _, _, rhs, _, _, _, gc, rc, rows, a = buf
     L, K = kb.shape
     V = rhs.shape[1]
     E = g.shape[3]
@@ -218,15 +218,64 @@ def _load_chunk(q, k, v, beta, g, b, hk, h, t0, scale, l2norm, floor, buf):
             gc[i, e], rc[i, e] = acc, resets
     # Factors from the chunk start: exp(x) for x <= 0, exactly 0 across a reset
     # or below the flush threshold (as dplr.core._decay.exp_at_most_one).
-    for p in range(K):
-        e = p if E > 1 else 0
-        a[p] = _factor(gc[L - 1, e], rc[L - 1, e] == 0, floor)
+    e_count = gc.shape[1]
+    w_in, w_out = rows[:L, :e_count], rows[L : 2 * L, :e_count]
+    if e_count == 1:  # one exponential per row
+        g_last, r_last = gc[L - 1, 0], rc[L - 1, 0]
+        a[0] = _factor(g_last, r_last == 0, floor)
         for i in range(L):
-            w_in = _factor(gc[i, e], rc[i, e] == 0, floor)
-            w_out = _factor(gc[L - 1, e] - gc[i, e], rc[i, e] == rc[L - 1, e], floor)
-            kq_in[i, p] = w_in * kb[i, p]
-            kq_in[L + i, p] = w_in * qs[i, p]
-            k_out_t[p, i] = w_out * kn[i, p]
+            w_in[i, 0] = _factor(gc[i, 0], rc[i, 0] == 0, floor)
+            w_out[i, 0] = _factor(g_last - gc[i, 0], rc[i, 0] == r_last, floor)
+    else:  # per channel: one exponential per token and channel, then running products
+        _channel_factors(g, b, h, t0, floor, rows[3 * L :], w_in, w_out, a)
+    for i in range(L):
+        if e_count == 1:
+            wi, wo = w_in[i, 0], w_out[i, 0]
+            for p in range(K):
+                kq_in[i, p] = wi * kb[i, p]
+                kq_in[L + i, p] = wi * qs[i, p]
+                k_out_t[p, i] = wo * kn[i, p]
+        else:
+            for p in range(K):
+                kq_in[i, p] = w_in[i, p] * kb[i, p]
+                kq_in[L + i, p] = w_in[i, p] * qs[i, p]
+                k_out_t[p, i] = w_out[i, p] * kn[i, p]
+
+
+@jit(nogil=True, fastmath={"contract"})
+def _channel_factors(g, b, h, t0, floor, fac, w_in, w_out, a):
+    """Per-channel decay factors of a chunk by running products of ``a_t = exp(g_t)``.
+
+    ``fac[i] = exp(g_i)``, ``w_in[i] = prod_{t <= i} a_t = exp(G_i)``,
+    ``w_out[i] = prod_{t > i} a_t = exp(G_last - G_i)``, ``a = w_in[last]``
+    (chunk-relative, as in :func:`dplr.core._decay.rel_exp`): L K
+    exponentials instead of 3 L K.  A ``-inf`` entry is a factor of exactly
+    0, so a product across a reset is exactly 0; products below
+    ``exp(-floor)`` are set to 0 (the flush of :func:`_factor`).  A product
+    of L rounded factors has a relative error of at most about L eps.
+    """
+    L, K = fac.shape
+    dt = fac.dtype.type
+    tiny = dt(np.exp(-floor))
+    for i in range(L):
+        gi = g[b, t0 + i, h]
+        for p in range(K):
+            x = gi[p]
+            fac[i, p] = np.exp(max(x, -floor)) if x >= -floor else dt(0)
+    for p in range(K):
+        a[p] = dt(1)
+    for i in range(L):
+        for p in range(K):
+            run = a[p] * fac[i, p]
+            run = run if run >= tiny else dt(0)
+            a[p] = run
+            w_in[i, p] = run
+    for p in range(K):
+        w_out[L - 1, p] = dt(1)
+    for i in range(L - 2, -1, -1):
+        for p in range(K):
+            run = w_out[i + 1, p] * fac[i + 1, p]
+            w_out[i, p] = run if run >= tiny else dt(0)
 
 
 @jit(nogil=True, fastmath={"contract", "reassoc"})
@@ -266,6 +315,7 @@ def _channel_blocks(buf, floor, budget):
     _, kb, qs, kn, _, a_blk, p_blk, _, _, _, _, gc, rc, rows, _ = buf
     L, K = kn.shape
     dt = kn.dtype.type
+    tiny = dt(np.exp(-floor))
     steepest = dt(0)
     for i in range(1, L):
         for p in range(K):
@@ -275,7 +325,7 @@ def _channel_blocks(buf, floor, budget):
         sub = 1
         while sub * 2 <= L and (sub * 2 - 1) * steepest <= budget:
             sub *= 2
-    xa, xp, ky = rows[:L], rows[L : 2 * L], rows[2 * L :]
+    xa, xp, ky, fac = rows[:L], rows[L : 2 * L], rows[2 * L : 3 * L], rows[3 * L :]
     for i in range(L):
         a_blk[i, i] = dt(1)
         diag = dt(0)
@@ -296,12 +346,17 @@ def _channel_blocks(buf, floor, budget):
                         sa += kb[i, p] * f
                         sp += qs[i, p] * f
                     a_blk[i, j], p_blk[i, j] = sa, sp
-        else:
+        else:  # wq_i = exp(G_i - G_s) = prod_{s < t <= i} a_t >= e^-budget, wk_i = 1 / wq_i
+            for p in range(K):
+                ky[s, p] = dt(1)  # holds wq until the rows are scaled
+            for i in range(s + 1, e):
+                for p in range(K):
+                    ky[i, p] = ky[i - 1, p] * fac[i, p]
             for i in range(s, e):
                 for p in range(K):
-                    wq = np.exp(gc[i, p] - gc[s, p])
+                    wq = ky[i, p]
                     xa[i, p], xp[i, p] = kb[i, p] * wq, qs[i, p] * wq
-                    ky[i, p] = kn[i, p] * np.exp(gc[s, p] - gc[i, p])
+                    ky[i, p] = kn[i, p] / wq
             for i in range(s + 1, e):
                 for j in range(s, i):
                     sa = sp = dt(0)
@@ -311,15 +366,28 @@ def _channel_blocks(buf, floor, budget):
                     a_blk[i, j], p_blk[i, j] = sa, sp
         if e == L:
             continue
-        anchor = e - 1
+        # Rows below, anchored at row e - 1: prod_{e-1 < t <= i} a_t and prod_{j < t <= e-1} a_t.
+        for p in range(K):
+            xa[e - 1, p] = dt(1)  # running products, in rows of xa not read below
+            xp[e - 1, p] = dt(1)
         for i in range(e, L):
             for p in range(K):
-                wq = _factor(gc[i, p] - gc[anchor, p], rc[i, p] == rc[anchor, p], floor)
+                run = xa[i - 1, p] * fac[i, p] if i > e else fac[i, p]
+                run = run if run >= tiny else dt(0)
+                xa[i, p] = run
+        for i in range(e, L):
+            for p in range(K):
+                wq = xa[i, p]
                 xa[i, p], xp[i, p] = kb[i, p] * wq, qs[i, p] * wq
+        for p in range(K):
+            ky[e - 1, p] = dt(1)
+        for j in range(e - 2, s - 1, -1):
+            for p in range(K):
+                run = ky[j + 1, p] * fac[j + 1, p]
+                ky[j, p] = run if run >= tiny else dt(0)
         for j in range(s, e):
             for p in range(K):
-                wk = _factor(gc[anchor, p] - gc[j, p], rc[anchor, p] == rc[j, p], floor)
-                ky[j, p] = kn[j, p] * wk
+                ky[j, p] = kn[j, p] * ky[j, p]
         for i in range(e, L):
             for j in range(s, e):
                 sa = sp = dt(0)
