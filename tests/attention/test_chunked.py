@@ -118,8 +118,8 @@ def test_matches_recurrence(B, T, H, HV, K, V, chunk, decay, state):
 @given(
     B=st.integers(1, 2), T=st.integers(1, 70), H=st.integers(1, 2), groups=st.integers(1, 2),
     K=st.integers(1, 9), V=st.integers(1, 9), chunk=st.sampled_from([1, 3, 16, 32]),
-    l2norm=st.booleans(), g_scale=st.sampled_from([0.0, 0.5, 5.0, 50.0]), channel=st.booleans(),
-    seed=st.integers(0, 2**31),
+    l2norm=st.booleans(), g_scale=st.sampled_from([0.0, 0.5, 5.0, 50.0, 200.0]),
+    channel=st.booleans(), seed=st.integers(0, 2**31),
 )  # fmt: skip
 def test_property_matches_recurrence(B, T, H, groups, K, V, chunk, l2norm, g_scale, channel,
                                      seed):  # fmt: skip

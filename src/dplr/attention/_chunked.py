@@ -140,7 +140,7 @@ def _chunked_lanes(q, k, v, beta, g, s0, has_s0, state, out, batch, start, stop,
         while t0 < stop[n]:
             L = min(chunk, stop[n] - t0)
             buf = full if L == chunk else _buffers(L, K, V, E, v.dtype)
-            _load_chunk(q, k, v, beta, g, b, hk, h, t0, scale, l2norm, floor, buf)
+            _load_chunk(q, k, v, beta, g, b, hk, h, t0, scale, l2norm, floor, budget, buf)
             if E > 1:
                 _channel_blocks(buf, floor, budget)
             else:
@@ -177,7 +177,7 @@ def _buffers(L, K, V, E, dtype):
 
 
 @jit(nogil=True, fastmath={"contract", "reassoc"})
-def _load_chunk(q, k, v, beta, g, b, hk, h, t0, scale, l2norm, floor, buf):
+def _load_chunk(q, k, v, beta, g, b, hk, h, t0, scale, l2norm, floor, budget, buf):
     """Read tokens t0:t0+L of one head into the chunk buffers, with the decay factors."""
     kq_in, kb, qs, kn, k_out_t, _, _, rhs, _, _, _, gc, rc, rows, a = buf
     L, K = kb.shape
@@ -227,7 +227,7 @@ def _load_chunk(q, k, v, beta, g, b, hk, h, t0, scale, l2norm, floor, buf):
             w_in[i, 0] = _factor(gc[i, 0], rc[i, 0] == 0, floor)
             w_out[i, 0] = _factor(g_last - gc[i, 0], rc[i, 0] == r_last, floor)
     else:  # per channel: one exponential per token and channel, then running products
-        _channel_factors(g, b, h, t0, floor, rows[3 * L :], w_in, w_out, a)
+        _channel_factors(g, b, h, t0, floor, budget, rows[3 * L :], w_in, w_out, a)
     for i in range(L):
         if e_count == 1:
             wi, wo = w_in[i, 0], w_out[i, 0]
@@ -243,7 +243,7 @@ def _load_chunk(q, k, v, beta, g, b, hk, h, t0, scale, l2norm, floor, buf):
 
 
 @jit(nogil=True, fastmath={"contract"})
-def _channel_factors(g, b, h, t0, floor, fac, w_in, w_out, a):
+def _channel_factors(g, b, h, t0, floor, budget, fac, w_in, w_out, a):
     """Per-channel decay factors of a chunk by running products of ``a_t = exp(g_t)``.
 
     ``fac[i] = exp(g_i)``, ``w_in[i] = prod_{t <= i} a_t = exp(G_i)``,
@@ -261,7 +261,9 @@ def _channel_factors(g, b, h, t0, floor, fac, w_in, w_out, a):
         gi = g[b, t0 + i, h]
         for p in range(K):
             x = gi[p]
-            fac[i, p] = np.exp(max(x, -floor)) if x >= -floor else dt(0)
+            # Kept down to e^-budget: a sub-block of two or more rows divides by
+            # products of these (:func:`_channel_blocks`), all normal numbers then.
+            fac[i, p] = np.exp(x) if x >= -budget else dt(0)
     for p in range(K):
         a[p] = dt(1)
     for i in range(L):
