@@ -5,8 +5,8 @@ tests/_runtime/test_jit.py tests dplr._runtime.jit.)
 
 References are written here: SciPy's ``solve_triangular`` per block, the
 blocks of T from ``q k^T`` in NumPy, and the chunk recurrence (forward and
-reverse) and the
-row-by-row recurrence as plain Python loops over dense NumPy steps.  Bound:
+reverse) and the row-by-row recurrence as plain Python loops over dense
+NumPy steps.  Bound:
 every case is a few products of length <= d plus substitutions with unit-ish
 diagonals (cond <= ~10), so the error is a small multiple of
 ``(c + d) eps``; 20 (c + d + n) eps fails any wrong term (O(1)).

@@ -157,42 +157,42 @@ class NumpyOps:
     @staticmethod
     def adjoint_pass(
         k_out: Array,
-        w: Array,
+        wy: Array,
         decay: Array | None,
         dy_local: Array,
-        dz_add: Array,
-        dz_last: Array,
+        dh_add: Array,
+        dh_last: Array,
         *,
         kernel: Kernel,
     ) -> tuple[Array, Array, Array]:
         """The reverse pass of :meth:`substitution_pass` (see :func:`dplr.core._jit.adjoint_pass`).
 
-        k_out, w: (B, nc, c, d); decay: (B, nc, 1), per channel (B, nc, d),
-        or None; dy_local: (B, nc, c, m); dz_add: (B, nc, d, m); dz_last:
-        (B, d, m).  Returns dy (B, nc, c, m), dz (B, nc, d, m), the gradient
-        of the state leaving every chunk, and dz0 (B, d, m).  Run on the
+        k_out, wy: (B, nc, c, d); decay: (B, nc, 1), per channel (B, nc, d),
+        or None; dy_local: (B, nc, c, m); dh_add: (B, nc, d, m); dh_last:
+        (B, d, m).  Returns dy (B, nc, c, m), dh (B, nc, d, m), the gradient
+        of the state leaving every chunk, and dh0 (B, d, m).  Run on the
         lanes of :func:`dplr._runtime.threads.lanes`, as the forward pass.
         """
         count, nc, c, m = dy_local.shape
         d = k_out.shape[-1]
-        k_out, w, dy_local, dz_add, dz_last = (
-            np.ascontiguousarray(x) for x in (k_out, w, dy_local, dz_add, dz_last)
+        k_out, wy, dy_local, dh_add, dh_last = (
+            np.ascontiguousarray(x) for x in (k_out, wy, dy_local, dh_add, dh_last)
         )
         dtype = dy_local.dtype
         dec = np.ones((count, nc, 1), dtype) if decay is None else np.ascontiguousarray(decay)
         dy = np.empty(dy_local.shape, dtype)
-        dz = np.empty((count, nc, d, m), dtype)
-        dz0 = np.empty((count, d, m), dtype)
+        dh = np.empty((count, nc, d, m), dtype)
+        dh0 = np.empty((count, d, m), dtype)
 
         def lane(part: tuple[slice, slice]) -> None:
             rows, cols = part
             kernel(
-                k_out[rows], w[rows], dec[rows], dy_local[rows], dz_add[rows], dz_last[rows],
-                dy[rows], dz[rows], dz0[rows], cols.start, cols.stop,
+                k_out[rows], wy[rows], dec[rows], dy_local[rows], dh_add[rows], dh_last[rows],
+                dy[rows], dh[rows], dh0[rows], cols.start, cols.stop,
             )  # fmt: skip
 
         threads.run_all(lane, threads.lanes(count, m, 4.0 * count * nc * c * d * m))
-        return dy, dz, dz0
+        return dy, dh, dh0
 
     @staticmethod
     def exp(x: Array) -> Array:
@@ -413,31 +413,31 @@ class TorchOps:
     @staticmethod
     def adjoint_pass(
         k_out: Array,
-        w: Array,
+        wy: Array,
         decay: Array | None,
         dy_local: Array,
-        dz_add: Array,
-        dz_last: Array,
+        dh_add: Array,
+        dh_last: Array,
         *,
         kernel: Kernel,
     ) -> tuple[Array, Array, Array]:
         """As :meth:`NumpyOps.adjoint_pass`.  CPU tensors share their memory with
         NumPy views and use the compiled loop; other devices loop in torch."""
-        if _all_cpu(k_out, w, dy_local, dz_add, dz_last):
+        if _all_cpu(k_out, wy, dy_local, dh_add, dh_last):
             dec = None if decay is None else _numpy_view(decay)
-            views = (_numpy_view(x) for x in (k_out, w))
-            rest = (_numpy_view(x) for x in (dy_local, dz_add, dz_last))
+            views = (_numpy_view(x) for x in (k_out, wy))
+            rest = (_numpy_view(x) for x in (dy_local, dh_add, dh_last))
             out = NumpyOps.adjoint_pass(*views, dec, *rest, kernel=kernel)
             return tuple(_from_numpy(x) for x in out)
         dy = dy_local.new_empty(dy_local.shape)
-        dz = dz_add.new_empty(dz_add.shape)
-        z = dz_last
+        dh = dh_add.new_empty(dh_add.shape)
+        grad = dh_last
         for j in reversed(range(dy_local.shape[1])):
-            dz[:, j] = z
-            dy[:, j] = dy_local[:, j] + k_out[:, j] @ z
-            z = z if decay is None else decay[:, j, :, None] * z
-            z = z + dz_add[:, j] - w[:, j].mT @ dy[:, j]
-        return dy, dz, z
+            dh[:, j] = grad
+            dy[:, j] = dy_local[:, j] + k_out[:, j] @ grad
+            grad = grad if decay is None else decay[:, j, :, None] * grad
+            grad = grad + dh_add[:, j] - wy[:, j].mT @ dy[:, j]
+        return dy, dh, grad
 
     @staticmethod
     def exp(x: Array) -> Array:
