@@ -275,6 +275,13 @@ class NumpyOps:
         return X.reshape(B.shape)
 
     @staticmethod
+    def solve_lower_transposed_blocks(L: Array, B: Array, *, kernel: Kernel) -> Array:
+        """Solve ``L^T X = B`` for a stack of lower-triangular blocks, as
+        :meth:`solve_lower_blocks` (``kernel``:
+        :func:`dplr.core._jit.solve_lower_transposed_stack`)."""
+        return NumpyOps.solve_lower_blocks(L, B, kernel=kernel)
+
+    @staticmethod
     def solve_lower_dense(lower: Array, b: Array) -> Array:
         """``lower^-1 b`` for dense lower-triangular matrices (only their triangle is read).
 
@@ -513,6 +520,17 @@ class TorchOps:
         import torch
 
         return torch.linalg.solve_triangular(L, B, upper=False)
+
+    @staticmethod
+    def solve_lower_transposed_blocks(L: Array, B: Array, *, kernel: Kernel) -> Array:
+        """As :meth:`NumpyOps.solve_lower_transposed_blocks` (the compiled loop for
+        CPU tensors)."""
+        if _all_cpu(L, B):
+            x = NumpyOps.solve_lower_blocks(_numpy_view(L), _numpy_view(B), kernel=kernel)
+            return _from_numpy(x)
+        import torch
+
+        return torch.linalg.solve_triangular(L.mT, B, upper=True)
 
     @staticmethod
     def solve_lower_dense(lower: Array, b: Array) -> Array:

@@ -116,6 +116,33 @@ def solve_lower_stack(L: np.ndarray, B: np.ndarray, X: np.ndarray) -> None:
 
 
 @jit(nogil=True, fastmath={"contract"})
+def solve_lower_transposed_stack(L: np.ndarray, B: np.ndarray, X: np.ndarray) -> None:
+    """Write X with ``L[b]^T X[b] = B[b]``; L (nb, c, c) lower triangular, B and X (nb, c, r).
+
+    Back substitution from the last row, reading the lower triangle of L
+    by rows (row t of L^T is column t of L): after row t of X is known its
+    multiples ``L[t, j] X[t]`` leave the rows j < t.  c^2 r flops per block,
+    no transposed or reversed copies.  Releases the GIL.
+    """
+    c, r = B.shape[1], B.shape[2]
+    one = L.dtype.type(1)  # keeps float32 rows in float32
+    for b in range(B.shape[0]):
+        Lb, Xb = L[b], X[b]
+        Xb[:] = B[b]
+        for t in range(c - 1, -1, -1):
+            row = Xb[t]
+            inv = one / Lb[t, t]
+            for col in range(r):
+                row[col] *= inv
+            lt = Lb[t]
+            for j in range(t):
+                ltj = lt[j]
+                xj = Xb[j]
+                for col in range(r):
+                    xj[col] -= ltj * row[col]
+
+
+@jit(nogil=True, fastmath={"contract"})
 def form_chunk_blocks(
     q: np.ndarray, k: np.ndarray, lam: np.ndarray, mask: np.ndarray, out: np.ndarray
 ) -> None:

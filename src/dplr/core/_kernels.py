@@ -290,13 +290,10 @@ def state_pass_adjoint(
 def solve_blocks_transposed(ops: Ops, blocks: Array, rhs: Array) -> Array:
     """``blocks^-T rhs`` for a stack of lower-triangular blocks (..., c, c), rhs (..., c, r).
 
-    With P the reversal of the c rows, ``P L^T P`` is lower triangular again:
-    ``L^-T B = P (P L^T P)^-1 P B``, one forward substitution per block.
+    One back substitution per block, reading the lower triangles of the
+    blocks in place (:func:`dplr.core._jit.solve_lower_transposed_stack`).
     """
-    flip = ops.flip
-    reversed_t = flip(flip(blocks.mT, -1), -2)
-    solved = ops.solve_lower_blocks(reversed_t, flip(rhs, -2), kernel=_jit.solve_lower_stack)
-    return flip(solved, -2)
+    return ops.solve_lower_transposed_blocks(blocks, rhs, kernel=_jit.solve_lower_transposed_stack)
 
 
 def matmul(
