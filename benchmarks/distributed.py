@@ -2,10 +2,14 @@
 
 Every process and worker runs one thread (the machine has 2 cores):
 
-- gated delta rule, float32, B = 1, K = V = 64, forward (and forward +
-  backward), against the single-process call in the same processes, timed
-  in alternation: weak scaling (T tokens per rank: 1 rank, 2 ranks) and
-  strong scaling (2 T tokens in one process against T on each of 2 ranks);
+- gated delta rule and KDA, float32, B = 1, K = V = 64, forward (and
+  forward + backward), against the single-process call in the same
+  processes, timed in alternation: weak scaling (T tokens per rank: 1 rank,
+  2 ranks) and strong scaling (2 T tokens in one process against T on each
+  of 2 ranks).  Errors: the forward's outputs and final state against the
+  reference recurrence of ``dplr.reference`` in float64 at the timed size;
+  the gradients against torch autograd through that recurrence at a smaller
+  T (the recurrence under autograd is slow), said in the row;
 - Dask: a batch of rank-1 updates of 32 x 32 factors kept on the workers,
   one worker process against two.
 
@@ -25,27 +29,82 @@ import time
 from pathlib import Path
 
 try:
-    from ._common import Progress, Row, by_mode, format_table, noop_progress
+    from ._common import Progress, Row, by_mode, format_table, noop_progress, rel_error
 except ImportError:  # run as a script
-    from _common import Progress, Row, by_mode, format_table, noop_progress
+    from _common import Progress, Row, by_mode, format_table, noop_progress, rel_error
 
 SUITE = "distributed"
 K = V = 64
 
 
 # ---------------------------------------------------------------- context parallelism
-def _inputs(torch, T: int, heads: int, grad: bool):
-    gen = torch.Generator().manual_seed(0)
+#: The rules timed: dplr's function name, its label, and its reference recurrence's name.
+RULES = {"gated_delta_rule": ("gated delta rule", "gated_delta_rule_recurrent"),
+         "kda": ("KDA", "kda_recurrent")}  # fmt: skip
+
+
+def _inputs(torch, T: int, heads: int, rule: str, seed: int = 0) -> list:
+    """float32 q, k, v, g, beta: unit keys, g in [-0.1, 0] per head (per key channel for KDA)."""
+    gen = torch.Generator().manual_seed(seed)
     q = torch.randn(1, T, heads, K, generator=gen)
     k = torch.nn.functional.normalize(torch.randn(1, T, heads, K, generator=gen), dim=-1)
     v = torch.randn(1, T, heads, V, generator=gen)
-    g = -0.1 * torch.rand(1, T, heads, generator=gen)
+    g = -0.1 * torch.rand(1, T, heads, *((K,) if rule == "kda" else ()), generator=gen)
     beta = torch.rand(1, T, heads, generator=gen)
-    return [x.requires_grad_(grad) for x in (q, k, v, g, beta)]
+    return [q, k, v, g, beta]
 
 
-def _rank_main(rank: int, store: str, out: str, T: int, heads: int, repeats: int) -> None:
-    """One of 2 ranks: time the cases in alternation; rank 0 writes the medians."""
+def _forward_errors(torch, dist, rule: str, T: int, heads: int, rank: int, solo) -> list[float]:
+    """Relative errors of the 1-rank and 2-rank calls (outputs and final state, float32)
+    against the reference recurrence in float64, computed without dplr's kernels."""
+    import dplr.distributed as dd
+    import dplr.reference
+
+    reference = getattr(dplr.reference, RULES[rule][1])
+    call = getattr(dd, rule)
+    whole = _inputs(torch, 2 * T, heads, rule)
+    mine = [x[:, rank * T : (rank + 1) * T] for x in whole]
+    with torch.no_grad():
+        o, s = call(*mine, output_final_state=True)
+        o_ref, s_ref = reference(*(x.double() for x in whole))
+        errors = [0.0, max(_rel(o, o_ref[:, rank * T : (rank + 1) * T]), _rel(s, s_ref))]
+        if rank == 0:
+            half = [x[:, :T] for x in whole]
+            o, s = call(*half, output_final_state=True, group=solo)
+            o_ref, s_ref = reference(*(x.double() for x in half))
+            errors[0] = max(_rel(o, o_ref), _rel(s, s_ref))
+    out = torch.tensor(errors, dtype=torch.float64)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out.tolist()
+
+
+def _gradient_error(torch, dist, rule: str, T: int, heads: int, rank: int) -> float:
+    """Largest relative error of the 2-rank gradients (float32) of q, k, v, g, beta against
+    torch autograd through the reference recurrence in float64, at T tokens per rank."""
+    import dplr.distributed as dd
+    import dplr.reference
+
+    whole = _inputs(torch, 2 * T, heads, rule, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(1, 2 * T, heads, V, generator=gen)
+    wf = torch.randn(1, heads, K, V, generator=gen)
+    mine = [x[:, rank * T : (rank + 1) * T].clone().requires_grad_() for x in whole]
+    o, s = getattr(dd, rule)(*mine, output_final_state=True)
+    loss = (o * w[:, rank * T : (rank + 1) * T]).sum() + (s * wf).sum() * (rank == 0)
+    grads = torch.autograd.grad(loss, mine)
+    exact = [x.double().requires_grad_() for x in whole]
+    o_ref, s_ref = getattr(dplr.reference, RULES[rule][1])(*exact)
+    exact_grads = torch.autograd.grad((o_ref * w).sum() + (s_ref * wf).sum(), exact)
+    mine_exact = [x[:, rank * T : (rank + 1) * T] for x in exact_grads]
+    err = max(_rel(a, b) for a, b in zip(grads, mine_exact, strict=True))
+    out = torch.tensor([err], dtype=torch.float64)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return float(out)
+
+
+def _rank_main(rank: int, store: str, out: str, T: int, heads: int, repeats: int,
+               grad_T: int) -> None:  # fmt: skip
+    """One of 2 ranks: time the cases of every rule in alternation; rank 0 writes the medians."""
     import torch
     import torch.distributed as dist
 
@@ -56,62 +115,63 @@ def _rank_main(rank: int, store: str, out: str, T: int, heads: int, repeats: int
     import dplr
     import dplr.distributed as dd
 
-    whole = _inputs(torch, 2 * T, heads, grad=False)
-    mine = [x[:, rank * T : (rank + 1) * T].contiguous() for x in whole]
-    half = [x[:, :T].contiguous() for x in whole]
+    results = {}
+    for rule in RULES:
+        whole = _inputs(torch, 2 * T, heads, rule)
+        mine = [x[:, rank * T : (rank + 1) * T].contiguous() for x in whole]
+        half = [x[:, :T].contiguous() for x in whole]
 
-    def single(xs):
-        return lambda: dplr.gated_delta_rule(*xs, output_final_state=True)
+        def single(xs, rule=rule):
+            return lambda: getattr(dplr, rule)(*xs, output_final_state=True)
 
-    def spread(xs, group=None):
-        return lambda: dd.gated_delta_rule(*xs, output_final_state=True, group=group)
+        def spread(xs, group=None, rule=rule):
+            return lambda: getattr(dd, rule)(*xs, output_final_state=True, group=group)
 
-    def fwd_bwd(fn, xs):
-        leaves = [x.detach().clone().requires_grad_() for x in xs]
+        def fwd_bwd(fn, xs):
+            leaves = [x.detach().clone().requires_grad_() for x in xs]
 
-        def run():
-            o, s = fn(leaves)()
-            torch.autograd.grad((o.sum() + s.sum(),), leaves)
+            def run():
+                o, s = fn(leaves)()
+                torch.autograd.grad((o.sum() + s.sum(),), leaves)
 
-        return run
+            return run
 
-    cases = {  # name: (function, which ranks run it)
-        "single T": (single(half), (0,)),
-        "1 rank T": (spread(half, solo), (0,)),
-        "single 2T": (single(whole), (0,)),
-        "2 ranks T each": (spread(mine), (0, 1)),
-        "single 2T fwd+bwd": (fwd_bwd(single, whole), (0,)),
-        "2 ranks fwd+bwd": (fwd_bwd(spread, mine), (0, 1)),
-    }
-    with torch.no_grad():
-        o, s = dd.gated_delta_rule(*mine, output_final_state=True)
-        o_ref, s_ref = dplr.gated_delta_rule(*whole, output_final_state=True)
-    mine_ref = o_ref[:, rank * T : (rank + 1) * T]
-    err = torch.tensor([max(_rel(o, mine_ref), _rel(s, s_ref))], dtype=torch.float64)
-    dist.all_reduce(err, op=dist.ReduceOp.MAX)
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for round_ in range(repeats + 1):  # round 0 warms up
-        for name, (fn, ranks) in cases.items():
-            dist.barrier()
-            start = time.perf_counter()
-            if rank in ranks:
-                fn()
-            took = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-            dist.all_reduce(took, op=dist.ReduceOp.MAX)  # the slowest rank ends the call
-            if round_:
-                times[name].append(float(took))
+        cases = {  # name: (function, which ranks run it)
+            "single T": (single(half), (0,)),
+            "1 rank T": (spread(half, solo), (0,)),
+            "single 2T": (single(whole), (0,)),
+            "2 ranks T each": (spread(mine), (0, 1)),
+            "single 2T fwd+bwd": (fwd_bwd(single, whole), (0,)),
+            "2 ranks fwd+bwd": (fwd_bwd(spread, mine), (0, 1)),
+        }
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        for round_ in range(repeats + 1):  # round 0 warms up
+            for name, (fn, ranks) in cases.items():
+                dist.barrier()
+                start = time.perf_counter()
+                if rank in ranks:
+                    fn()
+                took = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+                dist.all_reduce(took, op=dist.ReduceOp.MAX)  # the slowest rank ends the call
+                if round_:
+                    times[name].append(float(took))
+        results[rule] = {
+            "times": {name: statistics.median(t) for name, t in times.items()},
+            "errors": _forward_errors(torch, dist, rule, T, heads, rank, solo),
+            "grad error": _gradient_error(torch, dist, rule, grad_T, heads, rank),
+        }
     if rank == 0:
-        medians = {name: statistics.median(t) for name, t in times.items()}
-        Path(out).write_text(json.dumps({"times": medians, "error": float(err)}))
+        Path(out).write_text(json.dumps(results))
     dist.destroy_process_group()
 
 
 def _rel(a, b) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+    return float((a.detach().double() - b.detach().double()).abs().max() / b.detach().abs().max())
 
 
-def context_times(T: int, heads: int, repeats: int) -> dict:
-    """Median seconds of every case on 2 spawned gloo ranks (one thread each)."""
+def context_times(T: int, heads: int, repeats: int, grad_T: int) -> dict:
+    """Per rule: median seconds of every case on 2 spawned gloo ranks (one thread each),
+    and the errors against the reference recurrence."""
     import torch.multiprocessing as mp
 
     saved = os.environ.get("DPLR_NUM_THREADS")
@@ -119,7 +179,7 @@ def context_times(T: int, heads: int, repeats: int) -> dict:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "times.json")
-            args = (os.path.join(tmp, "store"), out, T, heads, repeats)
+            args = (os.path.join(tmp, "store"), out, T, heads, repeats, grad_T)
             mp.start_processes(_rank_main, args=args, nprocs=2, start_method="spawn")
             return json.loads(Path(out).read_text())
     finally:
@@ -129,24 +189,32 @@ def context_times(T: int, heads: int, repeats: int) -> dict:
             os.environ["DPLR_NUM_THREADS"] = saved
 
 
-def context_rows(T: int, heads: int, repeats: int) -> list[Row]:
-    res = context_times(T, heads, repeats)
-    t, err = res["times"], res["error"]
-    per_rank = f"B=1 H={heads} K=V={K}, T={T} per rank"
-    total = f"B=1 H={heads} K=V={K}, T={2 * T} in all"
-    extra = f"the K extra value columns: {t['1 rank T'] / t['single T']:.2f}x the plain pass"
-    return [
-        Row(SUITE, "weak scaling, 1 rank", per_rank, "single process, T tokens",
-            t["single T"], t["1 rank T"], err, None, extra, {"T": T, "ranks": 1}),
-        Row(SUITE, "weak scaling, 2 ranks", per_rank, "single process, T tokens",
-            t["single T"], t["2 ranks T each"], err, None, "ideal 1x", {"T": T, "ranks": 2}),
-        Row(SUITE, "strong scaling, 2 ranks", total, "single process, 2T tokens",
-            t["single 2T"], t["2 ranks T each"], err, None, "ideal 2x",
-            {"T": 2 * T, "ranks": 2}),
-        Row(SUITE, "strong scaling, 2 ranks, fwd+bwd", total, "single process, 2T tokens",
-            t["single 2T fwd+bwd"], t["2 ranks fwd+bwd"], err, None, "ideal 2x",
-            {"T": 2 * T, "ranks": 2}),
-    ]  # fmt: skip
+def context_rows(T: int, heads: int, repeats: int, grad_T: int) -> list[Row]:
+    """Weak and strong scaling rows of every rule in :data:`RULES`."""
+    rows: list[Row] = []
+    for rule, res in context_times(T, heads, repeats, grad_T).items():
+        label = RULES[rule][0]
+        t, (err1, err2), grad_err = res["times"], res["errors"], res["grad error"]
+        per_rank = f"B=1 H={heads} K=V={K}, T={T} per rank"
+        total = f"B=1 H={heads} K=V={K}, T={2 * T} in all"
+        extra = f"the K extra value columns: {t['1 rank T'] / t['single T']:.2f}x the plain pass"
+        grads = (f"error: gradients at T={grad_T} per rank against autograd through the "
+                 "float64 recurrence")  # fmt: skip
+        rows += [
+            Row(SUITE, f"{label}: weak scaling, 1 rank", per_rank, "single process, T tokens",
+                t["single T"], t["1 rank T"], err1, None, extra,
+                {"T": T, "ranks": 1, "rule": rule}),
+            Row(SUITE, f"{label}: weak scaling, 2 ranks", per_rank, "single process, T tokens",
+                t["single T"], t["2 ranks T each"], err2, None, "ideal 1x",
+                {"T": T, "ranks": 2, "rule": rule}),
+            Row(SUITE, f"{label}: strong scaling, 2 ranks", total, "single process, 2T tokens",
+                t["single 2T"], t["2 ranks T each"], err2, None, "ideal 2x",
+                {"T": 2 * T, "ranks": 2, "rule": rule}),
+            Row(SUITE, f"{label}: strong scaling, 2 ranks, fwd+bwd", total,
+                "single process, 2T tokens", t["single 2T fwd+bwd"], t["2 ranks fwd+bwd"],
+                grad_err, None, f"ideal 2x; {grads}", {"T": 2 * T, "ranks": 2, "rule": rule}),
+        ]  # fmt: skip
+    return rows
 
 
 # ---------------------------------------------------------------- Dask
@@ -195,14 +263,18 @@ def dask_rows(count: int, n: int, repeats: int) -> list[Row]:
                     if round_:
                         times[name].append(time.perf_counter() - start)
             a, b = run(on_one, first).compute(), run(on_two, None).compute()
-            err = float(np.abs(a - b).max())
+            factor, vec = (x.compute() for x in on_two)
     finally:
         cluster.close()
+    # Without dplr: refactorise L L^T + u u^T with LAPACK.
+    err = rel_error(b, np.linalg.cholesky(factor @ factor.mT + vec @ vec.mT))
+    same = "bitwise equal" if np.array_equal(a, b) else f"differ by {np.abs(a - b).max():.1e}"
     t1, t2 = (statistics.median(times[k]) for k in ("one", "two"))
     return [
         Row(SUITE, "Dask: batched rank-1 update, 2 workers", f"{count} x {n}x{n}, 4 blocks",
             "1 worker process (1 thread)", t1, t2, err, None,
-            "2 worker processes x 1 thread; factors kept on the workers; error: max |1 - 2|",
+            "2 worker processes x 1 thread; factors kept on the workers; error against "
+            f"numpy.linalg.cholesky(L L^T + u u^T); the 1- and 2-worker results: {same}",
             {"count": count, "N": n}),
     ]  # fmt: skip
 
@@ -220,8 +292,8 @@ def run(quick: bool = False, progress: Progress | None = None) -> list[Row]:
         have_torch = False
     if have_torch:
         progress("distributed: context parallelism on 2 gloo ranks")
-        T, heads, repeats = by_mode((4096, 8, 5), (512, 4, 3), (64, 2, 1))
-        rows += context_rows(T, heads, repeats)
+        T, heads, repeats, grad_T = by_mode((4096, 8, 5, 256), (512, 4, 3, 128), (64, 2, 1, 16))
+        rows += context_rows(T, heads, repeats, grad_T)
     else:
         progress("torch.distributed is not available: skipping the context-parallel rows")
     try:
