@@ -340,3 +340,26 @@ def test_clear_error_without_process_group():
     q = torch.zeros(1, 2, 1, 3)
     with pytest.raises(RuntimeError, match="init_process_group"):
         dplr.distributed.delta_rule(q, q, q, torch.zeros(1, 2, 1))
+
+
+def test_subnormals_are_flushed_inside_the_pass_only():
+    """The slice's pass (forward and backward) runs with subnormals flushed, then the
+    thread's setting is restored (where the CPU cannot flush, nothing changes)."""
+    from dplr.distributed import context
+
+    supported = torch.set_flush_denormal(False)
+    assert not context._flushing()
+    seen = []
+
+    def run(x):
+        seen.append(context._flushing())
+        x.register_hook(lambda grad: seen.append(context._flushing()))
+        return x * 2.0, x.sum()[None]
+
+    x = torch.ones(3, requires_grad=True)
+    a, b = context._without_subnormals(run, x)
+    assert not context._flushing()
+    (a.sum() + 5.0 * b.sum()).backward()
+    assert seen == [supported, supported]  # forward, then the backward reaching x
+    assert not context._flushing()
+    assert torch.equal(x.grad, torch.full((3,), 7.0))

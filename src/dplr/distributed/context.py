@@ -16,7 +16,8 @@ composes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..attention import delta_rule as _delta_rule
@@ -287,7 +288,12 @@ def _slice_maps(single: Single, inputs: dict[str, Any], options: dict, initial_s
     eye = torch.eye(kdim, dtype=wide, device=v.device).expand(batch, heads, kdim, kdim)
     start = torch.cat([v.new_zeros((batch, heads, kdim, vdim), dtype=wide), eye], -1)
     x["v"] = torch.cat([x["v"], zeros], -1)
-    o_aug, maps = single(*x.values(), initial_state=start, output_final_state=True, **options)
+
+    def run(*tensors: Any) -> tuple[Any, Any]:
+        *args, state = tensors
+        return single(*args, initial_state=state, output_final_state=True, **options)
+
+    o_aug, maps = _without_subnormals(run, *x.values(), start)
     s0 = None if initial_state is None else initial_state.to(wide)
     if s0 is None:
         s0 = v.new_zeros((batch, heads, kdim, vdim), dtype=wide)
@@ -299,3 +305,88 @@ def _apply_state(mq: Any, state: Any) -> Any:
     import torch
 
     return torch.einsum("bthk,bhkv->bthv", mq, state)
+
+
+# -------------------------------------------------------------- subnormal numbers
+# The K extra columns start from the identity and receive no values, so they
+# only decay: over a long slice their entries fall below the smallest normal
+# number (float32: 1.2e-38, e^-87), and arithmetic on subnormal numbers is
+# 5-20x slower on x86.  Such entries are far below the rounding of every
+# result they reach, so the slice's pass runs with subnormal numbers
+# flushed to zero (forward and backward, on the calling thread).
+def _without_subnormals(run: Callable[..., tuple[Any, Any]], *tensors: Any) -> tuple[Any, Any]:
+    """``run(*tensors)`` with subnormals flushed to zero, its backward too."""
+    import torch
+
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        with _flushed():
+            return run(*tensors)
+    return _flushed_pass_function().apply(run, *tensors)
+
+
+def _flushing() -> bool:
+    """Whether this thread flushes subnormal results to zero: halve the smallest normal."""
+    import torch
+
+    return float(torch.tensor([2.0**-126], dtype=torch.float32) * 0.5) == 0.0
+
+
+@contextlib.contextmanager
+def _flushed() -> Iterator[None]:
+    """Flush subnormal numbers to zero on this thread, and restore the setting after."""
+    import torch
+
+    if _flushing():
+        yield
+        return
+    torch.set_flush_denormal(True)  # False (and no change) where the CPU cannot
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+_FLUSHED_PASS: Any = None
+
+
+def _flushed_pass_function() -> Any:
+    """The autograd Function of :func:`_without_subnormals` (made on first use)."""
+    global _FLUSHED_PASS
+    if _FLUSHED_PASS is None:
+        _FLUSHED_PASS = _make_flushed_pass()
+    return _FLUSHED_PASS
+
+
+def _make_flushed_pass() -> Any:
+    import torch
+    from torch.autograd.function import once_differentiable
+
+    class _FlushedPass(torch.autograd.Function):
+        """Forward: ``run`` on detached copies, keeping its graph.  Backward: through that
+        graph, both with subnormals flushed; nothing is recomputed."""
+
+        @staticmethod
+        def forward(ctx, run, *tensors):
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+            with torch.enable_grad(), _flushed():
+                outputs = run(*leaves)
+            ctx.graph = (leaves, outputs)
+            return tuple(out.detach() for out in outputs)
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, *grads):
+            leaves, outputs = ctx.graph
+            del ctx.graph
+            wanted = [leaf for leaf in leaves if leaf.requires_grad]
+            pairs = [(out, g) for out, g in zip(outputs, grads, strict=True) if out.requires_grad]
+            if not pairs:  # an empty slice: nothing depends on the inputs
+                return (None, *(None for _ in leaves))
+            with _flushed():
+                found = torch.autograd.grad(
+                    [out for out, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True
+                )
+            found = iter(found)
+            return (None, *(next(found) if leaf.requires_grad else None for leaf in leaves))
+
+    return _FlushedPass
