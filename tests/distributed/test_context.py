@@ -343,8 +343,8 @@ def test_clear_error_without_process_group():
 
 
 def test_subnormals_are_flushed_inside_the_pass_only():
-    """The slice's pass (forward and backward) runs with subnormals flushed, then the
-    thread's setting is restored (where the CPU cannot flush, nothing changes)."""
+    """The slice's pass (forward and backward) runs with subnormals flushed on this thread
+    and dplr's workers, then the setting is restored (where the CPU cannot, nothing changes)."""
     from dplr.distributed import context
 
     supported = torch.set_flush_denormal(False)
@@ -353,6 +353,7 @@ def test_subnormals_are_flushed_inside_the_pass_only():
 
     def run(x):
         seen.append(context._flushing())
+        seen.extend(context._on_every_worker(context._flushing))  # dplr's threads too
         x.register_hook(lambda grad: seen.append(context._flushing()))
         return x * 2.0, x.sum()[None]
 
@@ -360,6 +361,9 @@ def test_subnormals_are_flushed_inside_the_pass_only():
     a, b = context._without_subnormals(run, x)
     assert not context._flushing()
     (a.sum() + 5.0 * b.sum()).backward()
-    assert seen == [supported, supported]  # forward, then the backward reaching x
+    workers = dplr._runtime.threads.num_workers()
+    # forward (this thread, then each worker), then the backward reaching x
+    assert seen == [supported] * (2 + workers)
     assert not context._flushing()
+    assert not any(context._on_every_worker(context._flushing))
     assert torch.equal(x.grad, torch.full((3,), 7.0))

@@ -17,6 +17,7 @@ composes.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -313,7 +314,8 @@ def _apply_state(mq: Any, state: Any) -> Any:
 # number (float32: 1.2e-38, e^-87), and arithmetic on subnormal numbers is
 # 5-20x slower on x86.  Such entries are far below the rounding of every
 # result they reach, so the slice's pass runs with subnormal numbers
-# flushed to zero (forward and backward, on the calling thread).
+# flushed to zero, forward and backward, on the calling thread and on dplr's
+# worker threads (the compiled forward runs there).
 def _without_subnormals(run: Callable[..., tuple[Any, Any]], *tensors: Any) -> tuple[Any, Any]:
     """``run(*tensors)`` with subnormals flushed to zero, its backward too."""
     import torch
@@ -331,19 +333,49 @@ def _flushing() -> bool:
     return float(torch.tensor([2.0**-126], dtype=torch.float32) * 0.5) == 0.0
 
 
-@contextlib.contextmanager
-def _flushed() -> Iterator[None]:
-    """Flush subnormal numbers to zero on this thread, and restore the setting after."""
+def _switch_on() -> bool:
+    """Flush subnormals on this thread; whether it was off (and is now switched)."""
     import torch
 
-    if _flushing():
-        yield
-        return
-    torch.set_flush_denormal(True)  # False (and no change) where the CPU cannot
+    # set_flush_denormal returns False, and changes nothing, where the CPU cannot.
+    return not _flushing() and torch.set_flush_denormal(True)
+
+
+def _on_every_worker(fn: Callable[[], Any]) -> list[Any]:
+    """``fn()`` once on each of dplr's worker threads (none from inside one of them)."""
+    from .._runtime import threads
+
+    if threading.current_thread().name.startswith("dplr"):
+        return []
+    count = threads.num_workers()
+    meet = threading.Barrier(count)
+
+    def task(_: int) -> Any:
+        result = fn()
+        meet.wait()  # hold this thread until every worker has run one task
+        return result
+
+    return list(threads.pool().map(task, range(count)))
+
+
+@contextlib.contextmanager
+def _flushed() -> Iterator[None]:
+    """Flush subnormal numbers to zero on this thread and dplr's workers, restore after.
+
+    The setting is per thread (the x86 MXCSR register); threads started
+    while it is on inherit it.
+    """
+    import torch
+
+    workers = _on_every_worker(_switch_on)  # first: threads it starts copy this one's setting
+    here = _switch_on()
     try:
         yield
     finally:
-        torch.set_flush_denormal(False)
+        if workers and all(workers):  # (were some on already, all stay on)
+            _on_every_worker(lambda: torch.set_flush_denormal(False))
+        if here:
+            torch.set_flush_denormal(False)
 
 
 _FLUSHED_PASS: Any = None
