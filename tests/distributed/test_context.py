@@ -361,7 +361,7 @@ def test_subnormals_are_flushed_inside_the_pass_only():
     a, b = context._without_subnormals(run, x)
     assert not context._flushing()
     (a.sum() + 5.0 * b.sum()).backward()
-    workers = dplr._runtime.threads.num_workers()
+    workers = dplr._runtime.threads.pool()._max_workers
     # forward (this thread, then each worker), then the backward reaching x
     assert seen == [supported] * (2 + workers)
     assert not context._flushing()

@@ -347,7 +347,9 @@ def _on_every_worker(fn: Callable[[], Any]) -> list[Any]:
 
     if threading.current_thread().name.startswith("dplr"):
         return []
-    count = threads.num_workers()
+    executor = threads.pool()
+    # The pool's own size: DPLR_NUM_THREADS may have changed since it started.
+    count = getattr(executor, "_max_workers", threads.num_workers())
     meet = threading.Barrier(count)
 
     def task(_: int) -> Any:
@@ -355,7 +357,7 @@ def _on_every_worker(fn: Callable[[], Any]) -> list[Any]:
         meet.wait()  # hold this thread until every worker has run one task
         return result
 
-    return list(threads.pool().map(task, range(count)))
+    return list(executor.map(task, range(count)))
 
 
 @contextlib.contextmanager
