@@ -19,7 +19,10 @@ from __future__ import annotations
 #: Rows per chunk of the core's chunked product, solve and inverse (the
 #: default ``chunk_size``).  The chunk sweep of ``benchmarks/core.py`` and
 #: sweeps over d in 16..128, batches and dtypes measured 32 fastest or within
-#: noise of the fastest (64 was up to 15% slower, 128 up to 60%).
+#: noise of the fastest (64 was up to 15% slower, 128 up to 60%).  The delta
+#: rules' fused chunked forward (K = V = 128, float32, B = 1, T = 4096,
+#: H = 32, under load): 16 took 1.32 s, 32 1.20 s, 64 1.24 s, 128 1.41 s;
+#: one thread, H = 4: 53 ms at 32 and 57 ms at 64 (KDA 76 and 89 ms).
 CHUNK_ROWS = 32
 
 #: Below this many flops a stacked product is not worth splitting over
@@ -60,15 +63,16 @@ DELTA_PASS_ROWS = 16384
 
 #: Longest sequence (tokens) that the delta rules run by the compiled token
 #: recurrence (``attention/_recurrent.py``) when no ``chunk_size`` is given
-#: and no gradient is needed; longer ones run chunked.  Measured with
-#: ``python -m dplr_bench.models`` (B = 1, H = 32, K = V = 128, float32,
-#: torch, one process, on the shared 2-core machine while other jobs loaded
-#: it): the recurrence was faster than the chunked algorithm at every T tried,
-#: 3x at T = 1, 4x at T = 4 and 64, 2.5x at 128, 2.2x at 256, then 1.3x at
-#: 512, 1.4x at 1024 and 1.5x at 4096.  The limit sits where the gain was
-#: still 2x; above it the chunked algorithm keeps long prefills (and its
-#: threads) until a measurement on an idle machine says otherwise.
-RECURRENT_MAX_T = 256
+#: and no gradient is needed; longer ones run the fused chunked loop
+#: (``attention/_chunked.py``).  Measured with ``python -m dplr_bench.models``
+#: (B = 1, H = 32, K = V = 128, float32, torch, with a state, one process,
+#: medians of 7, on the shared 2-core machine while other jobs loaded it):
+#: the recurrence was 2.2x faster at T = 1, 1.4x at T = 2 and equal at T = 4;
+#: the fused chunked loop was 1.8x faster at T = 8, about equal at 16 and 32,
+#: and 3.5-4.5x faster from T = 64 to 512.  (Against the separate chunked
+#: steps that ran before the fused loop the recurrence won up to T = 4096,
+#: and this limit was 256.)
+RECURRENT_MAX_T = 4
 
 #: Below this many state entries times tokens (about 6 flops each) the
 #: recurrence stays on the calling thread: a decode step at H = 32,

@@ -70,7 +70,7 @@ def delta_rule(
     chunk_size : int, optional
         Tokens per chunk of the chunked algorithm (default 32); giving it
         selects that algorithm.  Without it, sequences of at most
-        ``dplr._runtime.tuning.RECURRENT_MAX_T`` (256) tokens run a compiled
+        ``dplr._runtime.tuning.RECURRENT_MAX_T`` (4) tokens run a compiled
         token recurrence instead when no gradient is needed (NumPy, or torch
         CPU tensors without ``requires_grad`` or under ``torch.no_grad()``):
         decode steps and short blocks.  Longer ones without a gradient run the
