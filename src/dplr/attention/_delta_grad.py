@@ -72,9 +72,9 @@ def _rowdot(a: Array, b: Array) -> Array:
     return (a * b).sum(-1)
 
 
-def _per_weight(x: Array, w: Array) -> Array:
+def _per_weight(x: Array, factors: Array) -> Array:
     """A per-channel term x (..., c, dk) reduced to the shape of the weights (..., c, e)."""
-    return x if w.shape[-1] == x.shape[-1] else x.sum(-1, keepdims=True)
+    return x if factors.shape[-1] == x.shape[-1] else x.sum(-1, keepdims=True)
 
 
 def _pull_back_strict(ops: Ops, dm: Array, ch, blocks: Array):
@@ -145,12 +145,12 @@ def delta_backward(
     # batched product with it would copy it again.
     h = ops.copy(states[..., :-1, :, :])
     uc, doc = _kernels.chunk_rows(ops, u, c), _kernels.chunk_rows(ops, do, c)
-    w = ops.solve_lower_blocks(l_blocks, sol.q_in, kernel=_jit.solve_lower_stack)
-    ut = uc + w @ h
+    wy = ops.solve_lower_blocks(l_blocks, sol.q_in, kernel=_jit.solve_lower_stack)
+    ut = uc + wy @ h
 
     # Reverse pass over the chunks: dU_J and the gradient of the state leaving J.
     du_local = p_strict.mT @ doc + out.lam[..., None] * doc
-    du, dh_next, ds0 = _kernels.state_pass_adjoint(ops, sol, w, du_local, out.q_in, doc, dsn)
+    du, dh_next, ds0 = _kernels.state_pass_adjoint(ops, sol, wy, du_local, out.q_in, doc, dsn)
 
     # The output product O = P U + (q ⊙ e^G) H.
     dp = doc @ uc.mT
@@ -176,7 +176,7 @@ def delta_backward(
     # U = Ũ - W H with [W, Ũ] = L^-1 [kb ⊙ e^G, beta v]: one transposed block solve.
     dr = _kernels.solve_blocks_transposed(ops, l_blocks, ops.concat([-(du @ h.mT), du], -1))
     dr_w, dr_v = dr[..., :d], dr[..., d:]
-    da = -(dr_w @ w.mT + dr_v @ ut.mT)
+    da = -(dr_w @ wy.mT + dr_v @ ut.mT)
     dkb, dk_a, dgam_a = _pull_back_strict(ops, da, sol, l_blocks)
     dk = dk + dk_a
     if g is None:

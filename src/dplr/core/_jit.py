@@ -255,29 +255,29 @@ def substitution_pass(
 @jit(nogil=True, fastmath={"contract"})
 def adjoint_pass(
     k_out: np.ndarray,
-    w: np.ndarray,
+    wy: np.ndarray,
     decay: np.ndarray,
     dy_local: np.ndarray,
-    dz_add: np.ndarray,
-    dz_last: np.ndarray,
+    dh_add: np.ndarray,
+    dh_last: np.ndarray,
     dy: np.ndarray,
-    dz: np.ndarray,
-    dz0: np.ndarray,
+    dh: np.ndarray,
+    dh0: np.ndarray,
     col_start: int,
     col_stop: int,
 ) -> None:
     """The reverse pass of :func:`substitution_pass` for a stack of B problems.
 
-    k_out, w: (B, nc, c, d); decay: (B, nc, 1) or, per channel, (B, nc, d);
-    dy_local, dy: (B, nc, c, m); dz_add, dz: (B, nc, d, m); dz_last, dz0:
-    (B, d, m).  From ``Z = dz_last``, for J = nc - 1 down to 0, writes
+    k_out, wy: (B, nc, c, d); decay: (B, nc, 1) or, per channel, (B, nc, d);
+    dy_local, dy: (B, nc, c, m); dh_add, dh: (B, nc, d, m); dh_last, dh0:
+    (B, d, m).  From ``dH = dh_last``, for J = nc - 1 down to 0, writes
     columns ``col_start:col_stop`` of::
 
-        dz[:, J] = Z                                   (the gradient of the state leaving J)
-        dy[:, J] = dy_local[:, J] + k_out[:, J] @ Z
-        Z       <- Diag(decay[:, J]) Z + dz_add[:, J] - w[:, J]^T @ dy[:, J]
+        dh[:, J] = dH                                  (the gradient of the state leaving J)
+        dy[:, J] = dy_local[:, J] + k_out[:, J] @ dH
+        dH      <- Diag(decay[:, J]) dH + dh_add[:, J] - wy[:, J]^T @ dy[:, J]
 
-    and ``dz0 = Z`` at the end.  As in :func:`substitution_pass` the state
+    and ``dh0 = dH`` at the end.  As in :func:`substitution_pass` the state
     is kept transposed so that both products are dot products of contiguous
     rows; problems and column ranges are independent.
     """
@@ -286,41 +286,40 @@ def adjoint_pass(
     width = col_stop - col_start
     prod = np.empty((c, width), dy.dtype)
     neg_dy_t = np.empty((width, c), dy.dtype)
-    w_t = np.empty((d, c), dy.dtype)
-    z_t = np.empty((width, d), dy.dtype)
+    wy_t = np.empty((d, c), dy.dtype)
+    dh_t = np.empty((width, d), dy.dtype)
     per_channel = decay.shape[2] > 1
     one = dy.dtype.type(1)  # keeps float32 products in float32
     for b in range(k_out.shape[0]):
         for p in range(d):
             for s in range(width):
-                z_t[s, p] = dz_last[b, p, col_start + s]
+                dh_t[s, p] = dh_last[b, p, col_start + s]
         for j in range(nc - 1, -1, -1):
-            _store_transposed(z_t, dz[b, j], col_start)
-            _dot_products(k_out[b, j], z_t, prod)
+            _store_transposed(dh_t, dh[b, j], col_start)
+            _dot_products(k_out[b, j], dh_t, prod)
             local, out = dy_local[b, j], dy[b, j]
             for r in range(c):
                 for s in range(width):
                     val = local[r, col_start + s] + prod[r, s]
                     out[r, col_start + s] = val
                     neg_dy_t[s, r] = -val
-            wj = w[b, j]
+            wy_j = wy[b, j]
             for r in range(c):
                 for p in range(d):
-                    w_t[p, r] = wj[r, p]
-            add = dz_add[b, j]
+                    wy_t[p, r] = wy_j[r, p]
+            add = dh_add[b, j]
             if per_channel:  # scale column p of the transposed state by its decay
                 dj = decay[b, j]
                 for s in range(width):
                     for p in range(d):
-                        z_t[s, p] = z_t[s, p] * dj[p] + add[p, col_start + s]
-                _dot_products(neg_dy_t, w_t, z_t, one)
+                        dh_t[s, p] = dh_t[s, p] * dj[p] + add[p, col_start + s]
             else:
                 aj = decay[b, j, 0]
                 for s in range(width):
                     for p in range(d):
-                        z_t[s, p] = z_t[s, p] * aj + add[p, col_start + s]
-                _dot_products(neg_dy_t, w_t, z_t, one)
-        _store_transposed(z_t, dz0[b], col_start)
+                        dh_t[s, p] = dh_t[s, p] * aj + add[p, col_start + s]
+            _dot_products(neg_dy_t, wy_t, dh_t, one)
+        _store_transposed(dh_t, dh0[b], col_start)
 
 
 @jit(nogil=True)

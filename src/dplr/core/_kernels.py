@@ -246,7 +246,7 @@ def _state_sequence(ops: Ops, ch: Chunked, contrib: Array, h0: Array | None) -> 
 def state_pass_adjoint(
     ops: Ops,
     ch: Chunked,
-    w: Array,
+    wy: Array,
     du_local: Array,
     x_read: Array,
     dy_read: Array,
@@ -254,7 +254,7 @@ def state_pass_adjoint(
 ) -> tuple[Array, Array, Array]:
     """The reverse pass of a solve's chunk recurrence, from saved states.
 
-    Forward, per chunk J: ``Y_J = Ỹ_J - W_J Z_J`` (``W_J = T_JJ^-1 q_in_J``)
+    Forward, per chunk J: ``Y_J = Ỹ_J - W_J Z_J`` (``W_J = T_JJ^-1 q_in_J``, ``wy``)
     and ``Z_{J+1} = Diag(a_J) Z_J + k_out_J^T Y_J``, and the states are read
     as ``x_read_J Z_J`` by an output whose gradient is ``dy_read_J``.  Given
     ``du_local`` (..., nc, c, m), the gradient that reaches ``Y_J`` directly,
@@ -269,22 +269,20 @@ def state_pass_adjoint(
     the rest runs in the compiled reverse pass (:func:`dplr.core._jit.adjoint_pass`),
     two products of c x d by d x m per chunk, with the chunks in reverse order.
     """
-    batch, (nc, c, m), d = du_local.shape[:-3], du_local.shape[-3:], w.shape[-1]
+    batch, (nc, c, m), d = du_local.shape[:-3], du_local.shape[-3:], wy.shape[-1]
     count = int(np.prod(batch))
 
     def stack(x: Array) -> Array:
         return x.reshape(count, nc, *x.shape[-2:])
 
-    dz_add = ops.matmul(x_read.mT, dy_read)  # (..., nc, d, m)
+    dh_add = ops.matmul(x_read.mT, dy_read)  # (..., nc, d, m)
     decay = None if ch.chunk_decay is None else ch.chunk_decay.reshape(count, nc, -1)
-    dz_last = (
-        ops.zeros((count, d, m), du_local) if dh_last is None else dh_last.reshape(count, d, m)
-    )
-    dy, dz, dz0 = ops.adjoint_pass(
-        stack(ch.k_out), stack(w), decay, stack(du_local), stack(dz_add), dz_last,
-        kernel=_jit.adjoint_pass,
+    dh_last = ops.zeros((count, d, m), du_local) if dh_last is None else dh_last
+    dy, dh, dh0 = ops.adjoint_pass(
+        stack(ch.k_out), stack(wy), decay, stack(du_local), stack(dh_add),
+        dh_last.reshape(count, d, m), kernel=_jit.adjoint_pass,
     )  # fmt: skip
-    return dy.reshape(*batch, nc, c, m), dz.reshape(*batch, nc, d, m), dz0.reshape(*batch, d, m)
+    return dy.reshape(*batch, nc, c, m), dh.reshape(*batch, nc, d, m), dh0.reshape(*batch, d, m)
 
 
 def solve_blocks_transposed(ops: Ops, blocks: Array, rhs: Array) -> Array:
