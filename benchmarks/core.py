@@ -15,7 +15,16 @@ import scipy.linalg as sl
 import dplr
 from dplr.reference import tril_dense
 
-from ._common import Progress, Row, by_mode, median_time, median_times, noop_progress, rel_error
+from ._common import (
+    Progress,
+    Row,
+    by_mode,
+    median_time,
+    median_times,
+    noop_progress,
+    peak_memory_mib,
+    rel_error,
+)
 
 SUITE = "core"
 
@@ -226,32 +235,12 @@ def _compiled_recurrence():
     return solve
 
 
-_PEAK_SCRIPT = """
-import resource, sys, numpy as np, dplr
-n, d, m = map(int, sys.argv[1:4])
-rng = np.random.default_rng(0)
-k = rng.standard_normal((n, d)); k /= np.linalg.norm(k, axis=1, keepdims=True)
-q = rng.uniform(0, 1, (n, 1)) * k; v = rng.standard_normal((n, m))
-dplr.tril_solve(q[:64], k[:64], v[:64])  # compile and warm up outside the measurement
-with open("/proc/self/statm") as f:
-    before = int(f.read().split()[1]) * resource.getpagesize()
-y = dplr.tril_solve(q, k, v)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print((peak - before) / (q.nbytes + k.nbytes + v.nbytes + y.nbytes))
-"""
-
-
-def _peak_extra_memory(n: int, d: int, m: int) -> float | None:
-    """Peak memory of one solve beyond the inputs present before it, over the
-    size of the inputs plus the output, in a fresh process (Linux only)."""
-    import subprocess
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return None
-    cmd = [sys.executable, "-c", _PEAK_SCRIPT, str(n), str(d), str(m)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+def _small_rank_setup(n: int, d: int, m: int):
+    """Inputs of the small-rank row and the solve to measure (for peak_memory_mib)."""
+    q, k = delta_family(np.random.default_rng(0), (), n, d)
+    v = np.random.default_rng(1).standard_normal((n, m))
+    dplr.tril_solve(q[:64], k[:64], v[:64])  # compiled code loaded before the measurement
+    return lambda: dplr.tril_solve(q, k, v)
 
 
 def bench_small_rank(rng, n: int, d: int = 4, m: int = 1) -> Row:
@@ -265,10 +254,10 @@ def bench_small_rank(rng, n: int, d: int = 4, m: int = 1) -> Row:
          lambda: dplr.tril_solve(q, k, v, check_finite=False)], _repeats(), WARMUP,
     )  # fmt: skip
     err = rel_error(dplr.tril_solve(q, k, v), loop(q, k, v))
-    extra = _peak_extra_memory(n, d, m)
+    operands_mib = (2 * n * d + 2 * n * m) * 8 / 2**20  # q, k, v and the output
+    extra = peak_memory_mib(_small_rank_setup, n, d, m) / operands_mib
     note = f"check_finite=False: {1e3 * t_unchecked:.1f} ms ({t_loop / t_unchecked:.2f}x)"
-    if extra is not None:
-        note += f"; peak extra memory {extra:.2f}x (inputs + output)"
+    note += f"; peak memory growth {extra:.2f}x the inputs + output"
     return Row(SUITE, "solve, small rank", f"n={n}, d={d}, m={m}",
                "a bare compiled (Numba) row-by-row loop", t_loop, t_dplr, err, 0.5, note,
                {"n": n, "d": d, "m": m, "peak_extra": extra})  # fmt: skip
