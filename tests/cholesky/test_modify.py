@@ -476,3 +476,27 @@ def test_every_blas_in_use_is_under_dplr_thread_control():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bad_value", [np.inf, -np.inf, np.nan])
+def test_blocked_update_checks_the_factor_while_copying_it(dtype, bad_value):
+    """The LAPACK update into new memory checks the lower triangle in its copy
+    pass: a non-finite entry of any batch entry raises, the input unchanged;
+    the upper triangle is not read."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((3, 40, 40))
+    L = np.linalg.cholesky(a @ np.swapaxes(a, -1, -2) + 40 * np.eye(40)).astype(dtype)
+    u = rng.standard_normal((3, 40, 2)).astype(dtype)
+    bad = L.copy()
+    bad[2, 39, 0] = bad_value
+    before = bad.tobytes()
+    with pytest.raises(ValueError, match="'factor' contains NaN or Inf"):
+        dplr.cholesky_update(bad, u, method="blocked")
+    assert bad.tobytes() == before
+    junk = L + np.triu(np.full((40, 40), bad_value), 1).astype(dtype)
+    got = dplr.cholesky_update(junk, u, method="blocked")
+    want = np.linalg.cholesky(
+        (L @ np.swapaxes(L, -1, -2) + u @ np.swapaxes(u, -1, -2)).astype(np.float64)
+    )
+    assert np.abs(got - want).max() <= 100 * 40 * np.finfo(dtype).eps * np.abs(want).max()

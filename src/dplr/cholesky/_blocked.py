@@ -47,7 +47,14 @@ def _signs(ops: Ops, d: Array) -> Array:
 
 
 # ------------------------------------------------------------------ update
-def update(ops: Ops, low: Array, u: Array, out: Array, block: int | None = None) -> None:
+def uses_lapack(ops: Ops, low: Array, block: int | None) -> bool:
+    """True if :func:`update` runs LAPACK's ``?tpqrt`` (NumPy float32/float64, no ``block``)."""
+    return ops.name == "numpy" and low.dtype in (np.float32, np.float64) and block is None
+
+
+def update(
+    ops: Ops, low: Array, u: Array, out: Array, block: int | None = None, check_finite: bool = False
+) -> bool:
     """``out`` (lower) = the Cholesky factor of ``L L^T + U U^T``.
 
     low: (..., N, N) lower triangle read; u: (..., N, M); out: (..., N, N)
@@ -57,15 +64,19 @@ def update(ops: Ops, low: Array, u: Array, out: Array, block: int | None = None)
     LAPACK's ``?tpqrt`` is a different algorithm (a method, not a spelling),
     reachable only from NumPy arrays; torch tensors and an explicit ``block``
     (the tests' way to reach the panels on NumPy) take the dense-panel QRs.
+
+    With ``check_finite`` (LAPACK path only, ``out`` not ``low``) the triangle
+    of ``low`` is checked while it is copied, and False is returned, with
+    nothing computed, if it is not finite; otherwise the result is True.
     """
-    if ops.name == "numpy" and low.dtype in (np.float32, np.float64) and block is None:
-        _update_lapack(low, u, out)
-    else:
-        ops.copy_lower(out, low, kernel=_rank1.copy_tri)
-        _update_panels(ops, out.mT, u.mT, block or PANEL)
+    if uses_lapack(ops, low, block):
+        return _update_lapack(low, u, out, check_finite)
+    ops.copy_lower(out, low, kernel=_rank1.copy_tri)
+    _update_panels(ops, out.mT, u.mT, block or PANEL)
+    return True
 
 
-def _update_lapack(low: np.ndarray, u: np.ndarray, out: np.ndarray) -> None:
+def _update_lapack(low: np.ndarray, u: np.ndarray, out: np.ndarray, check_finite: bool) -> bool:
     """``?tpqrt`` on ``[-R; U^T]``, one call per batch entry.
 
     Householder reflectors map ``(alpha, x)`` to ``(-sign(alpha) ||.||, 0)``;
@@ -81,7 +92,8 @@ def _update_lapack(low: np.ndarray, u: np.ndarray, out: np.ndarray) -> None:
     u_b = np.broadcast_to(u, (*out.shape[:-2], *u.shape[-2:]))
     for idx in np.ndindex(*out.shape[:-2]):
         dst = out[idx]
-        _rank1.negate_lower(dst, low_b[idx])
+        if not _rank1.negate_lower(dst, low_b[idx]) and check_finite:
+            return False
         r = dst.T  # upper, F-ordered when dst is C-ordered: LAPACK works in place
         bt = np.array(u_b[idx].T, order="F")
         r_new, _, _, info = tpqrt(0, nb, r, bt, overwrite_a=1, overwrite_b=1)
@@ -92,6 +104,7 @@ def _update_lapack(low: np.ndarray, u: np.ndarray, out: np.ndarray) -> None:
         neg = np.flatnonzero(np.diagonal(dst) < 0)
         for j in neg:
             dst[j:, j] *= -1.0
+    return True
 
 
 def _update_panels(ops: Ops, r: Array, bt: Array, block: int) -> None:

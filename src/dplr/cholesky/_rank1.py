@@ -267,18 +267,26 @@ def copy_tri(src, dst, rows):
 
 @_jit(**_SERIAL)
 def _negate_tri(src, dst):
-    """dst = minus the lower triangle of src, zero above (dst may be src)."""
+    """dst = minus the lower triangle of src, zero above (dst may be src);
+    True if that triangle is finite (0 * x is 0 for finite x, NaN otherwise)."""
     n = src.shape[0]
+    probe = 0.0
     for i in range(n):
         for j in range(i + 1):
-            dst[i, j] = -src[i, j]
+            x = src[i, j]
+            probe += 0.0 * x
+            dst[i, j] = -x
         for j in range(i + 1, n):
             dst[i, j] = 0.0
+    return probe == 0.0
 
 
-def negate_lower(dst: np.ndarray, src: np.ndarray) -> None:
-    """``dst`` (n, n) = minus the lower triangle of ``src``, zeros above, one pass."""
-    _negate_tri(src, dst)
+def negate_lower(dst: np.ndarray, src: np.ndarray) -> bool:
+    """``dst`` (n, n) = minus the lower triangle of ``src``, zeros above, one pass.
+
+    Returns True if the lower triangle of ``src`` is finite (checked in the same pass).
+    """
+    return bool(_negate_tri(src, dst))
 
 
 @_jit(**_SERIAL)

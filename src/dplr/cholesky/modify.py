@@ -114,14 +114,20 @@ def _blocked_path(pb: Problem, target: Array | None, check_finite: bool, chunk: 
     batch entry passed; returns ``(lower result, ok)``.
     """
     ops, low, n = pb.ops, pb.lower, pb.n
-    if check_finite:
-        check_triangle_finite(pb)
     up, down = _split_weights(pb)
+    # A LAPACK update into new memory checks the triangle while copying it (one
+    # pass over the factor instead of two); everything else checks it first.
+    fused = (
+        check_finite and down is None and target is None and _blocked.uses_lapack(ops, low, chunk)
+    )
+    if check_finite and not fused:
+        check_triangle_finite(pb)
     shape = (*pb.batch, n, n)
     with _blas_threads(pb, blas_thread_count(n)):
         if down is None:
             out = target if target is not None else _new_lower(pb, shape)
-            _blocked.update(ops, low, up, out, chunk)
+            if not _blocked.update(ops, low, up, out, chunk, check_finite=fused):
+                raise not_finite_error("factor")
             return out, ops.zeros(pb.batch, low) == 0
         base = low
         if up is not None:  # into scratch: the caller's memory waits for the check
