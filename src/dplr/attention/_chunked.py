@@ -42,20 +42,12 @@ from .._runtime.jit import jit
 from .._runtime.threads import num_workers, run_all, split
 from ..core._decay import _EXPONENT_BUDGET, _FLUSH_BELOW
 from ..core._jit import _dot_products, _forward_substitute, _strict_lower_product
-from ._recurrent import _as_numpy
+from ._recurrent import _as_numpy, runs_compiled
 
 
 def chunked_applies(torch: bool, tensors: tuple[Any, ...]) -> bool:
     """Whether the compiled chunked forward runs: CPU, float32/float64, no autograd."""
-    present = [x for x in tensors if x is not None]
-    if not torch:
-        return all(x.dtype in (np.float32, np.float64) for x in present)
-    import torch as _torch
-
-    if any(x.device.type != "cpu" or x.dtype not in (_torch.float32, _torch.float64)
-           for x in present):  # fmt: skip
-        return False
-    return not (_torch.is_grad_enabled() and any(x.requires_grad for x in present))
+    return runs_compiled(torch, tensors, floats_only=True)
 
 
 def chunked_forward(
@@ -360,12 +352,7 @@ def _channel_blocks(buf, floor, budget):
                     xa[i, p], xp[i, p] = kb[i, p] * wq, qs[i, p] * wq
                     ky[i, p] = kn[i, p] / wq
             for i in range(s + 1, e):
-                for j in range(s, i):
-                    sa = sp = dt(0)
-                    for p in range(K):
-                        sa += xa[i, p] * ky[j, p]
-                        sp += xp[i, p] * ky[j, p]
-                    a_blk[i, j], p_blk[i, j] = sa, sp
+                _anchored_row(xa, xp, ky, a_blk, p_blk, i, s, i)
         if e == L:
             continue
         # Rows below, anchored at row e - 1: prod_{e-1 < t <= i} a_t and prod_{j < t <= e-1} a_t.
@@ -391,12 +378,19 @@ def _channel_blocks(buf, floor, budget):
             for p in range(K):
                 ky[j, p] = kn[j, p] * ky[j, p]
         for i in range(e, L):
-            for j in range(s, e):
-                sa = sp = dt(0)
-                for p in range(K):
-                    sa += xa[i, p] * ky[j, p]
-                    sp += xp[i, p] * ky[j, p]
-                a_blk[i, j], p_blk[i, j] = sa, sp
+            _anchored_row(xa, xp, ky, a_blk, p_blk, i, s, e)
+
+
+@jit(nogil=True, fastmath={"contract", "reassoc"})
+def _anchored_row(xa, xp, ky, a_blk, p_blk, i, j0, j1):
+    """Row i, columns j0:j1 of both blocks from anchored factors: ``A_ij = xa_i . ky_j``
+    and ``P_ij = xp_i . ky_j`` (the anchor's weights already folded into xa, xp, ky)."""
+    for j in range(j0, j1):
+        sa = sp = a_blk.dtype.type(0)
+        for p in range(xa.shape[1]):
+            sa += xa[i, p] * ky[j, p]
+            sp += xp[i, p] * ky[j, p]
+        a_blk[i, j], p_blk[i, j] = sa, sp
 
 
 @jit(nogil=True)

@@ -39,14 +39,19 @@ def recurrent_applies(torch: bool, tensors: tuple[Any, ...], longest: int) -> bo
 
     ``longest`` is the longest sequence's length in tokens.
     """
-    if longest > tuning.RECURRENT_MAX_T:
-        return False
+    return longest <= tuning.RECURRENT_MAX_T and runs_compiled(torch, tensors)
+
+
+def runs_compiled(torch: bool, tensors: tuple[Any, ...], floats_only: bool = False) -> bool:
+    """Whether a compiled CPU loop can take these operands: NumPy arrays, or CPU
+    tensors outside autograd; with ``floats_only``, float32/float64 only."""
+    present = [x for x in tensors if x is not None]
     if not torch:
-        return True
+        return not floats_only or all(x.dtype in (np.float32, np.float64) for x in present)
     import torch as _torch
 
-    present = [x for x in tensors if x is not None]
-    if any(x.device.type != "cpu" for x in present):
+    kinds = (_torch.float32, _torch.float64)
+    if any(x.device.type != "cpu" or (floats_only and x.dtype not in kinds) for x in present):
         return False
     return not (_torch.is_grad_enabled() and any(x.requires_grad for x in present))
 
