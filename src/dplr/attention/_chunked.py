@@ -1,22 +1,24 @@
 """The chunked forward pass of the delta rules in one compiled loop per head (no gradient).
 
-Without a gradient to compute, the solve ``T U = beta ⊙ (V - ...)`` and the
-output product ``O = P U + ...`` of ``docs/delta.md`` need not be separate
-passes over the sequence: both read the same state entering each chunk.
-Here one compiled loop per (sequence, value head) walks the chunks once and,
-for chunk J with state ``Z`` (K x V) entering it, forms in cache
+Without a gradient to compute, the solve ``T v_new = beta ⊙ (V - ...)`` and
+the output product ``O = P v_new + ...`` of ``docs/delta.md`` need not be
+separate passes over the sequence: both read the same state entering each
+chunk.  Here one compiled loop per (sequence, value head) walks the chunks
+once and, for chunk J with state ``S`` (K x V) entering it, forms in cache
 
     A = tril(kb k^T ⊙ D, -1),  P = tril(q k^T ⊙ D)      (c x c, D_ij = exp(g_i - g_j))
-    U_J = (I + A)^-1 (beta v - (kb ⊙ w_in) Z)            (forward substitution)
-    O_J = P U_J + (q ⊙ w_in) Z
-    Z  <- a Z + (k ⊙ w_out)^T U_J
+    v_new = (I + A)^-1 (beta v - (kb ⊙ w_in) S)          (forward substitution)
+    O_J = [q ⊙ w_in | P] [S; v_new]
+    S  <- a S + (k ⊙ w_out)^T v_new
 
 with ``kb = beta k``, ``g`` the cumulative log decay from the chunk start,
 ``w_in = exp(g)``, ``w_out = exp(g_last - g)`` and ``a = exp(g_last)``: the
 quantities of :func:`dplr.core._kernels.make_chunked`, and the arithmetic of
 the core's :func:`~dplr.core._kernels.solve` and
-:func:`~dplr.core._kernels.matmul_from_states` (its compiled products and
-substitution are reused).  The inputs are read in the public layout
+:func:`~dplr.core._kernels.matmul_from_states` (its compiled blocks and
+substitution are reused).  The three products with the state are BLAS
+gemm calls from the compiled loop (:mod:`dplr._runtime.gemm`, one BLAS
+thread inside each of dplr's threads).  The inputs are read in the public layout
 ([B, T, H, K]) and normalised and scaled in the loop, the outputs written in
 place: no chunk blocks, decay masks, per-chunk states, copies to a heads-first
 layout or elementwise passes over whole tensors.  Packed sequences are read
@@ -38,10 +40,12 @@ import numpy as np
 
 from .._runtime import tuning
 from .._runtime.backend import Array
+from .._runtime.blas import single_threaded_blas
+from .._runtime.gemm import gemm, gemm_scratch
 from .._runtime.jit import jit
 from .._runtime.threads import num_workers, run_all, split
 from ..core._decay import _EXPONENT_BUDGET, _FLUSH_BELOW
-from ..core._jit import _dot_products, _forward_substitute, _strict_lower_product
+from ..core._jit import _forward_substitute, _strict_lower_product
 from ._recurrent import _as_numpy, runs_compiled
 
 
@@ -98,7 +102,8 @@ def chunked_forward(
     workers = num_workers() if flops >= tuning.LOOP_MIN_FLOPS else 1
     # Several parts per thread: a thread slowed by another process holds back less.
     parts = split(lanes, min(lanes, workers * tuning.PARTS_PER_THREAD))
-    run_all(lambda s: _chunked_lanes(*args, s.start, s.stop), parts)
+    with single_threaded_blas():  # the products are small: one BLAS thread in each of dplr's
+        run_all(lambda s: _chunked_lanes(*args, s.start, s.stop), parts)
     if torch:
         import torch as _torch
 
@@ -119,15 +124,16 @@ def _chunked_lanes(q, k, v, beta, g, s0, has_s0, state, out, batch, start, stop,
     HV, V = v.shape[2], v.shape[3]
     E = g.shape[3]
     group = HV // H
-    dt = v.dtype.type
-    z_t = np.empty((V, K), v.dtype)  # the state, transposed
+    s_vnew = np.empty((K + chunk, V), v.dtype)  # the state (K rows), then the chunk's v_new
     full = _buffers(chunk, K, V, E, v.dtype)
+    scratch = gemm_scratch(v.dtype)
     for lane in range(lane_start, lane_stop):
         n, h = lane // HV, lane % HV
         b, hk = batch[n], h // group
-        for p in range(K):
-            for s in range(V):
-                z_t[s, p] = s0[n, h, p, s] if has_s0 else dt(0)
+        if has_s0:
+            s_vnew[:K] = s0[n, h]
+        else:
+            s_vnew[:K] = 0
         t0 = start[n]
         while t0 < stop[n]:
             L = min(chunk, stop[n] - t0)
@@ -137,30 +143,28 @@ def _chunked_lanes(q, k, v, beta, g, s0, has_s0, state, out, batch, start, stop,
                 _channel_blocks(buf, floor, budget)
             else:
                 _row_blocks(buf, floor)
-            _chunk_step(buf, z_t, out, b, h, t0)
+            _chunk_step(buf, s_vnew, out, b, h, t0, scratch)
             t0 += L
-        dst = state[n, h]
-        for p in range(K):
-            for s in range(V):
-                dst[p, s] = z_t[s, p]
+        state[n, h] = s_vnew[:K]
 
 
 @jit(nogil=True)
 def _buffers(L, K, V, E, dtype):
     """Scratch arrays for a chunk of L tokens (all in cache for L = 32..64, K = V = 128)."""
     e = max(E, 1)
+    # [q ⊙ w_in | P]: one product with the stacked [Z; U] gives the outputs.  The
+    # blocks never write above P's diagonal, so those entries stay 0.
+    qp = np.zeros((L, K + L), dtype)
     return (
-        np.empty((2 * L, K), dtype),  # rows: kb ⊙ w_in, then q ⊙ w_in (read the state)
+        np.empty((L, K), dtype),  # kb ⊙ w_in (reads the state)
         np.empty((L, K), dtype),  # kb = beta k
         np.empty((L, K), dtype),  # q (scaled, normalised)
         np.empty((L, K), dtype),  # k (normalised)
-        np.empty((K, L), dtype),  # (k ⊙ w_out)^T (writes the state)
+        np.empty((L, K), dtype),  # k ⊙ w_out (writes the state)
         np.empty((L, L), dtype),  # I + A
-        np.empty((L, L), dtype),  # P
+        qp[:, K:],  # P
         np.empty((L, V), dtype),  # beta v, then the right-hand side
-        np.empty((2 * L, V), dtype),  # [kb ⊙ w_in; q ⊙ w_in] Z
-        np.empty((L, V), dtype),  # U
-        np.empty((V, L), dtype),  # U^T
+        qp,
         np.empty((L, e), dtype),  # cumulative finite log decay from the chunk start
         np.empty((L, e), np.int64),  # resets (g = -inf) from the chunk start
         np.empty((4 * L, K), dtype),  # factors and anchored rows (per-channel decay)
@@ -171,7 +175,7 @@ def _buffers(L, K, V, E, dtype):
 @jit(nogil=True, fastmath={"contract", "reassoc"})
 def _load_chunk(q, k, v, beta, g, b, hk, h, t0, scale, l2norm, floor, budget, buf):
     """Read tokens t0:t0+L of one head into the chunk buffers, with the decay factors."""
-    kq_in, kb, qs, kn, k_out_t, _, _, rhs, _, _, _, gc, rc, rows, a = buf
+    kb_in, kb, qs, kn, k_out, _, _, rhs, qp, gc, rc, rows, a = buf
     L, K = kb.shape
     V = rhs.shape[1]
     E = g.shape[3]
@@ -224,14 +228,14 @@ def _load_chunk(q, k, v, beta, g, b, hk, h, t0, scale, l2norm, floor, budget, bu
         if e_count == 1:
             wi, wo = w_in[i, 0], w_out[i, 0]
             for p in range(K):
-                kq_in[i, p] = wi * kb[i, p]
-                kq_in[L + i, p] = wi * qs[i, p]
-                k_out_t[p, i] = wo * kn[i, p]
+                kb_in[i, p] = wi * kb[i, p]
+                qp[i, p] = wi * qs[i, p]
+                k_out[i, p] = wo * kn[i, p]
         else:
             for p in range(K):
-                kq_in[i, p] = w_in[i, p] * kb[i, p]
-                kq_in[L + i, p] = w_in[i, p] * qs[i, p]
-                k_out_t[p, i] = w_out[i, p] * kn[i, p]
+                kb_in[i, p] = w_in[i, p] * kb[i, p]
+                qp[i, p] = w_in[i, p] * qs[i, p]
+                k_out[i, p] = w_out[i, p] * kn[i, p]
 
 
 @jit(nogil=True, fastmath={"contract"})
@@ -275,7 +279,7 @@ def _channel_factors(g, b, h, t0, floor, budget, fac, w_in, w_out, a):
 @jit(nogil=True, fastmath={"contract", "reassoc"})
 def _row_blocks(buf, floor):
     """``I + A`` and ``P`` with one decay per row: products masked by ``D_ij = exp(g_i - g_j)``."""
-    _, kb, qs, kn, _, a_blk, p_blk, _, _, _, _, gc, rc, _, _ = buf
+    _, kb, qs, kn, _, a_blk, p_blk, _, _, gc, rc, _, _ = buf
     L, K = kn.shape
     dt = kn.dtype.type
     _strict_lower_product(kb, kn, a_blk)
@@ -290,6 +294,8 @@ def _row_blocks(buf, floor):
         for p in range(K):
             diag += qs[i, p] * kn[i, p]
         p_blk[i, i] = diag
+        for j in range(i + 1, L):  # the strict lower product writes a few entries above
+            p_blk[i, j] = dt(0)
 
 
 @jit(nogil=True, fastmath={"contract", "reassoc"})
@@ -299,14 +305,14 @@ def _channel_blocks(buf, floor, budget):
     ``A_ij = sum_c kb_ic k_jc exp(G_ic - G_jc)`` (P with q for kb) as in
     :func:`dplr.core._decay.channel_strict_blocks` (docs/algorithms.md,
     section 10): for sub-blocks of ``sub`` rows over which no exponent
-    exceeds ``budget``, the diagonal sub-block is anchored at its first row
-    s, ``(x_i exp(G_i - G_s)) . (k_j exp(G_s - G_j))``, and the rows below at
-    its last row a, ``(x_i exp(G_i - G_a)) . (k_j exp(G_a - G_j))`` (both
+    exceeds ``budget``, the diagonal sub-block (rows ``start:stop``) is
+    anchored at its first row s, ``(x_i exp(G_i - G_s)) . (k_j exp(G_s - G_j))``,
+    and the rows below at its last row a, ``(x_i exp(G_i - G_a)) . (k_j exp(G_a - G_j))`` (both
     factors <= 1, resets exact).  A diagonal sub-block with a reset after its
     first row is formed pair by pair.  The sub-block length is chosen per
     chunk from the steepest decay inside it.
     """
-    _, kb, qs, kn, _, a_blk, p_blk, _, _, _, _, gc, rc, rows, _ = buf
+    _, kb, qs, kn, _, a_blk, p_blk, _, _, gc, rc, rows, _ = buf
     L, K = kn.shape
     dt = kn.dtype.type
     tiny = dt(np.exp(-floor))
@@ -326,59 +332,59 @@ def _channel_blocks(buf, floor, budget):
         for p in range(K):
             diag += qs[i, p] * kn[i, p]
         p_blk[i, i] = diag
-    for s in range(0, L, sub):
-        e = min(s + sub, L)
+    for start in range(0, L, sub):
+        stop = min(start + sub, L)
         reset_inside = False
         for p in range(K):
-            reset_inside = reset_inside or rc[e - 1, p] != rc[s, p]
+            reset_inside = reset_inside or rc[stop - 1, p] != rc[start, p]
         if reset_inside:  # pair by pair, the factor of each pair tested
-            for i in range(s + 1, e):
-                for j in range(s, i):
+            for i in range(start + 1, stop):
+                for j in range(start, i):
                     sa = sp = dt(0)
                     for p in range(K):
                         f = _factor(gc[i, p] - gc[j, p], rc[i, p] == rc[j, p], floor) * kn[j, p]
                         sa += kb[i, p] * f
                         sp += qs[i, p] * f
                     a_blk[i, j], p_blk[i, j] = sa, sp
-        else:  # wq_i = exp(G_i - G_s) = prod_{s < t <= i} a_t >= e^-budget, wk_i = 1 / wq_i
+        else:  # wq_i = exp(G_i - G_s) = prod_{start < t <= i} a_t >= e^-budget, wk_i = 1 / wq_i
             for p in range(K):
-                ky[s, p] = dt(1)  # holds wq until the rows are scaled
-            for i in range(s + 1, e):
+                ky[start, p] = dt(1)  # holds wq until the rows are scaled
+            for i in range(start + 1, stop):
                 for p in range(K):
                     ky[i, p] = ky[i - 1, p] * fac[i, p]
-            for i in range(s, e):
+            for i in range(start, stop):
                 for p in range(K):
                     wq = ky[i, p]
                     xa[i, p], xp[i, p] = kb[i, p] * wq, qs[i, p] * wq
                     ky[i, p] = kn[i, p] / wq
-            for i in range(s + 1, e):
-                _anchored_row(xa, xp, ky, a_blk, p_blk, i, s, i)
-        if e == L:
+            for i in range(start + 1, stop):
+                _anchored_row(xa, xp, ky, a_blk, p_blk, i, start, i)
+        if stop == L:
             continue
-        # Rows below, anchored at row e - 1: prod_{e-1 < t <= i} a_t and prod_{j < t <= e-1} a_t.
+        # Rows below, anchored at row a = stop - 1: prod_{a < t <= i} a_t and prod_{j < t <= a} a_t.
         for p in range(K):
-            xa[e - 1, p] = dt(1)  # running products, in rows of xa not read below
-            xp[e - 1, p] = dt(1)
-        for i in range(e, L):
+            xa[stop - 1, p] = dt(1)  # running products, in rows of xa not read below
+            xp[stop - 1, p] = dt(1)
+        for i in range(stop, L):
             for p in range(K):
-                run = xa[i - 1, p] * fac[i, p] if i > e else fac[i, p]
+                run = xa[i - 1, p] * fac[i, p] if i > stop else fac[i, p]
                 run = run if run >= tiny else dt(0)
                 xa[i, p] = run
-        for i in range(e, L):
+        for i in range(stop, L):
             for p in range(K):
                 wq = xa[i, p]
                 xa[i, p], xp[i, p] = kb[i, p] * wq, qs[i, p] * wq
         for p in range(K):
-            ky[e - 1, p] = dt(1)
-        for j in range(e - 2, s - 1, -1):
+            ky[stop - 1, p] = dt(1)
+        for j in range(stop - 2, start - 1, -1):
             for p in range(K):
                 run = ky[j + 1, p] * fac[j + 1, p]
                 ky[j, p] = run if run >= tiny else dt(0)
-        for j in range(s, e):
+        for j in range(start, stop):
             for p in range(K):
                 ky[j, p] = kn[j, p] * ky[j, p]
-        for i in range(e, L):
-            _anchored_row(xa, xp, ky, a_blk, p_blk, i, s, e)
+        for i in range(stop, L):
+            _anchored_row(xa, xp, ky, a_blk, p_blk, i, start, stop)
 
 
 @jit(nogil=True, fastmath={"contract", "reassoc"})
@@ -402,32 +408,25 @@ def _factor(x, keep, floor):
 
 
 @jit(nogil=True, fastmath={"contract", "reassoc"})
-def _chunk_step(buf, z_t, out, b, h, t0):
-    """One chunk: U, the outputs (written to ``out[b, t0:t0+L, h]``) and the next state."""
-    kq_in, _, _, _, k_out_t, a_blk, p_blk, rhs, read, u, u_t, gc, _, _, a = buf
-    L = rhs.shape[0]
-    V = rhs.shape[1]
-    K = a.shape[0]
-    _dot_products(kq_in, z_t, read)  # [kb ⊙ w_in; q ⊙ w_in] Z, (2L, V)
-    for i in range(L):
-        for s in range(V):
-            rhs[i, s] -= read[i, s]
-    _forward_substitute(a_blk, rhs, u)
-    for i in range(L):
-        o = out[b, t0 + i, h]
-        for s in range(V):
-            o[s] = read[L + i, s]
-        for j in range(i + 1):
-            pij = p_blk[i, j]
-            uj = u[j]
-            for s in range(V):
-                o[s] += pij * uj[s]
-        for s in range(V):
-            u_t[s, i] = u[i, s]
-    if gc.shape[1] == 1:  # one decay: Z^T <- a Z^T + U^T (k ⊙ w_out)
-        _dot_products(u_t, k_out_t, z_t, a[0])
-    else:  # per channel: column p of Z^T decays by a_p
-        for s in range(V):
-            for p in range(K):
-                z_t[s, p] *= a[p]
-        _dot_products(u_t, k_out_t, z_t, a.dtype.type(1))
+def _chunk_step(buf, s_vnew, out, b, h, t0, scratch):
+    """One chunk: v_new, the outputs (written to ``out[b, t0:t0+L, h]``) and the next state.
+
+    ``s_vnew`` (K + chunk, V) holds the state S entering the chunk in its
+    first K rows; the chunk's new values are written below it, so that one
+    product ``[q ⊙ w_in | P] [S; v_new]`` gives the outputs.  The three
+    products are BLAS calls (:func:`~dplr._runtime.gemm.gemm`).
+    """
+    kb_in, _, _, _, k_out, a_blk, _, rhs, qp, gc, _, _, a = buf
+    L, K = kb_in.shape
+    s, v_new = s_vnew[:K], s_vnew[K : K + L]
+    gemm(kb_in, s, rhs, -1.0, 1.0, False, scratch)  # beta v - (kb ⊙ w_in) S
+    _forward_substitute(a_blk, rhs, v_new)
+    gemm(qp, s_vnew[: K + L], out[b, t0 : t0 + L, h], 1.0, 0.0, False, scratch)
+    if gc.shape[1] == 1:  # one decay: S <- a S + (k ⊙ w_out)^T v_new
+        gemm(k_out, v_new, s, 1.0, a[0], True, scratch)
+    else:  # per channel: row p of S decays by a_p
+        for p in range(K):
+            ap = a[p]
+            for col in range(s.shape[1]):
+                s[p, col] *= ap
+        gemm(k_out, v_new, s, 1.0, 1.0, True, scratch)
