@@ -144,6 +144,30 @@ def test_update_and_downdate_kernels_every_block_size(block, n):
     assert backward_error(La, k, np.linalg.norm(a)) <= BOUND64
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("n", "panel"), [(70, 8), (70, 16), (33, 32), (600, None)])
+def test_update_by_panels_split_over_threads(monkeypatch, dtype, n, panel):
+    """The LAPACK update by panels whose trailing columns are split over threads
+    (small panels force many panels and splits at small N; N = 600 runs the
+    shipped panel width), into new zero-filled memory and into garbage."""
+    if panel is not None:
+        monkeypatch.setattr(_blocked, "PANEL_COLUMNS", panel)
+    rng = np.random.default_rng(n + (panel or 0))
+    m = 6
+    k = rbf(n, 1e-8)
+    u = rng.standard_normal((n, m))
+    a = k + u @ u.T
+    L = np.linalg.cholesky(k).astype(dtype)
+    bound = BOUND64 if dtype == np.float64 else BOUND32
+    for out, zero in ((np.zeros((n, n), dtype), True), (np.full((n, n), 7.0, dtype), False)):
+        _blocked.update(NumpyOps, L, u.astype(dtype), out, None, out_zero=zero)
+        assert_factor_shape(out)
+        assert backward_error(out, a.astype(dtype)) <= bound
+    new = dplr.cholesky_update(L, u.astype(dtype), method="blocked")
+    assert_factor_shape(new)
+    assert backward_error(new, a.astype(dtype)) <= bound
+
+
 def test_update_kernel_batched_and_garbage_above_the_diagonal():
     rng = np.random.default_rng(6)
     n, m = 70, 3

@@ -91,6 +91,14 @@ CHOLESKY_CHUNK_ROWS = 64
 #: 64 about 15% slower and 128 about 60% slower.
 CHOLESKY_TPQRT_BLOCK = 32
 
+#: Columns per panel of the blocked update's ?tpqrt, whose reflectors are
+#: applied to the columns right of it by all of dplr's threads: MEASURE
+CHOLESKY_TPQRT_PANEL = 256
+
+#: Smallest order N whose triangle copy (the LAPACK update's first pass) is
+#: split over dplr's threads: MEASURE
+CHOLESKY_PARALLEL_COPY_MIN_ORDER = 512
+
 #: Rows of a lower factor that the row-order rank-1 update advances together,
 #: so that this many independent rotation chains overlap in the floating-point
 #: units (set with the first compiled sweeps; no sweep over it was recorded).

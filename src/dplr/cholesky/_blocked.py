@@ -24,14 +24,17 @@ same float dtype, finite, ``u`` already scaled by ``sqrt(|multiplier|)``.
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg.lapack as _lapack
 
+from .._runtime import lapack as _lapack
+from .._runtime import threads
 from .._runtime import tuning as _t
+from .._runtime.blas import single_threaded_blas
 from .._runtime.backend import Array, Ops
 from . import _rank1
 
 #: ``nb`` of ``?tpqrt``, and rows per block of the dense-panel reductions.
 TPQRT_BLOCK = _t.CHOLESKY_TPQRT_BLOCK
+PANEL_COLUMNS = _t.CHOLESKY_TPQRT_PANEL
 PANEL = _t.CHOLESKY_CHUNK_ROWS
 
 
@@ -53,7 +56,13 @@ def uses_lapack(ops: Ops, low: Array, block: int | None) -> bool:
 
 
 def update(
-    ops: Ops, low: Array, u: Array, out: Array, block: int | None = None, check_finite: bool = False
+    ops: Ops,
+    low: Array,
+    u: Array,
+    out: Array,
+    block: int | None = None,
+    check_finite: bool = False,
+    out_zero: bool = False,
 ) -> bool:
     """``out`` (lower) = the Cholesky factor of ``L L^T + U U^T``.
 
@@ -68,16 +77,20 @@ def update(
     With ``check_finite`` (LAPACK path only, ``out`` not ``low``) the triangle
     of ``low`` is checked while it is copied, and False is returned, with
     nothing computed, if it is not finite; otherwise the result is True.
+    ``out_zero`` says that ``out`` is new zero-filled memory (its strict upper
+    triangle is then not written again).
     """
     if uses_lapack(ops, low, block):
-        return _update_lapack(low, u, out, check_finite)
+        return _update_lapack(low, u, out, check_finite, out_zero)
     ops.copy_lower(out, low, kernel=_rank1.copy_tri)
     _update_panels(ops, out.mT, u.mT, block or PANEL)
     return True
 
 
-def _update_lapack(low: np.ndarray, u: np.ndarray, out: np.ndarray, check_finite: bool) -> bool:
-    """``?tpqrt`` on ``[-R; U^T]``, one call per batch entry.
+def _update_lapack(
+    low: np.ndarray, u: np.ndarray, out: np.ndarray, check_finite: bool, out_zero: bool
+) -> bool:
+    """``?tpqrt`` on ``[-R; U^T]``, one factor of the batch at a time.
 
     Householder reflectors map ``(alpha, x)`` to ``(-sign(alpha) ||.||, 0)``;
     starting from ``-R`` (negative diagonal) the new diagonal comes out
@@ -85,26 +98,50 @@ def _update_lapack(low: np.ndarray, u: np.ndarray, out: np.ndarray, check_finite
     modified by its own reflector, so each alpha is still ``-R_kk < 0``; the
     entries left negative (a reflector that did nothing) are flipped after.
     """
-    n = low.shape[-1]
-    tpqrt = _lapack.dtpqrt if low.dtype == np.float64 else _lapack.stpqrt
-    nb = max(1, min(TPQRT_BLOCK, n))
+    batch = out.shape[:-2]
     low_b = np.broadcast_to(low, out.shape)
-    u_b = np.broadcast_to(u, (*out.shape[:-2], *u.shape[-2:]))
-    for idx in np.ndindex(*out.shape[:-2]):
+    u_b = np.broadcast_to(u, (*batch, *u.shape[-2:]))
+    for idx in np.ndindex(*batch):
         dst = out[idx]
-        if not _rank1.negate_lower(dst, low_b[idx]) and check_finite:
+        if not _rank1.negate_lower(dst, low_b[idx], zero_above=not out_zero) and check_finite:
             return False
-        r = dst.T  # upper, F-ordered when dst is C-ordered: LAPACK works in place
-        bt = np.array(u_b[idx].T, order="F")
-        r_new, _, _, info = tpqrt(0, nb, r, bt, overwrite_a=1, overwrite_b=1)
-        if info != 0:  # only for invalid arguments, which the callers exclude
-            raise RuntimeError(f"LAPACK ?tpqrt returned info = {info}")
-        if not np.shares_memory(r_new, dst):
-            dst[...] = np.tril(r_new.T)
+        # dst.T is upper and column-major when dst is C-ordered: LAPACK works in place
+        r = dst.T if dst.T.flags.f_contiguous else np.asfortranarray(dst.T)
+        reduce_pentagonal(r, np.array(u_b[idx].T, order="F"))
+        if r is not dst.T:
+            dst[...] = r.T
         neg = np.flatnonzero(np.diagonal(dst) < 0)
         for j in neg:
             dst[j:, j] *= -1.0
     return True
+
+
+def reduce_pentagonal(r: np.ndarray, bt: np.ndarray) -> None:
+    """``[r; bt] <- Q^T [r; bt] = [r'; *]`` in place: r (N, N) upper, bt (M, N), column-major.
+
+    The triangular-pentagonal QR by panels of ``PANEL_COLUMNS`` columns:
+    ``?tpqrt`` reduces a panel (its block reflectors are ``nb`` columns wide),
+    then ``?tpmqrt`` applies them to the columns right of the panel, which are
+    independent of each other and split over dplr's threads (one BLAS thread
+    each).  One ``?tpqrt`` call over all N columns is the same reduction in
+    one thread.
+    """
+    n = r.shape[-1]
+    with single_threaded_blas():
+        for start in range(0, n, PANEL_COLUMNS):
+            stop = min(start + PANEL_COLUMNS, n)
+            t = np.empty((min(TPQRT_BLOCK, stop - start), stop - start), r.dtype, order="F")
+            _lapack.tpqrt(r, bt, start, stop, t)
+            if stop == n:
+                break
+            v, rows = bt[:, start:stop], slice(start, stop)
+            parts = threads.split(n - stop, threads.num_workers() if n - stop >= PANEL_COLUMNS else 1)
+
+            def apply(part: slice, v=v, t=t, rows=rows, stop=stop) -> None:
+                cols = slice(stop + part.start, stop + part.stop)
+                _lapack.tpmqrt_transposed(v, t, r, bt, rows, cols)
+
+            threads.run_all(apply, parts)
 
 
 def _update_panels(ops: Ops, r: Array, bt: Array, block: int) -> None:

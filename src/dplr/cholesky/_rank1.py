@@ -33,6 +33,7 @@ import numpy as np
 
 from .._runtime import threads
 from .._runtime.jit import jit as _jit
+from .._runtime.tuning import CHOLESKY_PARALLEL_COPY_MIN_ORDER as PARALLEL_COPY_MIN_ORDER
 from .._runtime.tuning import RANK1_GROUP_ROWS, RANK1_SMALL_ORDER
 
 #: Rows of the lower factor advanced together by the row-oriented update, so
@@ -266,31 +267,49 @@ def copy_tri(src, dst, rows):
 
 
 @_jit(**_SERIAL)
-def _negate_tri(src, dst):
-    """dst = minus the lower triangle of src, zero above (dst may be src);
-    True if that triangle is finite (x - x is 0 for finite x, NaN otherwise).
+def _negate_tri(src, dst, start, stop, zero_above):
+    """Rows start:stop of dst = minus the lower triangle of src, zero above
+    unless ``zero_above`` is False (dst already zero there); dst may be src.
+    True if those rows of the triangle are finite (x - x is 0 for finite x,
+    NaN otherwise).
 
     The test is an integer OR, which the compiler vectorises (a floating-point
     sum would not be, without reordering): the pass runs at copy speed.
     """
     n = src.shape[0]
     bad = 0
-    for i in range(n):
+    for i in range(start, stop):
         for j in range(i + 1):
             x = src[i, j]
             bad |= (x - x) != 0.0
             dst[i, j] = -x
-        for j in range(i + 1, n):
-            dst[i, j] = 0.0
+        if zero_above:
+            for j in range(i + 1, n):
+                dst[i, j] = 0.0
     return bad == 0
 
 
-def negate_lower(dst: np.ndarray, src: np.ndarray) -> bool:
+def _triangle_rows(n: int, parts: int) -> list[tuple[int, int]]:
+    """Rows of an n x n lower triangle cut into ``parts`` runs of near-equal area
+    (rows up to i hold (i + 1)(i + 2) / 2 entries: cut at n sqrt(k / parts))."""
+    cuts = [0] + [int(n * math.sqrt(k / parts)) for k in range(1, parts)] + [n]
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
+
+
+def negate_lower(dst: np.ndarray, src: np.ndarray, zero_above: bool = True) -> bool:
     """``dst`` (n, n) = minus the lower triangle of ``src``, zeros above, one pass.
 
-    Returns True if the lower triangle of ``src`` is finite (checked in the same pass).
+    With ``zero_above=False`` the strict upper triangle of ``dst`` is left as
+    it is (new memory from ``np.zeros``: its pages above the diagonal are then
+    never touched).  Large triangles are copied by all of dplr's threads (the
+    pass is bound by memory and, in new memory, by first-touch page faults).
+    Returns True if the lower triangle of ``src`` is finite (checked in the
+    same pass).
     """
-    return bool(_negate_tri(src, dst))
+    n = src.shape[0]
+    parts = threads.num_workers() if n >= PARALLEL_COPY_MIN_ORDER else 1
+    runs = _triangle_rows(n, parts)
+    return all(threads.run_all(lambda r: bool(_negate_tri(src, dst, *r, zero_above)), runs))
 
 
 @_jit(**_SERIAL)

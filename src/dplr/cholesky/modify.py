@@ -125,8 +125,11 @@ def _blocked_path(pb: Problem, target: Array | None, check_finite: bool, chunk: 
     shape = (*pb.batch, n, n)
     with _blas_threads(pb, blas_thread_count(n)):
         if down is None:
-            out = target if target is not None else _new_lower(pb, shape)
-            if not _blocked.update(ops, low, up, out, chunk, check_finite=fused):
+            # New memory for ?tpqrt comes zero-filled: the pages above the
+            # diagonal are then never touched (the copy is bound by page faults).
+            zeroed = target is None and _blocked.uses_lapack(ops, low, chunk)
+            out = target if target is not None else _new_lower(pb, shape, zeroed)
+            if not _blocked.update(ops, low, up, out, chunk, check_finite=fused, out_zero=zeroed):
                 raise not_finite_error("factor")
             return out, ops.zeros(pb.batch, low) == 0
         base = low
@@ -158,9 +161,10 @@ def _split_weights(pb: Problem) -> tuple[Array | None, Array | None]:
     return parts[0], parts[1]
 
 
-def _new_lower(pb: Problem, shape: tuple[int, ...]) -> Array:
-    """An uninitialised result in the memory order the kernels write fastest (C, lower)."""
-    return pb.ops.empty(shape, pb.lower)
+def _new_lower(pb: Problem, shape: tuple[int, ...], zeroed: bool = False) -> Array:
+    """A result in the memory order the kernels write fastest (C, lower):
+    uninitialised, or filled with zeros when ``zeroed``."""
+    return (pb.ops.zeros if zeroed else pb.ops.empty)(shape, pb.lower)
 
 
 def _refactor_path(pb: Problem) -> tuple[Array, Array]:
