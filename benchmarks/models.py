@@ -21,10 +21,7 @@ Run ``python -m dplr_bench.models``.
 
 from __future__ import annotations
 
-import contextlib
-
 import dplr
-from dplr._runtime import tuning
 
 from ._common import (
     Progress,
@@ -58,17 +55,6 @@ def make_inputs(T: int, seed: int = 0, state: bool = False):
     return q, k, v, g, beta, s0
 
 
-@contextlib.contextmanager
-def recurrence_up_to(longest: int):
-    """Run the compiled recurrence for sequences up to ``longest`` tokens (0: never)."""
-    saved = tuning.RECURRENT_MAX_T
-    tuning.RECURRENT_MAX_T = longest
-    try:
-        yield
-    finally:
-        tuning.RECURRENT_MAX_T = saved
-
-
 def _transformers():
     """The library's pure-torch functions, with its fallback warning silenced."""
     from transformers.models.qwen3_next import modeling_qwen3_next as qwen
@@ -78,9 +64,9 @@ def _transformers():
     return qwen.torch_recurrent_gated_delta_rule, qwen.torch_chunk_gated_delta_rule
 
 
-def _dplr(q, k, v, g, beta, s0):
+def _dplr(q, k, v, g, beta, s0, method="auto"):
     return dplr.gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True,
-                                 use_qk_l2norm=True)  # fmt: skip
+                                 use_qk_l2norm=True, method=method)  # fmt: skip
 
 
 def _theirs(fn, q, k, v, g, beta, s0):
@@ -110,18 +96,18 @@ def crossover_rows(torch, lengths, reps: int) -> list[Row]:
     for T in lengths:
         args = make_inputs(T, seed=T, state=True)
 
-        def recurrent(args=args, T=T):
-            with recurrence_up_to(T):
-                return _dplr(*args)
+        def recurrent(args=args):
+            return _dplr(*args, method="recurrent")
 
         def chunked(args=args):
-            with recurrence_up_to(0):
-                return _dplr(*args)
+            return _dplr(*args, method="chunked")
 
         with torch.no_grad():
             t_chunked, t_rec = median_times([chunked, recurrent], reps)
-            err = rel_error(recurrent()[0], chunked()[0])
-        auto = "recurrence" if T <= tuning.RECURRENT_MAX_T else "chunked"
+            o_rec = recurrent()[0]
+            err = rel_error(o_rec, chunked()[0])
+            # the compiled loops are deterministic: auto's choice shows in the bits
+            auto = "recurrence" if torch.equal(_dplr(*args)[0], o_rec) else "chunked"
         rows.append(Row(SUITE, f"short block T={T}", SIZE, "dplr chunked algorithm", t_chunked,
                         t_rec, err, None, f"auto runs the {auto}",
                         {"T": T, "plot": "models_crossover", "method": "recurrent",

@@ -214,6 +214,41 @@ def test_choice_by_length_and_chunk_size(rng, monkeypatch):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("rule", ["delta", "gated", "kda"])
+def test_method_chooses_either_algorithm_at_any_length(rng, monkeypatch, rule):
+    """method="recurrent" above the automatic length, method="chunked" below it:
+    both against the reference recurrence, and the spy sees which one ran."""
+    calls = count_calls(monkeypatch)
+    long, short = 2 * RECURRENT_MAX_T + 3, 2
+    q, k, v, beta, g, s0 = inputs(rng, 2, long, 2, 6, 5, HV=4, per_channel=rule == "kda")
+    fn = {"delta": lambda *a, **kw: dplr.delta_rule(*a[:3], a[4], **kw),
+          "gated": dplr.gated_delta_rule, "kda": dplr.kda}[rule]  # fmt: skip
+    g_ref = None if rule == "delta" else g
+    for T, method, expected_calls in ((long, "recurrent", 1), (short, "chunked", 1)):
+        args = (q[:, :T], k[:, :T], v[:, :T], g[:, :T], beta[:, :T])
+        o, s = fn(*args, initial_state=s0, output_final_state=True, method=method)
+        o_ref, s_ref = reference(*args[:3], args[4], None if g_ref is None else args[3], s0=s0)
+        assert len(calls) == expected_calls, method
+        assert rel_err(o, o_ref) < bound(np.float64, T, 6, 5)
+        assert rel_err(s, s_ref) < bound(np.float64, T, 6, 5)
+
+
+def test_method_errors(rng):
+    q, k, v, beta, g, _ = inputs(rng, 1, 3, 1, 4, 4)
+    with pytest.raises(ValueError, match="'method' must be one of"):
+        dplr.gated_delta_rule(q, k, v, g, beta, method="fast")
+    with pytest.raises(ValueError, match="chunk_size only with 'chunked'"):
+        dplr.gated_delta_rule(q, k, v, g, beta, method="recurrent", chunk_size=8)
+    if torch is not None:
+        qt, kt, vt, bt, gt = (torch.from_numpy(x) for x in (q, k, v, beta, g))
+        qt.requires_grad_(True)
+        with pytest.raises(ValueError, match="forward only"):
+            dplr.gated_delta_rule(qt, kt, vt, gt, bt, method="recurrent")
+        with torch.no_grad():  # no gradient needed: it runs
+            o, _ = dplr.gated_delta_rule(qt, kt, vt, gt, bt, method="recurrent")
+        assert rel_err(o, reference(q, k, v, beta, g)[0]) < bound(np.float64, 3, 4, 4)
+
+
 @needs_torch
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_torch_without_and_with_gradients(rng, monkeypatch, dtype):

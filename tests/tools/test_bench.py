@@ -105,15 +105,10 @@ def test_the_scan_finds_private_names():
     assert _private_uses(good) == []
 
 
-#: Private names a suite may use, each with its reason: the models suite moves
-#: the recurrence/chunked threshold to time both sides of it.
-ALLOWED = {"models.py": ["from dplr._runtime import ..."]}
-
-
 @pytest.mark.parametrize("path", sorted(BENCHMARKS.glob("*.py")), ids=lambda p: p.name)
 def test_suites_use_only_the_public_api(path):
     tree = ast.parse(path.read_text())
-    assert _private_uses(path.read_text()) == ALLOWED.get(path.name, [])
+    assert _private_uses(path.read_text()) == []
     for node in ast.walk(tree):  # and never the command line: it imports them
         if isinstance(node, ast.ImportFrom) and node.module:
             assert not node.module.startswith("dplr.tools"), path.name

@@ -19,6 +19,7 @@ from .._runtime.backend import Array, backend_of, is_torch
 from .._runtime.blas import single_threaded_blas
 from .._validate import (
     Prepared,
+    check_choice,
     check_cu_seqlens,
     check_delta_shapes,
     finite_scalar,
@@ -31,15 +32,19 @@ from .._validate import (
 from ..core._kernels import effective_chunk
 from ._chunked import chunked_applies, chunked_forward
 from ._delta_grad import delta_forward_passes, delta_function
-from ._recurrent import recurrent_applies, recurrent_forward
+from ._recurrent import recurrent_applies, recurrent_forward, runs_compiled
 
 __all__ = ["delta_rule", "gated_delta_rule", "run_delta_rule"]
+
+#: Values of ``method``: the compiled token recurrence, the chunked algorithm,
+#: or a choice by length.
+METHODS = ("auto", "chunked", "recurrent")
 
 
 def delta_rule(
     q: Any, k: Any, v: Any, beta: Any, *, scale: float | None = None,
     initial_state: Any = None, output_final_state: bool = False, cu_seqlens: Any = None,
-    chunk_size: int | None = None, use_qk_l2norm: bool = False,
+    chunk_size: int | None = None, use_qk_l2norm: bool = False, method: str = "auto",
 ) -> tuple[Array, Array | None]:  # fmt: skip
     """Outputs of the delta rule ``S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``.
 
@@ -68,14 +73,18 @@ def delta_rule(
         its own initial state.  Must start at 0, not decrease and end at T;
         empty sequences are allowed.
     chunk_size : int, optional
-        Tokens per chunk of the chunked algorithm (default 32); giving it
-        selects that algorithm.  Without it, sequences of at most
-        ``dplr._runtime.tuning.RECURRENT_MAX_T`` (4) tokens run a compiled
-        token recurrence instead when no gradient is needed (NumPy, or torch
-        CPU tensors without ``requires_grad`` or under ``torch.no_grad()``):
-        decode steps and short blocks.  Longer ones without a gradient run the
-        chunked algorithm's solve and product fused in one compiled loop over
-        the chunks (float32/float64 on the CPU).  Only speed depends on the choice.
+        Tokens per chunk of the chunked algorithm (default 32).  Only speed
+        depends on it.
+    method : {"auto", "chunked", "recurrent"}, default "auto"
+        ``"recurrent"``: a compiled loop token by token (forward only: NumPy,
+        or torch CPU tensors without ``requires_grad`` or under
+        ``torch.no_grad()``), fastest for decode steps and blocks of a few
+        tokens.  ``"chunked"``: the chunked algorithm; without a gradient on
+        the CPU its solve and product run fused in one compiled loop over the
+        chunks (float32/float64).  ``"auto"`` runs the recurrence for
+        sequences of at most 4 tokens where it can (and no ``chunk_size`` is
+        given), the chunked algorithm otherwise.  Only speed depends on the
+        choice.
     use_qk_l2norm : bool, default False
         Normalise q and k to unit L2 norm over K first (zero rows stay zero);
         differentiable like the rest.
@@ -92,7 +101,10 @@ def delta_rule(
     ValueError
         Mismatched shapes, bad ``cu_seqlens`` (not starting at 0, decreasing,
         not ending at T, or given with B != 1), NaN or Inf in the input, a
-        ``scale`` that is NaN or Inf.
+        ``scale`` that is NaN or Inf, an unknown ``method``, or
+        ``method="recurrent"`` where the compiled recurrence cannot run (a
+        gradient is required, a tensor is not on the CPU, or ``chunk_size``
+        is given).
     TypeError
         A missing (None) q, k, v or beta, complex or non-numeric input, or
         NumPy and torch inputs mixed.
@@ -132,14 +144,14 @@ def delta_rule(
     return run_delta_rule(
         q, k, v, beta, None, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-        chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm,
+        chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm, method=method,
     )  # fmt: skip
 
 
 def gated_delta_rule(
     q: Any, k: Any, v: Any, g: Any, beta: Any, *, scale: float | None = None,
     initial_state: Any = None, output_final_state: bool = False, cu_seqlens: Any = None,
-    chunk_size: int | None = None, use_qk_l2norm: bool = False,
+    chunk_size: int | None = None, use_qk_l2norm: bool = False, method: str = "auto",
 ) -> tuple[Array, Array | None]:  # fmt: skip
     """Outputs of the gated delta rule, ``S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + ...``.
 
@@ -151,7 +163,7 @@ def gated_delta_rule(
         Log decay, ``g <= 0``: ``a_t = exp(g_t)``.  ``g = 0`` is the plain
         rule; ``g = -inf`` is ``a_t = 0``, a full reset of the state.  Every
         entry enters (``g[:, 0]`` decays ``initial_state``).
-    scale, initial_state, output_final_state, cu_seqlens, chunk_size, use_qk_l2norm
+    scale, initial_state, output_final_state, cu_seqlens, chunk_size, use_qk_l2norm, method
         As in :func:`delta_rule`.
 
     Returns
@@ -189,7 +201,7 @@ def gated_delta_rule(
     return run_delta_rule(
         q, k, v, beta, g, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-        chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm,
+        chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm, method=method,
     )  # fmt: skip
 
 
@@ -220,7 +232,7 @@ def _l2norm(x: Array, torch: bool) -> Array:
 
 # ------------------------------------------------------------------------------- driver
 def run_delta_rule(q, k, v, beta, g, *, scale, initial_state, output_final_state, cu_seqlens,
-                   chunk_size, use_qk_l2norm, per_channel=False):  # fmt: skip
+                   chunk_size, use_qk_l2norm, method="auto", per_channel=False):  # fmt: skip
     """The delta rules' common driver: validate, share key heads, pack, run, unpack.
 
     ``g`` None (plain rule), (B, T, HV) (gated) or, with ``per_channel``,
@@ -228,6 +240,7 @@ def run_delta_rule(q, k, v, beta, g, *, scale, initial_state, output_final_state
     """
     gated = g is not None
     chunk_size = positive_int("chunk_size", chunk_size)
+    check_choice("method", method, METHODS)
     require_present({"q": q, "k": k, "v": v, "beta": beta})
     p = prepare(
         {"q": q, "k": k, "v": v, "beta": beta, "g": g, "initial_state": initial_state},
@@ -245,7 +258,7 @@ def run_delta_rule(q, k, v, beta, g, *, scale, initial_state, output_final_state
     scale = (K**-0.5 if K else 1.0) if scale is None else finite_scalar("scale", scale)
     q, k, v, beta, g = p["q"], p["k"], p["v"], p["beta"], p["g"]
     longest = T if cu is None else int(np.diff(cu).max())
-    if chunk_size is None and recurrent_applies(p.torch, (q, k, v, beta, g, s0), longest):
+    if _recurrence_chosen(method, chunk_size, p.torch, (q, k, v, beta, g, s0), longest):
         o, sn = recurrent_forward(p.torch, q, k, v, beta, g, s0, cu, scale, use_qk_l2norm)
         return to_output(o, p), (to_output(sn, p) if output_final_state else None)
     if longest and chunked_applies(p.torch, (q, k, v, beta, g, s0)):
@@ -263,6 +276,22 @@ def run_delta_rule(q, k, v, beta, g, *, scale, initial_state, output_final_state
         o = o[valid][None]
     o = to_output(o, p)
     return o, (to_output(sn, p) if output_final_state else None)
+
+
+def _recurrence_chosen(method: str, chunk_size: int | None, torch: bool, tensors, longest: int):
+    """Whether ``method`` (validated) runs the compiled recurrence; raises where it cannot."""
+    if method == "chunked":
+        return False
+    if method == "auto":
+        return chunk_size is None and recurrent_applies(torch, tensors, longest)
+    if chunk_size is not None:
+        raise ValueError("method='recurrent' has no chunks: give chunk_size only with 'chunked'")
+    if not runs_compiled(torch, tensors):
+        raise ValueError(
+            "method='recurrent' runs forward only, on NumPy arrays or CPU tensors outside "
+            "autograd; use method='chunked' (or 'auto') for gradients and other devices"
+        )
+    return True
 
 
 def _run(p: Prepared, q, k, v, beta, g, s0, chunk_size) -> tuple[Array, Array]:

@@ -23,7 +23,7 @@ __all__ = ["kda"]
 def kda(
     q: Any, k: Any, v: Any, g: Any, beta: Any, *, scale: float | None = None,
     initial_state: Any = None, output_final_state: bool = False, cu_seqlens: Any = None,
-    chunk_size: int | None = None, use_qk_l2norm: bool = False,
+    chunk_size: int | None = None, use_qk_l2norm: bool = False, method: str = "auto",
 ) -> tuple[Array, Array | None]:  # fmt: skip
     """Outputs of KDA, ``S_t = (I - beta_t k_t k_t^T) Diag(exp g_t) S_{t-1} + beta_t k_t v_t^T``.
 
@@ -53,6 +53,9 @@ def kda(
         :func:`dplr.delta_rule`; empty sequences are allowed.
     chunk_size : int, optional
         Tokens per chunk (default 32).  Only speed depends on it.
+    method : {"auto", "chunked", "recurrent"}, default "auto"
+        The compiled token recurrence or the chunked algorithm, as in
+        :func:`dplr.delta_rule`.
     use_qk_l2norm : bool, default False
         Normalise q and k to unit L2 norm over K first (zero rows stay zero).
 
@@ -68,7 +71,8 @@ def kda(
     ValueError
         Mismatched shapes (HV not a multiple of H included), bad
         ``cu_seqlens``, NaN or Inf in the input (``g`` may hold ``-inf``),
-        positive ``g``.
+        positive ``g``, an unknown ``method`` or ``method="recurrent"`` where
+        the compiled recurrence cannot run (as in :func:`dplr.delta_rule`).
     TypeError
         Complex or non-numeric input, NumPy and torch inputs mixed, or a
         required array (``g`` included) given as None.
@@ -111,5 +115,5 @@ def kda(
     return run_delta_rule(
         q, k, v, beta, g, per_channel=True, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-        chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm,
+        chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm, method=method,
     )  # fmt: skip

@@ -28,8 +28,8 @@ import numpy as np
 from .._runtime import lapack as _lapack
 from .._runtime import threads
 from .._runtime import tuning as _t
-from .._runtime.blas import single_threaded_blas
 from .._runtime.backend import Array, Ops
+from .._runtime.blas import single_threaded_blas
 from . import _rank1
 
 #: ``nb`` of ``?tpqrt``, and rows per block of the dense-panel reductions.
@@ -135,7 +135,8 @@ def reduce_pentagonal(r: np.ndarray, bt: np.ndarray) -> None:
             if stop == n:
                 break
             v, rows = bt[:, start:stop], slice(start, stop)
-            parts = threads.split(n - stop, threads.num_workers() if n - stop >= PANEL_COLUMNS else 1)
+            wide = n - stop >= PANEL_COLUMNS
+            parts = threads.split(n - stop, threads.num_workers() if wide else 1)
 
             def apply(part: slice, v=v, t=t, rows=rows, stop=stop) -> None:
                 cols = slice(stop + part.start, stop + part.stop)

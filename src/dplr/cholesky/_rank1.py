@@ -27,6 +27,7 @@ in ``dst``.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -293,7 +294,7 @@ def _triangle_rows(n: int, parts: int) -> list[tuple[int, int]]:
     """Rows of an n x n lower triangle cut into ``parts`` runs of near-equal area
     (rows up to i hold (i + 1)(i + 2) / 2 entries: cut at n sqrt(k / parts))."""
     cuts = [0] + [int(n * math.sqrt(k / parts)) for k in range(1, parts)] + [n]
-    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
+    return [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
 
 
 def negate_lower(dst: np.ndarray, src: np.ndarray, zero_above: bool = True) -> bool:
