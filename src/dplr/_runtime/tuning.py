@@ -92,11 +92,21 @@ CHOLESKY_CHUNK_ROWS = 64
 CHOLESKY_TPQRT_BLOCK = 32
 
 #: Columns per panel of the blocked update's ?tpqrt, whose reflectors are
-#: applied to the columns right of it by all of dplr's threads: MEASURE
-CHOLESKY_TPQRT_PANEL = 256
+#: applied to the columns right of it by all of dplr's threads.  Against one
+#: SciPy dtpqrt call over all columns (same process, minimum of 21, 2 cores,
+#: 2026-12-01): panels of 128 / 256 / 384 / 512 columns ran N = 3000, M = 32
+#: at 1.09x / 1.18x / 1.44x / 1.49x, N = 3000, M = 8 at 1.10x / 1.03x / 1.22x /
+#: 1.48x, N = 5000, M = 64 at 1.05x / 1.41x / 1.55x / 1.43x; below N = 1000
+#: every width was within noise of the single call (which is what runs when
+#: N <= 512 here).  Narrow panels lose to their ?tpqrt calls' overhead.
+CHOLESKY_TPQRT_PANEL = 512
 
 #: Smallest order N whose triangle copy (the LAPACK update's first pass) is
-#: split over dplr's threads: MEASURE
+#: split over dplr's threads.  Into new memory the copy is bound by first-touch
+#: page faults, which two threads take in parallel: N = 3000 copied in 9.4 ms
+#: (two threads, zero-filled target, upper pages untouched) against 12.3 ms
+#: (one thread into np.empty) and 16-17 ms for np.copy; at N = 512 (2 MiB)
+#: the pool's hand-off (~50 us) is a few percent of the copy.
 CHOLESKY_PARALLEL_COPY_MIN_ORDER = 512
 
 #: Rows of a lower factor that the row-order rank-1 update advances together,
