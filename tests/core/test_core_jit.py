@@ -147,6 +147,68 @@ def test_recurrence_is_the_row_by_row_definition(dtype, solve, decay_width):
     assert rel_err(y, y_want) <= tol and rel_err(hn, hn_want) <= tol
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("solve", [False, True])
+def test_recurrence_with_a_unit_diagonal(dtype, solve):
+    """lam of shape (B, 0) is the unit diagonal: the reference with lam = 1."""
+    rng = np.random.default_rng(4)
+    count, n, d, m = 2, 11, 4, 3
+    q, k = (0.4 * rng.standard_normal((count, n, d)) for _ in range(2))
+    decay = rng.uniform(0.5, 1.0, (count, n, 1))
+    v = rng.standard_normal((count, n, m))
+    h0 = rng.standard_normal((count, d, m))
+    q, k, decay, v, h0 = (x.astype(dtype) for x in (q, k, decay, v, h0))
+    y_want, hn_want = _recurrence_reference(q, k, np.ones((count, n)), decay, v, h0, solve)
+    y, hn = np.empty(v.shape, dtype), np.empty(h0.shape, dtype)
+    assert _jit.recurrence(q, k, np.empty((count, 0), dtype), decay, v, h0, y, hn, solve, 0, m)
+    tol = _tol(dtype, n, d)
+    assert rel_err(y, y_want) <= tol and rel_err(hn, hn_want) <= tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("solve", [False, True])
+def test_recurrence_reports_every_non_finite_entry_it_reads(dtype, solve):
+    """The return value is False exactly when an entry of q, k, lam, decay or of
+    the lane's columns of v is NaN or +-Inf: at the first, a middle and the last
+    row, in every argument.  Finite extremes (the largest float, the smallest
+    subnormal) pass."""
+    rng = np.random.default_rng(5)
+    count, n, d, m = 2, 9, 3, 4
+    args = {
+        "q": 0.4 * rng.standard_normal((count, n, d)),
+        "k": 0.4 * rng.standard_normal((count, n, d)),
+        "lam": rng.uniform(1.0, 2.0, (count, n)),
+        "decay": rng.uniform(0.5, 1.0, (count, n, d)),
+        "v": rng.standard_normal((count, n, m)),
+    }
+    args = {name: x.astype(dtype) for name, x in args.items()}
+    h0 = np.zeros((count, d, m), dtype)
+
+    def finite(a, cols=(0, m)):
+        y, hn = np.empty((count, n, m), dtype), np.empty((count, d, m), dtype)
+        return _jit.recurrence(a["q"], a["k"], a["lam"], a["decay"], a["v"], h0, y, hn,
+                               solve, *cols)  # fmt: skip
+
+    assert finite(args)
+    tiny, big = np.finfo(dtype).smallest_subnormal, np.finfo(dtype).max
+    for name in args:
+        for row in (0, n // 2, n - 1):
+            for value, ok in ((np.nan, False), (np.inf, False), (-np.inf, False), (tiny, True)):
+                if name == "decay" and value == -np.inf:
+                    continue  # a factor is exp(log decay): never -inf
+                changed = {key: x.copy() for key, x in args.items()}
+                changed[name][1, row, ...] = value
+                assert finite(changed) == ok, (name, row, value)
+        if name == "v":  # a lane reads only its columns of v
+            changed = {key: x.copy() for key, x in args.items()}
+            changed["v"][0, 2, 3] = np.nan
+            assert finite(changed, (0, 3)) and not finite(changed, (3, m))
+        else:  # the largest finite value is no NaN or Inf, even where the results overflow
+            changed = {key: x.copy() for key, x in args.items()}
+            changed[name][0, 1, ...] = big if name != "decay" else 1.0
+            assert finite(changed), name
+
+
 def _adjoint_reference(k_out, w, decay, dy_local, dh_add, dh_last):
     """The reverse recurrence of the docstring, chunk by chunk from the last (float64)."""
     count, nc = dy_local.shape[:2]

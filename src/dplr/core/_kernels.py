@@ -7,6 +7,8 @@ input: same dtype, finite, batch dimensions already broadcast, so that
     q, k : (..., n, d)      lam : (..., n)      v : (..., n, m)      state h : (..., d, m)
     log_decay : (..., n) (one decay per row), (..., n, d) (per channel) or None
 
+(:func:`matmul` and :func:`solve` also take ``lam=None``, a unit diagonal).
+
 With one decay per row, ``T_ij = q_i . k_j exp(G_i - G_j)`` for i > j, with
 ``G = cumsum(log_decay)``; per channel, ``T_ij = sum_c q_ic k_jc exp(G_ic -
 G_jc)``.  The state decays per channel in the same way (``Diag(a) h``).  A
@@ -195,15 +197,16 @@ def decay_mask(ops: Ops, g: Array, strict: Array, resets: Array | None = None) -
 
 
 def reversed_operands(
-    ops: Ops, q: Array, k: Array, lam: Array, log_decay: Array | None
-) -> tuple[Array, Array, Array, Array | None]:
+    ops: Ops, q: Array, k: Array, lam: Array | None, log_decay: Array | None
+) -> tuple[Array, Array, Array | None, Array | None]:
     """Operands of ``P T^T P`` (P the reversal permutation), again lower triangular.
 
     ``(P T^T P)[i, j] = T[n-1-j, n-1-i]``: the roles of q and k swap, rows are
     reversed, and the decay between rows i-1 and i becomes ``log_decay[n-i]``
     (per channel alike).
     """
-    rq, rk, rlam = ops.flip(k, -2), ops.flip(q, -2), ops.flip(lam, -1)
+    rq, rk = ops.flip(k, -2), ops.flip(q, -2)
+    rlam = None if lam is None else ops.flip(lam, -1)  # None: a unit diagonal
     if log_decay is None:
         return rq, rk, rlam, None
     axis = -2 if is_per_channel(q, log_decay) else -1
@@ -216,11 +219,20 @@ def reversed_operands(
     return rq, rk, rlam, ops.concat([zero, flipped[tuple(rest)]], axis)
 
 
-def _through_reversal(op, ops: Ops, q, k, lam, log_decay, v, chunk_size) -> tuple[Array, Array]:
+def _through_reversal(
+    op, ops: Ops, q, k, lam, log_decay, v, chunk_size, check_finite
+) -> tuple[Array, Array]:
     """``op`` with ``T^T`` as ``P op(P T^T P) P``: reverse the rows, apply, reverse back."""
     rq, rk, rlam, rdecay = reversed_operands(ops, q, k, lam, log_decay)
-    y, hn = op(ops, rq, rk, rlam, rdecay, ops.flip(v, -2), chunk_size=chunk_size)
+    y, hn = op(
+        ops, rq, rk, rlam, rdecay, ops.flip(v, -2), chunk_size=chunk_size, check_finite=check_finite
+    )
     return ops.flip(y, -2), hn
+
+
+def _ones_if_none(ops: Ops, lam: Array | None, q: Array) -> Array:
+    """The diagonal, (..., n): ones for ``None`` (a unit diagonal)."""
+    return ops.zeros(q.shape[:-1], q) + 1.0 if lam is None else lam
 
 
 def _state_sequence(ops: Ops, ch: Chunked, contrib: Array, h0: Array | None) -> Array:
@@ -305,19 +317,25 @@ def matmul(
     transpose: bool = False,
     h0: Array | None = None,
     chunk_size: int | None = None,
+    check_finite: bool = False,
 ) -> tuple[Array, Array]:
     """``Y = T V + exp(G) ⊙ (Q h0)`` (or ``T^T V``), and the final state.
 
     The final state is ``exp(G[n-1]) h0 + sum_j exp(G[n-1] - G[j]) k_j v_j^T``.
     Cost O(n c (d + m) + n d m); every step is a batched matrix product over
     all chunks at once, except the O(nc d m) scan of the states.
+    ``check_finite``: check the operands in the row-by-row loop, see
+    :func:`solve`.
     """
     if transpose:
         if h0 is not None:
             raise NotImplementedError("an initial state is only defined for T, not T^T")
-        return _through_reversal(matmul, ops, q, k, lam, log_decay, v, chunk_size)
+        return _through_reversal(matmul, ops, q, k, lam, log_decay, v, chunk_size, check_finite)
     if _rowwise.applies(q, v):  # small d: row by row
-        return _rowwise.run(q, k, lam, log_decay, v, h0, solve=False)
+        return _rowwise.run(q, k, lam, log_decay, v, h0, solve=False, check_finite=check_finite)
+    if check_finite:
+        raise _rowwise.NonFiniteInput  # only the row-by-row loop checks: nothing was checked
+    lam = _ones_if_none(ops, lam, q)
     ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
     vc = chunk_rows(ops, v, ch.c)
     states = _state_sequence(ops, ch, ops.matmul(ch.k_out.mT, vc), h0)
@@ -347,6 +365,7 @@ def solve(
     h0: Array | None = None,
     chunk_size: int | None = None,
     return_states: bool = False,
+    check_finite: bool = False,
 ) -> tuple[Array, Array]:
     """``Y = T^-1 (V - exp(G) ⊙ (Q h0))`` (or ``T^-T V``), and the final state.
 
@@ -359,13 +378,21 @@ def solve(
     for all chunks at once; then, chunk after chunk,
     ``Y_J = T_JJ^-1 (V_J - q_in_J Z)`` (a triangular solve with the block)
     and ``Z <- a_J Z + k_out_J^T Y_J``.  Cost O(n c (d + m) + n d m).
+
+    With ``check_finite`` the row-by-row loop (small d) checks what it reads
+    and raises :class:`dplr.core._rowwise.NonFiniteInput` if it read a NaN or
+    an Inf; where it does not run this raises it at once (nothing was
+    checked).  ``lam`` may be None: a unit diagonal.
     """
     if transpose:
         if h0 is not None or return_states:
             raise NotImplementedError("states are only defined for T, not T^T")
-        return _through_reversal(solve, ops, q, k, lam, log_decay, v, chunk_size)
+        return _through_reversal(solve, ops, q, k, lam, log_decay, v, chunk_size, check_finite)
     if not return_states and _rowwise.applies(q, v):  # small d: row by row
-        return _rowwise.run(q, k, lam, log_decay, v, h0, solve=True)
+        return _rowwise.run(q, k, lam, log_decay, v, h0, solve=True, check_finite=check_finite)
+    if check_finite:
+        raise _rowwise.NonFiniteInput  # only the row-by-row loop checks: nothing was checked
+    lam = _ones_if_none(ops, lam, q)
     ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
     blocks = diagonal_blocks(ops, ch, scratch=True)  # the blocks die here
     y, states = solve_chunked(ops, ch, blocks, v, h0, return_states)

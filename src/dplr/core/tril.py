@@ -23,6 +23,7 @@ from .._validate import (
     Prepared,
     broadcast_batch,
     first_index,
+    no_nan_or_pos_inf,
     positive_int,
     prepare,
     require_log_decay,
@@ -31,8 +32,9 @@ from .._validate import (
     shape_error,
     to_output,
 )
-from . import _kernels
+from . import _kernels, _rowwise
 from ._grad import torch_functions
+from ._rowwise import NonFiniteInput
 
 __all__ = ["LowRankTril", "tril_inv", "tril_matmul", "tril_solve"]
 
@@ -70,6 +72,11 @@ def _without_first_decay(log_decay: Array, torch: bool, per_channel: bool = Fals
         out = log_decay.copy()
     out[first] = 0.0
     return out
+
+
+def _ones_if_none(lam: Array | None, q: Array) -> Array:
+    """The diagonal of T, (..., n) like q's rows: ones for None (a unit diagonal)."""
+    return backend_of(q).zeros(q.shape[:-1], q) + 1.0 if lam is None else lam
 
 
 class LowRankTril:
@@ -233,7 +240,10 @@ class LowRankTril:
         return ops.zeros(self._q.shape[:-1], self._q) + 1.0
 
     def _operands(self, v: Any, check_finite: bool) -> tuple[Prepared, tuple, bool, Prepared]:
-        """Validate a right-hand side and broadcast everything to one batch shape."""
+        """Validate a right-hand side and broadcast everything to one batch shape.
+
+        The diagonal is None when T has a unit diagonal (:func:`_ones_if_none`).
+        """
         require_present({"v": v})
         pv = prepare({"v": v}, check_finite=check_finite, like=self._prep)
         v = pv["v"]
@@ -260,7 +270,7 @@ class LowRankTril:
         m = v.shape[-1]
         q = full(self._q, (n, d))
         k = full(self._k, (n, d))
-        lam = full(self._lam(self._prep), (n,))
+        lam = full(self._diag, (n,))
         log_decay = full(self._log_decay, (n, d) if self._per_channel else (n,))
         v = full(v, (n, m))
         return (q, k, lam, log_decay, v), batch, vector, pv
@@ -277,24 +287,33 @@ class LowRankTril:
             )
 
     def _apply(
-        self, op: str, v: Any, transpose: bool, chunk_size: int | None, check_finite: bool
-    ) -> Array:
-        """Run the ``"matmul"`` or ``"solve"`` kernel (torch: through its autograd Function)."""
+        self, op: str, v: Any, transpose: bool, chunk_size: int | None, check_finite: bool,
+        check_in_loop: bool = False,
+    ) -> Array:  # fmt: skip
+        """Run the ``"matmul"`` or ``"solve"`` kernel (torch: through its autograd Function).
+
+        ``check_in_loop``: the row-by-row loop checks every operand for NaN
+        and Inf as it reads them, and :class:`~dplr.core._rowwise.NonFiniteInput`
+        is raised if one holds any, or if that loop does not run.
+        """
         chunk_size = positive_int("chunk_size", chunk_size)
         (q, k, lam, ld, v), _, vector, pv = self._operands(v, check_finite)
+        if check_in_loop and (pv.torch or v.shape[-2] == 0):
+            raise NonFiniteInput  # no loop runs: nothing was checked
         if v.shape[-2] == 0:  # n = 0: an empty result, as NumPy's and SciPy's solves give
             y = v * 0.0
         elif pv.torch:
             tril_solve_fn, tril_matmul_fn = torch_functions()
             fn = tril_solve_fn if op == "solve" else tril_matmul_fn
-            y = fn.apply(q, k, lam, ld, v, None, transpose, chunk_size)
+            y = fn.apply(q, k, _ones_if_none(lam, q), ld, v, None, transpose, chunk_size)
             y = y[0] if op == "solve" else y
         else:  # NumPy
             kernel = _kernels.solve if op == "solve" else _kernels.matmul
             with single_threaded_blas():
                 y, _ = kernel(
-                    backend_of(v), q, k, lam, ld, v, transpose=transpose, chunk_size=chunk_size
-                )
+                    backend_of(v), q, k, lam, ld, v, transpose=transpose, chunk_size=chunk_size,
+                    check_finite=check_in_loop,
+                )  # fmt: skip
         return to_output(y[..., 0] if vector else y, pv)
 
     # ------------------------------------------------------------ operations
@@ -422,7 +441,7 @@ class LowRankTril:
         placeholder = np.zeros((n, 1), self._prep.compute_dtype)
         (q, k, lam, ld, _), _, _, _ = self._operands(placeholder, False)
         with single_threaded_blas():
-            out = _kernels.inverse(ops, q, k, lam, ld, chunk_size=chunk_size)
+            out = _kernels.inverse(ops, q, k, _ones_if_none(lam, q), ld, chunk_size=chunk_size)
         return to_output(out, self._prep)
 
     def to_dense(self) -> Array:
@@ -430,7 +449,7 @@ class LowRankTril:
         n = self._q.shape[-2]
         ops = backend_of(self._q)
         (q, k, lam, ld, _), _, _, _ = self._operands(ops.zeros((n, 1), self._q), False)
-        return to_output(_kernels.dense(ops, q, k, lam, ld), self._prep)
+        return to_output(_kernels.dense(ops, q, k, _ones_if_none(lam, q), ld), self._prep)
 
     def slogdet(self) -> tuple[Array, Array]:
         """Sign and log of the absolute value of ``det T``, like :func:`numpy.linalg.slogdet`.
@@ -467,8 +486,7 @@ def tril_matmul(
            [0., 1., 0.],
            [0., 1., 1.]])
     """
-    T = LowRankTril(q, k, diag, log_decay, check_finite=check_finite)
-    return T.matmul(v, transpose=transpose, chunk_size=chunk_size, check_finite=check_finite)
+    return _one_call("matmul", q, k, v, diag, log_decay, transpose, chunk_size, check_finite)
 
 
 def tril_solve(
@@ -486,8 +504,57 @@ def tril_solve(
     >>> dplr.tril_solve(q, k, np.array([1.0, 1.0, 2.0]))
     array([1., 0., 1.])
     """
+    return _one_call("solve", q, k, v, diag, log_decay, transpose, chunk_size, check_finite)
+
+
+def _one_call(
+    op: str, q: Any, k: Any, v: Any, diag: Any, log_decay: Any, transpose: bool,
+    chunk_size: int | None, check_finite: bool,
+) -> Array:  # fmt: skip
+    """``T.matmul(v)`` or ``T.solve(v)`` for ``T = LowRankTril(q, k, diag, log_decay)``.
+
+    With ``check_finite``, where the row-by-row loop runs (:mod:`dplr.core._rowwise`)
+    it checks the operands for NaN and Inf as it reads them, instead of a
+    separate pass over them before it (the check took a fifth of the time
+    at n = 10^6, d <= 8, m = 1).  If it read a NaN or an Inf, or anything
+    else fails, the call is made again with the separate checks, which
+    raise the error a checked call raises (naming the argument); the
+    result of the first call is never returned then.
+    """
+    if check_finite and _loop_reads_all(q, k, v, diag, log_decay):
+        try:
+            T = LowRankTril(q, k, diag, log_decay, check_finite=False)
+            if op == "solve":
+                T._check_nonsingular()
+            return T._apply(op, v, transpose, chunk_size, False, check_in_loop=True)
+        except (ValueError, np.linalg.LinAlgError, NonFiniteInput):
+            pass  # the checked call below raises the error (outside this handler: no chaining)
     T = LowRankTril(q, k, diag, log_decay, check_finite=check_finite)
-    return T.solve(v, transpose=transpose, chunk_size=chunk_size, check_finite=check_finite)
+    apply = T.solve if op == "solve" else T.matmul
+    return apply(v, transpose=transpose, chunk_size=chunk_size, check_finite=check_finite)
+
+
+def _loop_reads_all(q: Any, k: Any, v: Any, diag: Any, log_decay: Any) -> bool:
+    """Whether the row-by-row loop will run and read every entry that the checks would scan.
+
+    Nonempty NumPy float32/float64 arrays with d small enough for the loop.
+    It never reads ``log_decay``'s first row (stored as 0), which is
+    checked here (NaN or +Inf there is refused like anywhere else).
+    """
+    if q is None or k is None or v is None:
+        return False
+    given = [x for x in (q, k, v, diag, log_decay) if x is not None]
+    loop_dtypes = (np.float32, np.float64)
+    if not all(type(x) is np.ndarray and x.dtype in loop_dtypes and x.size for x in given):
+        return False
+    if q.ndim < 2 or v.ndim < 1 or not _rowwise.applies(q, v):
+        return False
+    if log_decay is None:
+        return True
+    if log_decay.ndim < 1:
+        return False
+    per_channel = _reads_per_channel(log_decay, q)
+    return no_nan_or_pos_inf(log_decay[..., :1, :] if per_channel else log_decay[..., :1])
 
 
 def tril_inv(
