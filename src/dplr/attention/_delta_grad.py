@@ -36,6 +36,7 @@ from ..core import _jit, _kernels
 from ..core._decay import channel_pull_blocks_pair
 from ..core._grad import reverse_cumsum
 from ..core._kernels import Ops, is_per_channel
+from . import _chunked_grad
 
 
 def delta_forward(
@@ -302,10 +303,15 @@ def _torch_function_class():
 
         @staticmethod
         def forward(ctx, q, k, v, beta, g, s0, chunk_size):
-            o, sn, saved = delta_forward_passes(TorchOps, q, k, v, beta, g, s0, chunk_size)
-            ctx.save_for_backward(q, k, v, beta, g, *saved)
             ctx.has_s0 = s0 is not None
             ctx.chunk_size = chunk_size
+            ctx.compiled = _chunked_grad.applies(q, g, (q, k, v, beta, g, s0))
+            if ctx.compiled:  # one compiled loop per head, forward and backward
+                ctx.chunk_size = _kernels.effective_chunk(q.shape[1], chunk_size)
+                o, sn, *saved = _chunked_grad.forward_saving(q, k, v, beta, g, s0, ctx.chunk_size)
+            else:
+                o, sn, saved = delta_forward_passes(TorchOps, q, k, v, beta, g, s0, chunk_size)
+            ctx.save_for_backward(q, k, v, beta, g, *saved)
             return o, sn
 
         @staticmethod
@@ -314,12 +320,17 @@ def _torch_function_class():
             q, k, v, beta, g, *saved = ctx.saved_tensors
             if do is None:
                 do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=v.device)
-            dq, dk, dv, dbeta, dg, ds0 = delta_backward_passes(
-                TorchOps, q, k, v, beta, g, saved, do, dsn, ctx.chunk_size
-            )
+            run = _chunked_grad.backward if ctx.compiled else _backward_in_steps
+            dq, dk, dv, dbeta, dg, ds0 = run(q, k, v, beta, g, *saved, do, dsn, ctx.chunk_size)
             return dq, dk, dv, dbeta, dg, ds0 if ctx.has_s0 else None, None
 
     return DeltaRuleFunction
+
+
+def _backward_in_steps(q, k, v, beta, g, *rest):
+    """:func:`delta_backward_passes` with torch, arguments as :func:`_chunked_grad.backward`."""
+    *saved, do, dsn, chunk_size = rest
+    return delta_backward_passes(TorchOps, q, k, v, beta, g, saved, do, dsn, chunk_size)
 
 
 _CLASS = None
