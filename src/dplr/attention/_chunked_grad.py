@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .._runtime import tuning
+from .._runtime import backend, tuning
 from .._runtime.jit import jit
 from .._runtime.threads import num_workers, run_all, split
 from ..core._decay import _EXPONENT_BUDGET, _FLUSH_BELOW
@@ -60,9 +60,8 @@ def applies(q: Any, g: Any, tensors: tuple[Any, ...]) -> bool:
     if not ENABLED or (g is not None and g.ndim == q.ndim):
         return False
     kinds = (torch.float32, torch.float64)
-    return all(x.device.type == "cpu" and x.dtype == q.dtype for x in present) and (
-        q.dtype in kinds
-    )
+    one_dtype = q.dtype in kinds and all(x.dtype == q.dtype for x in present)
+    return one_dtype and backend._all_cpu(*present)
 
 
 def _limits(dtype: np.dtype) -> tuple[Any, Any]:

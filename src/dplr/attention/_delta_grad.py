@@ -11,14 +11,14 @@ layout (B, T, H, .) and run long sequences in passes of whole chunks.
 With ``T = I + tril(diag(beta) K K^T ⊙ D, -1)`` (the core structure with
 ``q := beta k``, unit diagonal, ``log_decay := g``):
 
-    U   = T^-1 (beta ⊙ (V - exp(G) ⊙ (K s0)))        solve, states H_J on the way
-    O   = P U + exp(G) ⊙ (Q s0),  P = tril(Q K^T ⊙ D)  (diagonal included)
+    V_new = T^-1 (beta ⊙ (V - exp(G) ⊙ (K s0)))      solve, states H_J on the way
+    O     = P V_new + exp(G) ⊙ (Q s0),  P = tril(Q K^T ⊙ D)  (diagonal included)
     S_n = the solve's final state
 
 (derivation: ``docs/delta.md``).  The backward pass is written by hand over the
 same chunks (the core's :func:`dplr.core._kernels.make_chunked`): one reverse pass
 carries the gradient of the state, everything else is batched over all chunks.
-The torch ``autograd.Function`` saves the inputs, U, the states entering
+The torch ``autograd.Function`` saves the inputs, the new values V_new, the states entering
 each chunk and the c x c blocks of both structures that the forward pass
 formed, O(n (dk + dv + 2 c) + (n / c) dk dv) numbers, never the graph of a
 loop (``docs/delta.md``, section 4.1).
@@ -50,7 +50,7 @@ def delta_forward(
     chunk_size: int | None,
     keep_blocks: bool = False,
 ) -> tuple[Array, Array, Array, Array, tuple[Array, Array] | None]:
-    """O (..., n, dv), the final state (..., dk, dv), U (..., n, dv), the
+    """O (..., n, dv), the final state (..., dk, dv), the new values V_new (..., n, dv), the
     states entering every chunk and after the last, (..., nc + 1, dk, dv),
     and, with ``keep_blocks``, the blocks ``L = I + A`` of the solve and
     ``tril(P, -1)`` of the output, (..., nc, c, c) each (else None).
@@ -62,11 +62,11 @@ def delta_forward(
     sol = _kernels.make_chunked(ops, beta[..., None] * k, k, ones, g, chunk_size)
     out = _kernels.make_chunked(ops, q, k, _rowdot(q, k), g, chunk_size, decay_of=sol)
     l_blocks = _kernels.diagonal_blocks(ops, sol, scratch=not keep_blocks)
-    u, states = _kernels.solve_chunked(ops, sol, l_blocks, beta[..., None] * v, s0, True)
+    v_new, states = _kernels.solve_chunked(ops, sol, l_blocks, beta[..., None] * v, s0, True)
     p_strict = _kernels.strict_blocks(ops, out)
-    o = _kernels.matmul_chunked(ops, out, p_strict, u, states)
+    o = _kernels.matmul_chunked(ops, out, p_strict, v_new, states)
     blocks = (l_blocks, p_strict) if keep_blocks else None
-    return o, states[..., -1, :, :], u, states, blocks
+    return o, states[..., -1, :, :], v_new, states, blocks
 
 
 def _rowdot(a: Array, b: Array) -> Array:
@@ -108,7 +108,7 @@ def delta_backward(
     v: Array,
     beta: Array,
     g: Array | None,
-    u: Array,
+    v_new: Array,
     states: Array,
     do: Array,
     dsn: Array | None,
@@ -119,10 +119,10 @@ def delta_backward(
 
     Per chunk (``docs/delta.md``, the backward pass): with ``L = I + A``,
     ``A = tril(T_JJ, -1)`` of the solve, ``W = L^-1 (kb ⊙ e^G)``,
-    ``Ũ = L^-1 (beta v)``, ``U = Ũ - W H`` and ``O = P U + (q ⊙ e^G) H``, one
+    ``Ṽ = L^-1 (beta v)``, ``V_new = Ṽ - W H`` and ``O = P V_new + (q ⊙ e^G) H``, one
     reverse pass over the chunks carries ``dH``
     (:func:`dplr.core._kernels.state_pass_adjoint`); everything else is
-    batched over all chunks: dU -> dW, then ``[dR_w, dR_v] = L^-T [dW, dU]``
+    batched over all chunks: dV_new -> dW, then ``[dR_w, dR_v] = L^-T [dW, dV_new]``
     (:func:`dplr.core._kernels.solve_blocks_transposed`) and ``dA``.  The
     blocks, decay factors and chunks are the core's, for one decay per row
     (``g`` (..., n)) or per channel (``g`` (..., n, dk)).
@@ -145,28 +145,30 @@ def delta_backward(
     # A copy, not a view: a view's batch dimensions do not flatten, and every
     # batched product with it would copy it again.
     h = ops.copy(states[..., :-1, :, :])
-    uc, doc = _kernels.chunk_rows(ops, u, c), _kernels.chunk_rows(ops, do, c)
+    v_new_c, doc = _kernels.chunk_rows(ops, v_new, c), _kernels.chunk_rows(ops, do, c)
     wy = ops.solve_lower_blocks(l_blocks, sol.q_in, kernel=_jit.solve_lower_stack)
-    ut = uc + wy @ h
+    v_tilde = v_new_c + wy @ h
 
     # Reverse pass over the chunks: dU_J and the gradient of the state leaving J.
-    du_local = p_strict.mT @ doc + out.lam[..., None] * doc
-    du, dh_next, ds0 = _kernels.state_pass_adjoint(ops, sol, wy, du_local, out.q_in, doc, dsn)
+    dv_new_local = p_strict.mT @ doc + out.lam[..., None] * doc
+    dv_new, dh_next, ds0 = _kernels.state_pass_adjoint(
+        ops, sol, wy, dv_new_local, out.q_in, doc, dsn
+    )
 
-    # The output product O = P U + (q ⊙ e^G) H.
-    dp = doc @ uc.mT
+    # The output product O = P V_new + (q ⊙ e^G) H.
+    dp = doc @ v_new_c.mT
     dq, dk, dgam = _pull_back_strict(ops, dp, out, p_strict)
     diag = dp.diagonal(0, -2, -1)[..., None]  # the diagonal q·k: no decay
     dq, dk = dq + diag * out.k, dk + diag * out.q
     do_h = doc @ h.mT  # (..., nc, c, dk)
-    # The state update H' = Diag(a) H + k_out^T U (its dU share is in the pass).
-    u_dh = uc @ dh_next.mT  # (..., nc, c, dk)
+    # The state update H' = Diag(a) H + k_out^T V_new (its dV_new share is in the pass).
+    v_new_dh = v_new_c @ dh_next.mT  # (..., nc, c, dk)
     if g is None:
-        dq, dk = dq + do_h, dk + u_dh
+        dq, dk = dq + do_h, dk + v_new_dh
     else:
         w_in, w_out = sol.w_in, sol.w_out
-        dq, dk = dq + w_in * do_h, dk + w_out * u_dh
-        t = _per_weight(sol.k_out * u_dh, w_in)
+        dq, dk = dq + w_in * do_h, dk + w_out * v_new_dh
+        t = _per_weight(sol.k_out * v_new_dh, w_in)
         h_dh = (h * dh_next).sum(-1)  # (..., nc, dk)
         if sol.decay is None:  # the chunk's decay a_J, one per row: (..., nc)
             h_dh = sol.chunk_decay[..., None] * h_dh.sum(-1, keepdims=True)
@@ -174,10 +176,10 @@ def delta_backward(
             h_dh = sol.chunk_decay * h_dh
         dgam = dgam + _per_weight(out.q_in * do_h, w_in) - t
         dgam[..., -1, :] = dgam[..., -1, :] + t.sum(-2) + h_dh
-    # U = Ũ - W H with [W, Ũ] = L^-1 [kb ⊙ e^G, beta v]: one transposed block solve.
-    dr = _kernels.solve_blocks_transposed(ops, l_blocks, ops.concat([-(du @ h.mT), du], -1))
+    # V_new = Ṽ - W H with [W, Ṽ] = L^-1 [kb ⊙ e^G, beta v]: one transposed block solve.
+    dr = _kernels.solve_blocks_transposed(ops, l_blocks, ops.concat([-(dv_new @ h.mT), dv_new], -1))
     dr_w, dr_v = dr[..., :d], dr[..., d:]
-    da = -(dr_w @ wy.mT + dr_v @ ut.mT)
+    da = -(dr_w @ wy.mT + dr_v @ v_tilde.mT)
     dkb, dk_a, dgam_a = _pull_back_strict(ops, da, sol, l_blocks)
     dk = dk + dk_a
     if g is None:
@@ -237,22 +239,22 @@ def delta_forward_passes(ops, q, k, v, beta, g, s0, chunk_size, *, for_backward=
     Each pass is moved to the kernels' batch-first layout on its own, and its
     output written straight into O (B, T, H, dv).  Returns O, the final state
     and, with ``for_backward``, what :func:`delta_backward_passes` reads
-    (else None): U (B, H, T, dv), the chunk states (B, H, nc + 1, dk, dv),
+    (else None): V_new (B, H, T, dv), the chunk states (B, H, nc + 1, dk, dv),
     then the blocks ``I + A`` of every pass and the blocks ``tril(P, -1)`` of
     every pass (B, H, nc_pass, c, c).
     """
     B, n, H = q.shape[:3]
     out = ops.zeros((B, n, H, v.shape[-1]), v)
-    us, states, l_blocks, p_blocks = [], [], [], []
+    v_news, states, l_blocks, p_blocks = [], [], [], []
     s = s0
     for a, b in _passes(n, pass_length(q.shape, chunk_size)):
-        o, s, u, st, blocks = delta_forward(
+        o, s, v_new, st, blocks = delta_forward(
             ops, *(heads_first(None if x is None else x[:, a:b]) for x in (q, k, v, beta, g)),
             s, chunk_size, for_backward,
         )  # fmt: skip
         out[:, a:b] = _tokens_first(o)
         if for_backward:
-            us.append(u)
+            v_news.append(v_new)
             states.append(st[..., :-1, :, :])
             l_blocks.append(blocks[0])
             p_blocks.append(blocks[1])
@@ -260,7 +262,7 @@ def delta_forward_passes(ops, q, k, v, beta, g, s0, chunk_size, *, for_backward=
         return out, s, None
     states.append(st[..., -1:, :, :])
     # The blocks stay per pass: a last pass shorter than a chunk has smaller ones.
-    return out, s, (_cat(ops, us, -2), _cat(ops, states, -3), *l_blocks, *p_blocks)
+    return out, s, (_cat(ops, v_news, -2), _cat(ops, states, -3), *l_blocks, *p_blocks)
 
 
 def _cat(ops: Ops, xs: list[Array], axis: int) -> Array:
@@ -273,7 +275,7 @@ def delta_backward_passes(ops, q, k, v, beta, g, saved, do, dsn, chunk_size):
     Inputs and ``do`` in the public layout, ``saved`` as the forward pass
     returned it; the gradients come back in the public layout.
     """
-    u, states, *blocks = saved
+    v_new, states, *blocks = saved
     n = q.shape[1]
     c = _kernels.effective_chunk(n, chunk_size)
     grads = [ops.zeros(x.shape, x) for x in (q, k, v, beta)]
@@ -284,7 +286,7 @@ def delta_backward_passes(ops, q, k, v, beta, g, saved, do, dsn, chunk_size):
         rows = (heads_first(None if x is None else x[:, a:b]) for x in (q, k, v, beta, g))
         # Chunk size as in the forward pass, whose passes are whole chunks.
         *part, dsn = delta_backward(
-            ops, *rows, u[..., a:b, :], states[..., a // c : -(-b // c) + 1, :, :],
+            ops, *rows, v_new[..., a:b, :], states[..., a // c : -(-b // c) + 1, :, :],
             heads_first(do[:, a:b]), dsn, c, (blocks[i], blocks[len(passes) + i]),
         )  # fmt: skip
         for full, piece in zip(grads, part, strict=True):

@@ -1,0 +1,157 @@
+"""dplr.attention._chunked_grad: the compiled forward and backward under autograd.
+
+The reference is autograd through the token-by-token recurrence of
+:mod:`dplr.reference` (float64).  Bound: unit-norm keys (or normalised in the
+call), beta in (0, 1): every step is a contraction, so the rounding of a
+chunked pass is O((c + K + V) eps) per chunk, adding up like a random walk
+over the chunks; a backward pass is about two forward passes, hence the
+factor 20 below.  That is ~1e-12 here, far below any wrong or missing term
+(O(1) relative), and float32 is held to the same bound with its own eps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import rel_err
+from dplr import delta_rule, gated_delta_rule, reference
+from dplr.attention import _chunked_grad
+
+torch = pytest.importorskip("torch")
+
+NAMES = ("q", "k", "v", "beta", "g", "initial_state")
+
+
+def _bound(dtype, T: int, K: int, V: int, chunk: int) -> float:
+    c = min(chunk, T)
+    return 20 * 10 * (c + K + V) * np.sqrt(-(-T // c)) * torch.finfo(dtype).eps
+
+
+def _inputs(rng, B, T, H, HV, K, V, *, gated, strong=False, resets=False, state=True):
+    q = rng.standard_normal((B, T, H, K))
+    k = rng.standard_normal((B, T, H, K))
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    v = rng.standard_normal((B, T, HV, V))
+    beta = rng.uniform(0.0, 1.0, (B, T, HV))
+    g = None
+    if gated:
+        g = -rng.uniform(0.0, 6.0 if strong else 0.3, (B, T, HV))
+        if resets:  # the first token, a chunk boundary's neighbours, inside a chunk
+            g[:, [t for t in (0, 4, 5, 11) if t < T]] = -np.inf
+    s0 = rng.standard_normal((B, HV, K, V)) if state else None
+    return dict(zip(NAMES, (q, k, v, beta, g, s0), strict=True))
+
+
+def _gradients(fn, arrays, dtype, seed=5):
+    leaves = {n: torch.tensor(x, dtype=dtype, requires_grad=True)
+              for n, x in arrays.items() if x is not None}  # fmt: skip
+    o, sn = fn(leaves)
+    rng = np.random.default_rng(seed)
+    wo = torch.tensor(rng.standard_normal(o.shape), dtype=dtype)
+    ws = torch.tensor(rng.standard_normal(sn.shape), dtype=dtype)
+    loss = (o * wo).sum() + (sn * ws).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return o, sn, dict(zip(leaves, grads, strict=True))
+
+
+def _ours(chunk, l2norm=False):
+    def fn(x):
+        kw = {"initial_state": x.get("initial_state"), "output_final_state": True,
+              "chunk_size": chunk, "use_qk_l2norm": l2norm}  # fmt: skip
+        if "g" in x:
+            return gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], **kw)
+        return delta_rule(x["q"], x["k"], x["v"], x["beta"], **kw)
+
+    return fn
+
+
+def _reference(l2norm=False):
+    def fn(x):
+        kw = {"initial_state": x.get("initial_state"), "use_qk_l2norm": l2norm}
+        if "g" in x:
+            return reference.gated_delta_rule_recurrent(
+                x["q"], x["k"], x["v"], x["g"], x["beta"], **kw
+            )
+        return reference.delta_rule_recurrent(x["q"], x["k"], x["v"], x["beta"], **kw)
+
+    return fn
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the compiled backward's calls (to check which path ran)."""
+    counter = {"backward": 0}
+    original = _chunked_grad.backward
+
+    def counted(*args):
+        counter["backward"] += 1
+        return original(*args)
+
+    monkeypatch.setattr(_chunked_grad, "backward", counted)
+    return counter
+
+
+CASES = [  # (B, T, H, HV, K, V, chunk): c divides T, does not, T < c, T = 1, c = 1, grouped
+    (2, 24, 2, 2, 5, 3, 4),
+    (1, 23, 2, 2, 4, 6, 5),
+    (2, 13, 1, 1, 3, 4, 32),
+    (1, 1, 2, 2, 4, 3, 8),
+    (1, 9, 1, 1, 3, 2, 1),
+    (2, 19, 1, 2, 4, 3, 4),
+]
+
+
+@pytest.mark.parametrize(("B", "T", "H", "HV", "K", "V", "chunk"), CASES)
+@pytest.mark.parametrize("decay", ["none", "mild", "strong", "resets"])
+def test_gradients_match_autograd_through_the_recurrence(B, T, H, HV, K, V, chunk, decay, calls):
+    rng = np.random.default_rng(T * 31 + K + HV)
+    arrays = _inputs(rng, B, T, H, HV, K, V, gated=decay != "none", strong=decay == "strong",
+                     resets=decay == "resets", state=decay != "mild")  # fmt: skip
+    o, sn, got = _gradients(_ours(chunk), arrays, torch.float64)
+    o_ref, s_ref, want = _gradients(_reference(), arrays, torch.float64)
+    assert calls["backward"] == 1
+    tol = _bound(torch.float64, T, K, V, chunk)
+    assert rel_err(o, o_ref) < tol and rel_err(sn, s_ref) < tol
+    assert set(got) == set(want)
+    for name in got:
+        assert torch.isfinite(got[name]).all(), name
+        assert rel_err(got[name], want[name]) < tol, name
+    if decay == "resets":  # a -inf log decay gets no gradient
+        assert (got["g"][:, [t for t in (0, 4, 5, 11) if t < T]] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_float32_and_normalised_queries_and_keys(dtype, calls):
+    rng = np.random.default_rng(7)
+    arrays = _inputs(rng, 2, 70, 2, 4, 8, 6, gated=True, strong=True)
+    arrays["k"] *= rng.uniform(0.5, 2.0, arrays["k"].shape[:-1])[..., None]  # normalised inside
+    _, _, got = _gradients(_ours(16, l2norm=True), arrays, dtype)
+    _, _, want = _gradients(_reference(l2norm=True), arrays, torch.float64)
+    assert calls["backward"] == 1
+    for name in got:
+        assert got[name].dtype == dtype
+        assert rel_err(got[name], want[name]) < _bound(dtype, 70, 8, 6, 16), name
+
+
+def test_the_separate_steps_still_run_when_the_loops_are_off(monkeypatch, calls):
+    """With the compiled loops off (as for tensors they cannot take) the
+    autograd function runs the separate chunked steps, to the same gradients."""
+    monkeypatch.setattr(_chunked_grad, "ENABLED", False)
+    rng = np.random.default_rng(8)
+    arrays = _inputs(rng, 2, 21, 1, 2, 4, 3, gated=True, resets=True)
+    _, _, got = _gradients(_ours(4), arrays, torch.float64)
+    _, _, want = _gradients(_reference(), arrays, torch.float64)
+    assert calls["backward"] == 0
+    for name in got:
+        assert rel_err(got[name], want[name]) < _bound(torch.float64, 21, 4, 3, 4), name
+
+
+def test_what_the_loops_take():
+    x = torch.zeros(1, 4, 1, 2)
+    g = torch.zeros(1, 4, 1)
+    assert _chunked_grad.applies(x, g, (x, x, x, g))
+    assert _chunked_grad.applies(x, None, (x, x, x))
+    assert not _chunked_grad.applies(x, x, (x, x, x, x))  # one decay per key channel
+    assert not _chunked_grad.applies(x.half(), g.half(), (x.half(), g.half()))
+    assert not _chunked_grad.applies(x, g, (x, g.double()))
