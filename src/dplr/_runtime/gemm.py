@@ -85,3 +85,34 @@ def gemm(a, b, c, alpha, beta, transpose_a, scratch) -> None:
         _sgemm(*args)
     else:
         _dgemm(*args)
+
+
+@jit(nogil=True)
+def gemm_both(a, b, c, alpha, beta, transpose_a, transpose_b, scratch) -> None:
+    """``c = alpha * op(a) @ op(b) + beta * c``: :func:`gemm` with ``b.T`` allowed too.
+
+    op(a) (m, k), op(b) (k, n), c (m, n); as stored, every array's rows are
+    contiguous (any row stride).
+    """
+    m, n = c.shape
+    k = a.shape[0] if transpose_a else a.shape[1]
+    if m == 0 or n == 0:
+        return
+    ints, scalars, flags = scratch
+    size = c.itemsize
+    # C^T = op(B)^T op(A)^T in column-major terms; a row-major (r, s) array with
+    # row stride ld is a column-major (s, r) one with leading dimension ld.
+    ints[0], ints[1], ints[2] = n, m, k
+    ints[3] = max(b.strides[0] // size, b.shape[1], 1)
+    ints[4] = max(a.strides[0] // size, a.shape[1], 1)
+    ints[5] = max(c.strides[0] // size, n, 1)
+    scalars[0], scalars[1] = alpha, beta
+    cells, values, chars = ints.ctypes.data, scalars.ctypes.data, flags.ctypes.data
+    trans_a = chars + 1 if transpose_a else chars
+    trans_b = chars + 1 if transpose_b else chars
+    args = (trans_b, trans_a, cells, cells + 4, cells + 8, values, b.ctypes.data, cells + 12,
+            a.ctypes.data, cells + 16, values + size, c.ctypes.data, cells + 20)  # fmt: skip
+    if size == 4:
+        _sgemm(*args)
+    else:
+        _dgemm(*args)

@@ -1,20 +1,20 @@
 """The delta rules under autograd on the CPU: forward and backward, each one compiled loop per head.
 
 The fused forward of :mod:`dplr.attention._chunked` keeps nothing; under
-autograd the backward pass needs the state ``Z`` entering every chunk and the
+autograd the backward pass needs the state ``S`` entering every chunk and the
 new values ``v_new`` (``docs/delta.md``, sections 4 and 9).  Here
 :func:`forward_saving` runs the same chunk step (the chunked module's
 compiled pieces) and also stores those, and :func:`backward` walks each
 (sequence, value head) over its chunks in reverse, forming each chunk's
 blocks ``I + A`` and ``P`` again from q, k, g in cache instead of reading
 them.  With ``kb = beta k``, ``w_in = exp(G)``, ``w_out = exp(G_last - G)``,
-``a = exp(G_last)`` (chunk-relative, as in the forward) and ``dZ'`` the
+``a = exp(G_last)`` (chunk-relative, as in the forward) and ``dS'`` the
 gradient of the state leaving the chunk, per chunk::
 
-    dv_new = P^T dO + (k ⊙ w_out) dZ'
+    dv_new = P^T dO + (k ⊙ w_out) dS'
     dr     = (I + A)^-T dv_new                       (back substitution)
-    dZ     = a dZ' + (q ⊙ w_in)^T dO - (kb ⊙ w_in)^T dr
-    d(kb ⊙ w_in) = -dr Z^T,   d(q ⊙ w_in) = dO Z^T,   d(k ⊙ w_out) = v_new dZ'^T
+    dS     = a dS' + (q ⊙ w_in)^T dO - (kb ⊙ w_in)^T dr
+    d(kb ⊙ w_in) = -dr S^T,   d(q ⊙ w_in) = dO S^T,   d(k ⊙ w_out) = v_new dS'^T
     dA     = -tril(dr v_new^T, -1),   dP = tril(dO v_new^T)
 
 and the pull-back of the blocks ``A_ij = (kb_i . k_j) D_ij``,
@@ -22,14 +22,18 @@ and the pull-back of the blocks ``A_ij = (kb_i . k_j) D_ij``,
 dA_ij D_ij k_j``, ``dk_j = sum_i dA_ij D_ij kb_i`` (P alike) and
 ``dG_i = rowsum(dA ⊙ A + dP ⊙ P) - colsum(...)``, plus the factors' shares;
 ``dg`` is the reverse cumulative sum of ``dG`` within the chunk, zero where
-``g = -inf``.  Six products of c K V flops per chunk, all in cache; the
+``g = -inf``.  Six products of c K V flops per chunk, BLAS gemm calls from
+the compiled loop (:mod:`dplr._runtime.gemm`) on operands in cache; the
 separate steps of :mod:`dplr.attention._delta_grad` did seven, each a pass
 over whole tensors.
 
-Operands are those of :class:`dplr.attention._delta_grad` 's autograd
-function: public layout (B, T, H, .), q already scaled (and normalised),
-keys shared over value heads, packed sequences already padded; one decay
-per head (or none), float32 or float64 on the CPU.
+Operands are in the public layout (B, T, H, .), one decay per head (or
+none), float32 or float64 on the CPU.  :func:`rule_function` takes raw q, k
+and scales, normalises (``use_qk_l2norm``) and shares key heads among value
+heads in the loops, whose backward applies the normalisation's gradient
+``dx = (dy - y (y . dy)) / |x|`` and sums over each group; packed sequences
+(``cu_seqlens``) go through :mod:`dplr.attention._delta_grad` 's autograd
+function, padded, which calls the same loops with scale 1.
 """
 
 from __future__ import annotations
@@ -39,10 +43,11 @@ from typing import Any
 import numpy as np
 
 from .._runtime import backend, tuning
+from .._runtime.blas import single_threaded_blas
+from .._runtime.gemm import gemm, gemm_both, gemm_scratch
 from .._runtime.jit import jit
 from .._runtime.threads import num_workers, run_all, split
 from ..core._decay import _EXPONENT_BUDGET, _FLUSH_BELOW
-from ..core._jit import _dot_products
 from ._chunked import _buffers, _chunk_step, _factor, _load_chunk, _row_blocks
 from ._recurrent import _as_numpy
 
@@ -64,6 +69,52 @@ def applies(q: Any, g: Any, tensors: tuple[Any, ...]) -> bool:
     return one_dtype and backend._all_cpu(*present)
 
 
+def _torch_function_class():
+    import torch
+
+    from ..core._grad import first_order_only
+
+    class ChunkedRuleFunction(torch.autograd.Function):
+        """``(O, S_n)`` of the delta rules from raw q, k (scaled and normalised
+        in the loops, key heads shared by value heads) with the compiled backward."""
+
+        @staticmethod
+        def forward(ctx, q, k, v, beta, g, s0, scale, l2norm, chunk):
+            o, sn, v_new, states = forward_saving(q, k, v, beta, g, s0, chunk, scale, l2norm)
+            ctx.save_for_backward(q, k, v, beta, g, v_new, states)
+            ctx.args = (s0 is not None, chunk, scale, l2norm)
+            return o, sn
+
+        @staticmethod
+        @first_order_only("dplr.delta_rule")
+        def backward(ctx, do, dsn):
+            q, k, v, beta, g, v_new, states = ctx.saved_tensors
+            has_s0, chunk, scale, l2norm = ctx.args
+            if do is None:
+                do = torch.zeros(v.shape, dtype=v.dtype)
+            dq, dk, dv, dbeta, dg, ds0 = backward(
+                q, k, v, beta, g, v_new, states, do, dsn, chunk, scale, l2norm
+            )
+            return dq, dk, dv, dbeta, dg, ds0 if has_s0 else None, None, None, None
+
+    return ChunkedRuleFunction
+
+
+_CLASS = None
+
+
+def rule_function():
+    """The ``torch.autograd.Function`` of the compiled loops, created on first use.
+
+    ``apply(q, k, v, beta, g, s0, scale, l2norm, chunk)`` with raw q, k
+    (B, T, H, K), v (B, T, HV, V), one packed-free batch; returns O and S_n.
+    """
+    global _CLASS
+    if _CLASS is None:
+        _CLASS = _torch_function_class()
+    return _CLASS
+
+
 def _limits(dtype: np.dtype) -> tuple[Any, Any]:
     """The flush threshold and exponent budget of the chunked forward, in ``dtype``."""
     dt = dtype.type
@@ -83,70 +134,70 @@ def _lane_parts(B: int, H: int, T: int, K: int, V: int) -> list[slice]:
     return split(lanes, min(lanes, workers * tuning.PARTS_PER_THREAD))
 
 
-def forward_saving(q, k, v, beta, g, s0, chunk: int):
-    """O (B, T, H, V), the final states (B, H, K, V), and what :func:`backward`
-    reads: v_new (B, T, H, V) and the state entering every chunk (B, H, nc, K, V).
+def forward_saving(q, k, v, beta, g, s0, chunk: int, scale: float = 1.0, l2norm: bool = False):
+    """O (B, T, HV, V), the final states (B, HV, K, V), and what :func:`backward`
+    reads: v_new (B, T, HV, V) and the state entering every chunk (B, HV, nc, K, V).
 
+    q, k (B, T, H, K) are scaled by ``scale`` (after normalising them with
+    ``l2norm``) in the loop; value head h reads key head ``h // (HV // H)``.
     torch tensors in, torch tensors out (sharing memory with NumPy arrays).
     """
     import torch
 
     q, k, v, beta, g, s0 = (_as_numpy(x) for x in (q, k, v, beta, g, s0))
-    B, T, H, V = v.shape
+    B, T, HV, V = v.shape
     K = k.shape[-1]
     nc = -(-T // chunk)
-    out = np.empty((B, T, H, V), v.dtype)
-    v_new = np.empty((B, T, H, V), v.dtype)
-    states = np.empty((B, H, nc, K, V), v.dtype)
-    final = np.empty((B, H, K, V), v.dtype)
+    out = np.empty((B, T, HV, V), v.dtype)
+    v_new = np.empty((B, T, HV, V), v.dtype)
+    states = np.empty((B, HV, nc, K, V), v.dtype)
+    final = np.empty((B, HV, K, V), v.dtype)
     has_s0 = s0 is not None
     s0 = s0 if has_s0 else np.empty((1, 1, 1, 1), v.dtype)
     floor, budget = _limits(v.dtype)
     args = (q, k, v, beta, _decay4(g, v.shape, v.dtype), s0, has_s0, out, v_new, states,
-            final, chunk, floor, budget)  # fmt: skip
-    run_all(lambda s: _forward_lanes(*args, s.start, s.stop), _lane_parts(B, H, T, K, V))
+            final, chunk, v.dtype.type(scale), l2norm, floor, budget)  # fmt: skip
+    with single_threaded_blas():  # small products: one BLAS thread in each of dplr's
+        run_all(lambda s: _forward_lanes(*args, s.start, s.stop), _lane_parts(B, HV, T, K, V))
     return tuple(torch.from_numpy(x) for x in (out, final, v_new, states))
 
 
 @jit(nogil=True, fastmath={"contract", "reassoc"})
-def _forward_lanes(q, k, v, beta, g, s0, has_s0, out, v_new, states, final, chunk, floor,
-                   budget, lane_start, lane_stop):  # fmt: skip
-    """Lanes ``lane_start:lane_stop`` (lane = batch entry * H + head), chunk by chunk."""
+def _forward_lanes(q, k, v, beta, g, s0, has_s0, out, v_new, states, final, chunk, scale,
+                   l2norm, floor, budget, lane_start, lane_stop):  # fmt: skip
+    """Lanes ``lane_start:lane_stop`` (lane = batch entry * HV + value head), chunk by chunk."""
     H, K = q.shape[2], q.shape[3]
-    T, V = v.shape[1], v.shape[3]
+    T, HV, V = v.shape[1], v.shape[2], v.shape[3]
     E = g.shape[3]
-    dt = v.dtype.type
-    z_t = np.empty((V, K), v.dtype)  # the state, transposed
+    s_vnew = np.empty((K + chunk, V), v.dtype)  # the state (K rows), then the chunk's v_new
     full = _buffers(chunk, K, V, E, v.dtype)
+    scratch = gemm_scratch(v.dtype)
     for lane in range(lane_start, lane_stop):
-        b, h = lane // H, lane % H
-        for p in range(K):
-            for s in range(V):
-                z_t[s, p] = s0[b, h, p, s] if has_s0 else dt(0)
+        b, h = lane // HV, lane % HV
+        if has_s0:
+            s_vnew[:K] = s0[b, h]
+        else:
+            s_vnew[:K] = 0
         for j in range(states.shape[2]):
             t0 = j * chunk
             L = min(chunk, T - t0)
             buf = full if L == chunk else _buffers(L, K, V, E, v.dtype)
-            _load_chunk(q, k, v, beta, g, b, h, h, t0, dt(1), False, floor, budget, buf)
+            hk = h // (HV // H)
+            _load_chunk(q, k, v, beta, g, b, hk, h, t0, scale, l2norm, floor, budget, buf)
             _row_blocks(buf, floor)
-            entering = states[b, h, j]
-            for p in range(K):
-                for s in range(V):
-                    entering[p, s] = z_t[s, p]
-            _chunk_step(buf, z_t, out, b, h, t0)
-            new = buf[9]
-            for i in range(L):
-                v_new[b, t0 + i, h] = new[i]
-        for p in range(K):
-            for s in range(V):
-                final[b, h, p, s] = z_t[s, p]
+            states[b, h, j] = s_vnew[:K]
+            _chunk_step(buf, s_vnew, out, b, h, t0, scratch)
+            v_new[b, t0 : t0 + L, h] = s_vnew[K : K + L]
+        final[b, h] = s_vnew[:K]
 
 
-def backward(q, k, v, beta, g, v_new, states, do, dsn, chunk: int):
+def backward(q, k, v, beta, g, v_new, states, do, dsn, chunk: int, scale: float = 1.0,
+             l2norm: bool = False):  # fmt: skip
     """Gradients ``dq, dk, dv, dbeta, dg, ds0`` (torch) of :func:`forward_saving`'s outputs.
 
-    ``do`` (B, T, H, V) and ``dsn`` (B, H, K, V, or None for zero) are the
-    gradients of O and of the final states; dg is None without decay.
+    ``do`` (B, T, HV, V) and ``dsn`` (B, HV, K, V, or None for zero) are the
+    gradients of O and of the final states; dg is None without decay.  The
+    gradients of q and k sum over the value heads that share them.
     """
     import torch
 
@@ -154,19 +205,23 @@ def backward(q, k, v, beta, g, v_new, states, do, dsn, chunk: int):
     q, k, v, beta, g, v_new, states, do, dsn = (
         _as_numpy(x) for x in (q, k, v, beta, g, v_new, states, do, dsn)
     )
-    B, T, H, V = v.shape
-    K = k.shape[-1]
+    B, T, HV, V = v.shape
+    H, K = k.shape[2], k.shape[3]
     dt = v.dtype
     g4 = _decay4(g, v.shape, dt)
-    dq, dk = np.empty(q.shape, dt), np.empty(k.shape, dt)
+    # Per value head: value heads sharing a key head may run in different threads.
+    dq, dk = np.empty((B, T, HV, K), dt), np.empty((B, T, HV, K), dt)
     dv, dbeta, dg = np.empty(v.shape, dt), np.empty(beta.shape, dt), np.empty(g4.shape, dt)
-    ds0 = np.empty((B, H, K, V), dt)
+    ds0 = np.empty((B, HV, K, V), dt)
     has_dsn = dsn is not None
     dsn = dsn if has_dsn else np.empty((1, 1, 1, 1), dt)
     floor, budget = _limits(dt)
     args = (q, k, v, beta, g4, v_new, states, do, dsn, has_dsn, dq, dk, dv, dbeta, dg, ds0,
-            chunk, floor, budget)  # fmt: skip
-    run_all(lambda s: _backward_lanes(*args, s.start, s.stop), _lane_parts(B, H, T, K, V))
+            chunk, dt.type(scale), l2norm, floor, budget)  # fmt: skip
+    with single_threaded_blas():
+        run_all(lambda s: _backward_lanes(*args, s.start, s.stop), _lane_parts(B, HV, T, K, V))
+    if HV != H:
+        dq, dk = (x.reshape(B, T, H, HV // H, K).sum(3) for x in (dq, dk))
     grads = [torch.from_numpy(x) for x in (dq, dk, dv, dbeta)]
     grads.append(torch.from_numpy(dg[..., 0]) if has_g else None)
     return (*grads, torch.from_numpy(ds0))
@@ -176,11 +231,7 @@ def backward(q, k, v, beta, g, v_new, states, do, dsn, chunk: int):
 def _grad_buffers(L, K, V, dtype):
     """Scratch arrays of the backward pass for a chunk of L tokens."""
     return (
-        np.empty((L, K), dtype),  # k ⊙ w_out
         np.empty((2 * L, V), dtype),  # [-dr; dO]
-        np.empty((V, 2 * L), dtype),  # its transpose
-        np.empty((K, 2 * L), dtype),  # [kb ⊙ w_in; q ⊙ w_in]^T
-        np.empty((L, V), dtype),  # v_new of the chunk
         np.empty((L, V), dtype),  # dv_new, then dr
         np.empty((2 * L, K), dtype),  # [d(kb ⊙ w_in); d(q ⊙ w_in)]
         np.empty((L, K), dtype),  # d(k ⊙ w_out)
@@ -194,96 +245,84 @@ def _grad_buffers(L, K, V, dtype):
 
 @jit(nogil=True, fastmath={"contract", "reassoc"})
 def _backward_lanes(q, k, v, beta, g, v_new, states, do, dsn, has_dsn, dq, dk, dv, dbeta, dg,
-                    ds0, chunk, floor, budget, lane_start, lane_stop):  # fmt: skip
-    """Lanes ``lane_start:lane_stop`` (lane = batch entry * H + head), chunks last first."""
+                    ds0, chunk, scale, l2norm, floor, budget, lane_start, lane_stop):  # fmt: skip
+    """Lanes ``lane_start:lane_stop`` (lane = batch entry * HV + value head), chunks last first."""
     H, K = q.shape[2], q.shape[3]
-    T, V = v.shape[1], v.shape[3]
+    T, HV, V = v.shape[1], v.shape[2], v.shape[3]
     E = g.shape[3]
-    dt = v.dtype.type
-    dz = np.empty((K, V), v.dtype)  # gradient of the state leaving the chunk
-    dz_t = np.empty((V, K), v.dtype)
+    ds = np.empty((K, V), v.dtype)  # gradient of the state leaving the chunk
     full = _buffers(chunk, K, V, E, v.dtype)
     full_grad = _grad_buffers(chunk, K, V, v.dtype)
+    scratch = gemm_scratch(v.dtype)
     for lane in range(lane_start, lane_stop):
-        b, h = lane // H, lane % H
-        for p in range(K):
-            for s in range(V):
-                dz[p, s] = dsn[b, h, p, s] if has_dsn else dt(0)
+        b, h = lane // HV, lane % HV
+        hk = h // (HV // H)
+        if has_dsn:
+            ds[:] = dsn[b, h]
+        else:
+            ds[:] = 0
         for j in range(states.shape[2] - 1, -1, -1):
             t0 = j * chunk
             L = min(chunk, T - t0)
             buf = full if L == chunk else _buffers(L, K, V, E, v.dtype)
             gb = full_grad if L == chunk else _grad_buffers(L, K, V, v.dtype)
-            _load_chunk(q, k, v, beta, g, b, h, h, t0, dt(1), False, floor, budget, buf)
+            _load_chunk(q, k, v, beta, g, b, hk, h, t0, scale, l2norm, floor, budget, buf)
             _row_blocks(buf, floor)
-            _chunk_backward(buf, gb, states[b, h, j], dz, dz_t, v_new, do, b, h, t0)
-            _chunk_gradients(buf, gb, floor, v, beta, g, dq, dk, dv, dbeta, dg, b, h, t0)
-        for p in range(K):
-            for s in range(V):
-                ds0[b, h, p, s] = dz[p, s]
+            vn = v_new[b, t0 : t0 + L, h]
+            _chunk_backward(buf, gb, states[b, h, j], ds, vn, do[b, t0 : t0 + L, h], scratch)
+            _chunk_gradients(buf, gb, floor, q, k, v, beta, g, dq, dk, dv, dbeta, dg, b, hk, h,
+                             t0, scale, l2norm, scratch)  # fmt: skip
+        ds0[b, h] = ds
 
 
 @jit(nogil=True, fastmath={"contract", "reassoc"})
-def _chunk_backward(buf, gb, z, dz, dz_t, v_new, do, b, h, t0):
-    """The products of one chunk: dr, the blocks' and factors' row gradients, dZ (in place).
+def _chunk_backward(buf, gb, s, ds, vn, do, scratch):
+    """The products of one chunk: dr, the blocks' and factors' row gradients, dS (in place).
 
-    ``z`` (K, V) is the state entering the chunk, ``dz`` (K, V) the gradient of
-    the one leaving it on entry and of the one entering it on return.
+    ``s`` (K, V) is the state entering the chunk, ``ds`` (K, V) the gradient
+    of the one leaving it on entry and of the one entering it on return;
+    ``vn`` and ``do`` (L, V) the chunk's v_new and output gradient (rows of
+    the public layout).  The products are BLAS calls.
     """
-    kq_in, _, _, _, k_out_t, a_blk, p_blk, _, _, _, _, _, _, _, a = buf
-    k_out, rd, rd_t, kq_in_t, vn, dr, dkq, dk_out, dap, _, _, _, dgam = gb
-    L, V = vn.shape
-    K = z.shape[0]
-    for i in range(L):
-        vn[i] = v_new[b, t0 + i, h]
-        rd[L + i] = do[b, t0 + i, h]
-        for p in range(K):
-            k_out[i, p] = k_out_t[p, i]
+    kb_in, _, _, _, k_out, a_blk, p_blk, _, qp, _, _, _, a = buf
+    rd, dr, dkq, dk_out, dap, _, _, _, dgam = gb
+    L, V = dr.shape
+    K = s.shape[0]
+    rd[L:] = do
+    # The state's decay a = exp(G_last): its gradient <S, dS'> (one decay per row).
+    sds = ds.dtype.type(0)
     for p in range(K):
-        for s in range(V):
-            dz_t[s, p] = dz[p, s]
-    # The state's decay a = exp(G_last): its gradient <Z, dZ'> (one decay per row).
-    zdz = dz.dtype.type(0)
-    for p in range(K):
-        for s in range(V):
-            zdz += z[p, s] * dz[p, s]
+        for col in range(V):
+            sds += s[p, col] * ds[p, col]
     dgam[:] = 0
-    dgam[L - 1] = a[0] * zdz
-    _dot_products(vn, dz, dk_out)  # d(k ⊙ w_out) = v_new dZ'^T
-    _dot_products(k_out, dz_t, dr)  # dv_new = (k ⊙ w_out) dZ' + P^T dO
-    for i in range(L):
-        doi = rd[L + i]
-        for j in range(i + 1):
-            pij = p_blk[i, j]
-            row = dr[j]
-            for s in range(V):
-                row[s] += pij * doi[s]
+    dgam[L - 1] = a[0] * sds
+    gemm_both(vn, ds, dk_out, 1.0, 0.0, False, True, scratch)  # d(k ⊙ w_out) = v_new dS'^T
+    gemm(k_out, ds, dr, 1.0, 0.0, False, scratch)  # dv_new = (k ⊙ w_out) dS' + P^T dO
+    gemm(p_blk, rd[L:], dr, 1.0, 1.0, True, scratch)  # P is 0 above its diagonal
     # dr = (I + A)^-T dv_new: back substitution, rows last first.
     for i in range(L - 1, -1, -1):
         row = dr[i]
         for m in range(i + 1, L):
             coef = a_blk[m, i]
             other = dr[m]
-            for s in range(V):
-                row[s] -= coef * other[s]
-        for s in range(V):
-            rd[i, s] = -row[s]
-    for r in range(2 * L):
-        for s in range(V):
-            rd_t[s, r] = rd[r, s]
-        for p in range(K):
-            kq_in_t[p, r] = kq_in[r, p]
-    _dot_products(rd, z, dkq)  # [d(kb ⊙ w_in); d(q ⊙ w_in)] = [-dr; dO] Z^T
-    _dot_products(rd, vn, dap)  # [dA; dP] = [-dr; dO] v_new^T
-    # dZ = a dZ' + [kb ⊙ w_in; q ⊙ w_in]^T [-dr; dO]
-    _dot_products(kq_in_t, rd_t, dz, a[0])
+            for col in range(V):
+                row[col] -= coef * other[col]
+        for col in range(V):
+            rd[i, col] = -row[col]
+    gemm_both(rd, s, dkq, 1.0, 0.0, False, True, scratch)  # [d(kb ⊙ w_in); d(q ⊙ w_in)]
+    gemm_both(rd, vn, dap, 1.0, 0.0, False, True, scratch)  # [dA; dP] = [-dr; dO] v_new^T
+    # dS = a dS' - (kb ⊙ w_in)^T dr + (q ⊙ w_in)^T dO
+    gemm(kb_in, rd[:L], ds, 1.0, a[0], True, scratch)
+    gemm(qp[:, :K], rd[L:], ds, 1.0, 1.0, True, scratch)
 
 
 @jit(nogil=True, fastmath={"contract", "reassoc"})
-def _chunk_gradients(buf, gb, floor, v, beta, g, dq, dk, dv, dbeta, dg, b, h, t0):
-    """Pull the chunk's row gradients back to q, k, v, beta and g (written in place)."""
-    kq_in, kb, qs, kn, _, a_blk, p_blk, _, _, _, _, gc, rc, rows, _ = buf
-    k_out, _, _, _, _, dr, dkq, dk_out, dap, dkb, dqs, dkn, dgam = gb
+def _chunk_gradients(buf, gb, floor, q, k, v, beta, g, dq, dk, dv, dbeta, dg, b, hk, h, t0,
+                     scale, l2norm, scratch):  # fmt: skip
+    """Pull the chunk's row gradients back to q, k, v, beta and g (written in place;
+    dq, dk per value head h, of key head hk)."""
+    kb_in, kb, qs, kn, k_out, a_blk, p_blk, _, qp, gc, rc, rows, _ = buf
+    _, dr, dkq, dk_out, dap, dkb, dqs, dkn, dgam = gb
     L, K = kn.shape
     V = dr.shape[1]
     w_in, w_out = rows[:L], rows[L : 2 * L]
@@ -296,27 +335,29 @@ def _chunk_gradients(buf, gb, floor, v, beta, g, dq, dk, dv, dbeta, dg, b, h, t0
             dkb[i, p] = wi * dkq[i, p]
             dqs[i, p] = wi * dkq[L + i, p]
             dkn[i, p] = wo * dk_out[i, p]
-            s_in += kq_in[i, p] * dkq[i, p] + kq_in[L + i, p] * dkq[L + i, p]
+            s_in += kb_in[i, p] * dkq[i, p] + qp[i, p] * dkq[L + i, p]
             s_out += k_out[i, p] * dk_out[i, p]
         dgam[i] += s_in - s_out
         dgam[L - 1] += s_out
-    # The blocks A_ij = (kb_i . k_j) D_ij, P_ij = (q_i . k_j) D_ij (i > j), P_ii = q_i . k_i.
+    # The blocks A_ij = (kb_i . k_j) D_ij, P_ij = (q_i . k_j) D_ij (i > j), P_ii = q_i . k_i:
+    # dA, dP become E_A = dA ⊙ D, E_P = dP ⊙ D (D_ii = 1, zero above the diagonal), then
+    # dkb += E_A k, dq += E_P k, dk += E_A^T kb + E_P^T q (four products).
+    e_a, e_p = dap[:L], dap[L:]
     for i in range(L):
         for j in range(i):
-            da, dp = dap[i, j], dap[L + i, j]
+            da, dp = e_a[i, j], e_p[i, j]
             share = da * a_blk[i, j] + dp * p_blk[i, j]  # dD_ij D_ij, on G_i - G_j
             dgam[i] += share
             dgam[j] -= share
             d_ij = _factor(gc[i, 0] - gc[j, 0], rc[i, 0] == rc[j, 0], floor)
-            ea, ep = da * d_ij, dp * d_ij
-            for p in range(K):
-                dkb[i, p] += ea * kn[j, p]
-                dqs[i, p] += ep * kn[j, p]
-                dkn[j, p] += ea * kb[i, p] + ep * qs[i, p]
-        dp = dap[L + i, i]
-        for p in range(K):
-            dqs[i, p] += dp * kn[i, p]
-            dkn[i, p] += dp * qs[i, p]
+            e_a[i, j], e_p[i, j] = da * d_ij, dp * d_ij
+        e_a[i, i] = dt(0)
+        for j in range(i + 1, L):
+            e_a[i, j] = e_p[i, j] = dt(0)
+    gemm(e_a, kn, dkb, 1.0, 1.0, False, scratch)
+    gemm(e_p, kn, dqs, 1.0, 1.0, False, scratch)
+    gemm(e_a, kb, dkn, 1.0, 1.0, True, scratch)
+    gemm(e_p, qs, dkn, 1.0, 1.0, True, scratch)
     # kb = beta k and the right-hand side beta v; dr is the gradient of beta v.
     for i in range(L):
         t = t0 + i
@@ -324,8 +365,10 @@ def _chunk_gradients(buf, gb, floor, v, beta, g, dq, dk, dv, dbeta, dg, b, h, t0
         sb = dt(0)
         for p in range(K):
             sb += kn[i, p] * dkb[i, p]
-            dk[b, t, h, p] = dkn[i, p] + bt * dkb[i, p]
-            dq[b, t, h, p] = dqs[i, p]
+            dkn[i, p] += bt * dkb[i, p]
+            dqs[i, p] *= scale
+        _unit_rows_back(q[b, t, hk], dqs[i], dq[b, t, h], l2norm)
+        _unit_rows_back(k[b, t, hk], dkn[i], dk[b, t, h], l2norm)
         vi = v[b, t, h]
         for s in range(V):
             sb += vi[s] * dr[i, s]
@@ -336,3 +379,27 @@ def _chunk_gradients(buf, gb, floor, v, beta, g, dq, dk, dv, dbeta, dg, b, h, t0
         for i in range(L - 1, -1, -1):
             acc += dgam[i]
             dg[b, t0 + i, h, 0] = dt(0) if g[b, t0 + i, h, 0] == -np.inf else acc
+
+
+@jit(nogil=True, fastmath={"contract", "reassoc"})
+def _unit_rows_back(x, dy, dx, l2norm):
+    """``dx`` of ``y = x / |x|`` (``|x|`` at least sqrt(tiny), as in the forward) given ``dy``:
+    ``dx = (dy - y (y . dy)) / |x|``; ``dx = dy`` without ``l2norm``."""
+    K = x.shape[0]
+    if not l2norm:
+        for p in range(K):
+            dx[p] = dy[p]
+        return
+    dt = dx.dtype.type
+    tiny = np.finfo(dx.dtype).tiny
+    sq = dt(0)
+    for p in range(K):
+        sq += x[p] * x[p]
+    r = dt(1) / np.sqrt(max(sq, tiny))
+    proj = dt(0)
+    if sq >= tiny:  # below it the norm is the constant sqrt(tiny): no projection
+        for p in range(K):
+            proj += x[p] * dy[p]
+        proj *= r * r
+    for p in range(K):
+        dx[p] = (dy[p] - x[p] * proj) * r

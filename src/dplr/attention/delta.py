@@ -30,6 +30,7 @@ from .._validate import (
     to_output,
 )
 from ..core._kernels import effective_chunk
+from . import _chunked_grad
 from ._chunked import chunked_applies, chunked_forward
 from ._delta_grad import delta_forward_passes, delta_function
 from ._recurrent import recurrent_applies, recurrent_forward, runs_compiled
@@ -264,6 +265,11 @@ def run_delta_rule(q, k, v, beta, g, *, scale, initial_state, output_final_state
     if longest and chunked_applies(p.torch, (q, k, v, beta, g, s0)):
         c = effective_chunk(longest, chunk_size)
         o, sn = chunked_forward(p.torch, q, k, v, beta, g, s0, cu, scale, use_qk_l2norm, c)
+        return to_output(o, p), (to_output(sn, p) if output_final_state else None)
+    if p.torch and cu is None and longest and _chunked_grad.applies(q, g, (q, k, v, beta, g, s0)):
+        # Under autograd on the CPU: scaling, normalising and sharing heads in the loops too.
+        c = effective_chunk(longest, chunk_size)
+        o, sn = _chunked_grad.rule_function().apply(q, k, v, beta, g, s0, scale, use_qk_l2norm, c)
         return to_output(o, p), (to_output(sn, p) if output_final_state else None)
     if use_qk_l2norm:
         q, k = _l2norm(q, p.torch), _l2norm(k, p.torch)
