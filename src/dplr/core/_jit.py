@@ -45,26 +45,26 @@ def _strict_lower_product(qb: np.ndarray, kb: np.ndarray, out: np.ndarray) -> No
         q0, q1, q2, q3 = qb[i0], qb[i0 + 1], qb[i0 + 2], qb[i0 + 3]
         for j in range(i0 + 3):  # rows i0..i0+3 all need columns below i0 + 3
             kj = kb[j]
-            s0 = s1 = s2 = s3 = zero
+            acc0 = acc1 = acc2 = acc3 = zero
             for p in range(d):
                 kp = kj[p]
-                s0 += q0[p] * kp
-                s1 += q1[p] * kp
-                s2 += q2[p] * kp
-                s3 += q3[p] * kp
-            out[i0, j] = s0
-            out[i0 + 1, j] = s1
-            out[i0 + 2, j] = s2
-            out[i0 + 3, j] = s3
+                acc0 += q0[p] * kp
+                acc1 += q1[p] * kp
+                acc2 += q2[p] * kp
+                acc3 += q3[p] * kp
+            out[i0, j] = acc0
+            out[i0 + 1, j] = acc1
+            out[i0 + 2, j] = acc2
+            out[i0 + 3, j] = acc3
         i0 += 4
     for i in range(i0, c):
         qi = qb[i]
         for j in range(i):
             kj = kb[j]
-            s = zero
+            acc = zero
             for p in range(d):
-                s += qi[p] * kj[p]
-            out[i, j] = s
+                acc += qi[p] * kj[p]
+            out[i, j] = acc
 
 
 @jit(nogil=True, fastmath={"contract"})
@@ -83,8 +83,8 @@ def _forward_substitute(Lb: np.ndarray, Bb: np.ndarray, Xb: np.ndarray) -> None:
     one = Lb.dtype.type(1)  # keeps float32 rows in float32
     Xb[:] = Bb
     for p in range(0, c, 4):
-        h = min(4, c - p)
-        for t in range(p, p + h):
+        height = min(4, c - p)
+        for t in range(p, p + height):
             row = Xb[t]
             for j in range(p, t):
                 ltj = Lb[t, j]
@@ -94,7 +94,7 @@ def _forward_substitute(Lb: np.ndarray, Bb: np.ndarray, Xb: np.ndarray) -> None:
             inv = one / Lb[t, t]
             for col in range(r):
                 row[col] *= inv
-        if h < 4:
+        if height < 4:
             break
         x0, x1, x2, x3 = Xb[p], Xb[p + 1], Xb[p + 2], Xb[p + 3]
         for t in range(p + 4, c):
@@ -174,7 +174,7 @@ def substitution_pass(
     k_out: np.ndarray,
     decay: np.ndarray,
     v: np.ndarray,
-    z0: np.ndarray,
+    h0: np.ndarray,
     y: np.ndarray,
     states: np.ndarray,
     col_start: int,
@@ -183,11 +183,11 @@ def substitution_pass(
     """The sequential part of the chunked solve for a stack of B problems.
 
     q_in, k_out: (B, nc, c, d); blocks: (B, nc, c, c) lower triangular;
-    decay: (B, nc, 1) or, per channel, (B, nc, d); v, y: (B, nc, c, m); z0: (B, d, m); states:
+    decay: (B, nc, 1) or, per channel, (B, nc, d); v, y: (B, nc, c, m); h0: (B, d, m); states:
     (B, nc + 1, d, m), or (B, 1, d, m) to keep only the final state.  Writes
     columns ``col_start:col_stop`` of y and states::
 
-        states[:, 0] = z0
+        states[:, 0] = h0
         y[:, J] = blocks[:, J]^-1 (v[:, J] - q_in[:, J] @ states[:, J])
         states[:, J + 1] = Diag(decay[:, J]) states[:, J] + k_out[:, J]^T @ y[:, J]
 
@@ -207,7 +207,7 @@ def substitution_pass(
     yj = np.empty((c, width), v.dtype)
     y_t = np.empty((width, c), v.dtype)
     k_t = np.empty((d, c), v.dtype)
-    z_t = np.empty((width, d), v.dtype)
+    h_t = np.empty((width, d), v.dtype)
     keep = states.shape[1] > 1
     nc = v.shape[1]
     per_channel = decay.shape[2] > 1
@@ -215,40 +215,40 @@ def substitution_pass(
     sink = 0.0
     for b in range(v.shape[0]):
         for p in range(d):
-            for s in range(width):
-                z_t[s, p] = z0[b, p, col_start + s]
-        _store_transposed(z_t, states[b, 0], col_start)
+            for col in range(width):
+                h_t[col, p] = h0[b, p, col_start + col]
+        _store_transposed(h_t, states[b, 0], col_start)
         for j in range(nc):
             if j + 1 < nc:
                 sink += _touch(q_in[b, j + 1], 0, d) + _touch(k_out[b, j + 1], 0, d)
                 sink += _touch(blocks[b, j + 1], 0, c) + _touch(v[b, j + 1], col_start, col_stop)
-            _dot_products(q_in[b, j], z_t, rhs)
+            _dot_products(q_in[b, j], h_t, rhs)
             vj = v[b, j]
             for r in range(c):
-                for s in range(width):
-                    rhs[r, s] = vj[r, col_start + s] - rhs[r, s]
+                for col in range(width):
+                    rhs[r, col] = vj[r, col_start + col] - rhs[r, col]
             _forward_substitute(blocks[b, j], rhs, yj)
             y_out = y[b, j]
             for r in range(c):
-                for s in range(width):
-                    y_out[r, col_start + s] = yj[r, s]
-                    y_t[s, r] = yj[r, s]
+                for col in range(width):
+                    y_out[r, col_start + col] = yj[r, col]
+                    y_t[col, r] = yj[r, col]
             kj = k_out[b, j]
             for r in range(c):
                 for p in range(d):
                     k_t[p, r] = kj[r, p]
             if per_channel:  # scale column p of the transposed state by its decay
                 dj = decay[b, j]
-                for s in range(width):
+                for col in range(width):
                     for p in range(d):
-                        z_t[s, p] *= dj[p]
-                _dot_products(y_t, k_t, z_t, one)
+                        h_t[col, p] *= dj[p]
+                _dot_products(y_t, k_t, h_t, one)
             else:
-                _dot_products(y_t, k_t, z_t, decay[b, j, 0])
+                _dot_products(y_t, k_t, h_t, decay[b, j, 0])
             if keep:
-                _store_transposed(z_t, states[b, j + 1], col_start)
+                _store_transposed(h_t, states[b, j + 1], col_start)
         if not keep:  # the final state only
-            _store_transposed(z_t, states[b, 0], col_start)
+            _store_transposed(h_t, states[b, 0], col_start)
     return sink
 
 
@@ -292,17 +292,17 @@ def adjoint_pass(
     one = dy.dtype.type(1)  # keeps float32 products in float32
     for b in range(k_out.shape[0]):
         for p in range(d):
-            for s in range(width):
-                dh_t[s, p] = dh_last[b, p, col_start + s]
+            for col in range(width):
+                dh_t[col, p] = dh_last[b, p, col_start + col]
         for j in range(nc - 1, -1, -1):
             _store_transposed(dh_t, dh[b, j], col_start)
             _dot_products(k_out[b, j], dh_t, prod)
             local, out = dy_local[b, j], dy[b, j]
             for r in range(c):
-                for s in range(width):
-                    val = local[r, col_start + s] + prod[r, s]
-                    out[r, col_start + s] = val
-                    neg_dy_t[s, r] = -val
+                for col in range(width):
+                    val = local[r, col_start + col] + prod[r, col]
+                    out[r, col_start + col] = val
+                    neg_dy_t[col, r] = -val
             wy_j = wy[b, j]
             for r in range(c):
                 for p in range(d):
@@ -310,24 +310,24 @@ def adjoint_pass(
             add = dh_add[b, j]
             if per_channel:  # scale column p of the transposed state by its decay
                 dj = decay[b, j]
-                for s in range(width):
+                for col in range(width):
                     for p in range(d):
-                        dh_t[s, p] = dh_t[s, p] * dj[p] + add[p, col_start + s]
+                        dh_t[col, p] = dh_t[col, p] * dj[p] + add[p, col_start + col]
             else:
                 aj = decay[b, j, 0]
-                for s in range(width):
+                for col in range(width):
                     for p in range(d):
-                        dh_t[s, p] = dh_t[s, p] * aj + add[p, col_start + s]
+                        dh_t[col, p] = dh_t[col, p] * aj + add[p, col_start + col]
             _dot_products(neg_dy_t, wy_t, dh_t, one)
         _store_transposed(dh_t, dh0[b], col_start)
 
 
 @jit(nogil=True)
-def _store_transposed(z_t: np.ndarray, out: np.ndarray, col_start: int) -> None:
-    """``out[:, col_start:col_start + w] = z_t.T`` for z_t (w, d), out (d, m)."""
-    for p in range(z_t.shape[1]):
-        for s in range(z_t.shape[0]):
-            out[p, col_start + s] = z_t[s, p]
+def _store_transposed(h_t: np.ndarray, out: np.ndarray, col_start: int) -> None:
+    """``out[:, col_start:col_start + w] = h_t.T`` for h_t (w, d), out (d, m)."""
+    for p in range(h_t.shape[1]):
+        for col in range(h_t.shape[0]):
+            out[p, col_start + col] = h_t[col, p]
 
 
 @jit(nogil=True, fastmath={"contract", "reassoc"})
@@ -349,48 +349,48 @@ def _dot_products(a: np.ndarray, b: np.ndarray, out: np.ndarray, beta: float = 0
         j = 0
         while j + 4 <= n_rows:
             b0, b1, b2, b3 = b[j], b[j + 1], b[j + 2], b[j + 3]
-            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
-            s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = zero
+            acc00 = acc01 = acc02 = acc03 = acc10 = acc11 = acc12 = acc13 = zero
+            acc20 = acc21 = acc22 = acc23 = acc30 = acc31 = acc32 = acc33 = zero
             for p in range(depth):
                 x0, x1, x2, x3 = b0[p], b1[p], b2[p], b3[p]
                 y = a0[p]
-                s00 += y * x0
-                s01 += y * x1
-                s02 += y * x2
-                s03 += y * x3
+                acc00 += y * x0
+                acc01 += y * x1
+                acc02 += y * x2
+                acc03 += y * x3
                 y = a1[p]
-                s10 += y * x0
-                s11 += y * x1
-                s12 += y * x2
-                s13 += y * x3
+                acc10 += y * x0
+                acc11 += y * x1
+                acc12 += y * x2
+                acc13 += y * x3
                 y = a2[p]
-                s20 += y * x0
-                s21 += y * x1
-                s22 += y * x2
-                s23 += y * x3
+                acc20 += y * x0
+                acc21 += y * x1
+                acc22 += y * x2
+                acc23 += y * x3
                 y = a3[p]
-                s30 += y * x0
-                s31 += y * x1
-                s32 += y * x2
-                s33 += y * x3
-            _put4(out[i], j, s00, s01, s02, s03, beta)
-            _put4(out[i + 1], j, s10, s11, s12, s13, beta)
-            _put4(out[i + 2], j, s20, s21, s22, s23, beta)
-            _put4(out[i + 3], j, s30, s31, s32, s33, beta)
+                acc30 += y * x0
+                acc31 += y * x1
+                acc32 += y * x2
+                acc33 += y * x3
+            _put4(out[i], j, acc00, acc01, acc02, acc03, beta)
+            _put4(out[i + 1], j, acc10, acc11, acc12, acc13, beta)
+            _put4(out[i + 2], j, acc20, acc21, acc22, acc23, beta)
+            _put4(out[i + 3], j, acc30, acc31, acc32, acc33, beta)
             j += 4
         for col in range(j, n_rows):
             bj = b[col]
-            s0 = s1 = s2 = s3 = zero
+            acc0 = acc1 = acc2 = acc3 = zero
             for p in range(depth):
                 x = bj[p]
-                s0 += a0[p] * x
-                s1 += a1[p] * x
-                s2 += a2[p] * x
-                s3 += a3[p] * x
-            _put(out, i, col, s0, beta)
-            _put(out, i + 1, col, s1, beta)
-            _put(out, i + 2, col, s2, beta)
-            _put(out, i + 3, col, s3, beta)
+                acc0 += a0[p] * x
+                acc1 += a1[p] * x
+                acc2 += a2[p] * x
+                acc3 += a3[p] * x
+            _put(out, i, col, acc0, beta)
+            _put(out, i + 1, col, acc1, beta)
+            _put(out, i + 2, col, acc2, beta)
+            _put(out, i + 3, col, acc3, beta)
         i += 4
     for row in range(i, m_rows):
         ai = a[row]
@@ -482,21 +482,21 @@ def recurrence(
         # cost 4x the arithmetic at d = 4, m = 1.
         qb, kb, vb, yb, lb, db = q[b], k[b], v[b], y[b], lam[b], decay[b]
         for p in range(d):
-            for s in range(width):
-                h[p, s] = h0[b, p, col_start + s]
+            for col in range(width):
+                h[p, col] = h0[b, p, col_start + col]
         for i in range(n):
             if e == 1:
                 a = db[i, 0]
                 bad |= (a - a) != 0
                 for p in range(d):
-                    for s in range(width):
-                        h[p, s] *= a
+                    for col in range(width):
+                        h[p, col] *= a
             elif e > 1:
                 for p in range(d):
                     a = db[i, p]
                     bad |= (a - a) != 0
-                    for s in range(width):
-                        h[p, s] *= a
+                    for col in range(width):
+                        h[p, col] *= a
             li = one if unit else lb[i]
             inv = one / li if solve else one  # a product may have zeros on the diagonal
             bad |= (li - li) != 0
@@ -505,22 +505,22 @@ def recurrence(
                 bad |= (x - x) != 0
                 x = kb[i, p]
                 bad |= (x - x) != 0
-            for s in range(width):
-                vi = vb[i, col_start + s]
+            for col in range(width):
+                vi = vb[i, col_start + col]
                 bad |= (vi - vi) != 0
                 acc = v.dtype.type(0)
                 for p in range(d):
-                    acc += qb[i, p] * h[p, s]
+                    acc += qb[i, p] * h[p, col]
                 if solve:
                     yi = vi - acc if unit else (vi - acc) * inv
-                    yb[i, col_start + s] = yi
+                    yb[i, col_start + col] = yi
                     for p in range(d):
-                        h[p, s] += kb[i, p] * yi
+                        h[p, col] += kb[i, p] * yi
                 else:
-                    yb[i, col_start + s] = (vi if unit else li * vi) + acc
+                    yb[i, col_start + col] = (vi if unit else li * vi) + acc
                     for p in range(d):
-                        h[p, s] += kb[i, p] * vi
+                        h[p, col] += kb[i, p] * vi
         for p in range(d):
-            for s in range(width):
-                hn[b, p, col_start + s] = h[p, s]
+            for col in range(width):
+                hn[b, p, col_start + col] = h[p, col]
     return bad == 0

@@ -266,16 +266,16 @@ def state_pass_adjoint(
 ) -> tuple[Array, Array, Array]:
     """The reverse pass of a solve's chunk recurrence, from saved states.
 
-    Forward, per chunk J: ``Y_J = Ỹ_J - W_J Z_J`` (``W_J = T_JJ^-1 q_in_J``, ``wy``)
-    and ``Z_{J+1} = Diag(a_J) Z_J + k_out_J^T Y_J``, and the states are read
-    as ``x_read_J Z_J`` by an output whose gradient is ``dy_read_J``.  Given
+    Forward, per chunk J: ``Y_J = Ỹ_J - W_J H_J`` (``W_J = T_JJ^-1 q_in_J``, ``wy``)
+    and ``H_{J+1} = Diag(a_J) H_J + k_out_J^T Y_J``, and the states are read
+    as ``x_read_J H_J`` by an output whose gradient is ``dy_read_J``.  Given
     ``du_local`` (..., nc, c, m), the gradient that reaches ``Y_J`` directly,
     and ``dh_last`` (..., d, m) or None, that of the final state, returns
     the total gradients of every ``Y_J``, of the state leaving every chunk
-    (..., nc, d, m), and of ``Z_0``::
+    (..., nc, d, m), and of ``H_0``::
 
-        dY_J = du_local_J + k_out_J dZ_{J+1}
-        dZ_J = Diag(a_J) dZ_{J+1} + x_read_J^T dy_read_J - W_J^T dY_J
+        dY_J = du_local_J + k_out_J dH_{J+1}
+        dH_J = Diag(a_J) dH_{J+1} + x_read_J^T dy_read_J - W_J^T dY_J
 
     The products ``x_read_J^T dy_read_J`` are formed for all chunks at once;
     the rest runs in the compiled reverse pass (:func:`dplr.core._jit.adjoint_pass`),
@@ -376,8 +376,8 @@ def solve(
 
     Algorithm (chunked forward substitution): the diagonal blocks ``T_JJ``
     for all chunks at once; then, chunk after chunk,
-    ``Y_J = T_JJ^-1 (V_J - q_in_J Z)`` (a triangular solve with the block)
-    and ``Z <- a_J Z + k_out_J^T Y_J``.  Cost O(n c (d + m) + n d m).
+    ``Y_J = T_JJ^-1 (V_J - q_in_J H)`` (a triangular solve with the block)
+    and ``H <- a_J H + k_out_J^T Y_J``.  Cost O(n c (d + m) + n d m).
 
     With ``check_finite`` the row-by-row loop (small d) checks what it reads
     and raises :class:`dplr.core._rowwise.NonFiniteInput` if it read a NaN or
@@ -442,8 +442,8 @@ def _substitution_pass(
 ) -> tuple[Array, Array]:
     """The sequential part of the solve (the backend runs it, see ``substitution_pass``).
 
-    ``Y_J = T_JJ^-1 (V_J - q_in_J Z_J)`` and ``Z_{J+1} = Diag(a_J) Z_J + k_out_J^T Y_J``
-    with ``Z_0 = h0`` (a_J (..., nc) or per channel (..., nc, d)).  Returns Y
+    ``Y_J = T_JJ^-1 (V_J - q_in_J H_J)`` and ``H_{J+1} = Diag(a_J) H_J + k_out_J^T Y_J``
+    with ``H_0 = h0`` (a_J (..., nc) or per channel (..., nc, d)).  Returns Y
     (..., nc, c, m) and the states (..., nc + 1, d, m), or only the final
     state (..., 1, d, m) unless ``keep_states``.
     """
@@ -453,9 +453,9 @@ def _substitution_pass(
         x.reshape(count, nc, c, x.shape[-1]) for x in (q_in, blocks, k_out, vc)
     )
     decay = None if chunk_decay is None else chunk_decay.reshape(count, nc, -1)
-    z0 = ops.zeros((count, d, m), vc) if h0 is None else h0.reshape(count, d, m)
+    h0 = ops.zeros((count, d, m), vc) if h0 is None else h0.reshape(count, d, m)
     yc, st = ops.substitution_pass(
-        q_in, blocks, k_out, decay, vc, z0, keep_states, kernel=_jit.substitution_pass
+        q_in, blocks, k_out, decay, vc, h0, keep_states, kernel=_jit.substitution_pass
     )
     return yc.reshape(*batch, nc, c, m), st.reshape(*batch, st.shape[1], d, m)
 
@@ -471,10 +471,11 @@ def inverse(
 ) -> Array:
     """Dense ``T^-1``, (..., n, n), by block rows (docs/algorithms.md, section 6).
 
-    Block row J of the inverse is ``[-W_J Z[:, :s], T_JJ^-1, 0]`` where
-    ``W_J = T_JJ^-1 q_in_J`` and ``Z = sum_{j < s} D k_j (T^-1)[j, :]`` is the
-    d x n state.  Only the lower block triangle is computed: O(n^2 d + n c^2)
-    flops.
+    Block row J of the inverse is ``[-W_J H[:, :start], T_JJ^-1, 0]`` where
+    ``W_J = T_JJ^-1 q_in_J`` (``wy``, the WY form) and
+    ``H = sum_{j < start} D k_j (T^-1)[j, :]`` is the d x n state, ``start``
+    the first row of chunk J.  Only the lower block triangle is computed:
+    O(n^2 d + n c^2) flops.
     """
     ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
     c, nc, d = ch.c, ch.nc, q.shape[-1]
@@ -483,19 +484,19 @@ def inverse(
     diag_blocks = strict_blocks(ops, ch) + ch.lam[..., :, None] * eye
     rhs = ops.concat([ch.q_in, ops.broadcast_to(eye, (*ch.q_in.shape[:-1], c))], -1)
     wx = ops.solve_lower_blocks(diag_blocks, rhs, kernel=_jit.solve_lower_stack)
-    w, x = wx[..., :d], wx[..., d:]
+    wy, x = wx[..., :d], wx[..., d:]
     out = ops.zeros((*batch, nc * c, nc * c), q)
-    z = ops.zeros((*batch, d, nc * c), q)
+    h = ops.zeros((*batch, d, nc * c), q)
     for j in range(nc):
-        s, e = j * c, (j + 1) * c
+        start, stop = j * c, (j + 1) * c
         if j:
-            out[..., s:e, :s] = -(w[..., j, :, :] @ z[..., :, :s])
-        out[..., s:e, s:e] = x[..., j, :, :]
-        update = ch.k_out[..., j, :, :].mT @ out[..., s:e, :e]
+            out[..., start:stop, :start] = -(wy[..., j, :, :] @ h[..., :, :start])
+        out[..., start:stop, start:stop] = x[..., j, :, :]
+        update = ch.k_out[..., j, :, :].mT @ out[..., start:stop, :stop]
         if ch.chunk_decay is not None:
-            z[..., :, :e] = ch.state_decay(j) * z[..., :, :e] + update
+            h[..., :, :stop] = ch.state_decay(j) * h[..., :, :stop] + update
         else:
-            z[..., :, :e] = z[..., :, :e] + update
+            h[..., :, :stop] = h[..., :, :stop] + update
     return out[..., : ch.n, : ch.n]
 
 
