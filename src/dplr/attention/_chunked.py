@@ -253,13 +253,9 @@ def _channel_factors(g, b, h, t0, floor, budget, fac, w_in, w_out, a):
     L, K = fac.shape
     dt = fac.dtype.type
     tiny = dt(np.exp(-floor))
-    for i in range(L):
-        gi = g[b, t0 + i, h]
-        for p in range(K):
-            x = gi[p]
-            # Kept down to e^-budget: a sub-block of two or more rows divides by
-            # products of these (:func:`_channel_blocks`), all normal numbers then.
-            fac[i, p] = np.exp(x) if x >= -budget else dt(0)
+    # Kept down to e^-budget: a sub-block of two or more rows divides by
+    # products of these (:func:`_channel_blocks`), all normal numbers then.
+    _exp_rows(g[b, t0 : t0 + L, h], fac, budget)
     for p in range(K):
         a[p] = dt(1)
     for i in range(L):
@@ -276,17 +272,100 @@ def _channel_factors(g, b, h, t0, floor, budget, fac, w_in, w_out, a):
             w_out[i, p] = run if run >= tiny else dt(0)
 
 
+@jit(nogil=True, fastmath={"contract"})
+def _exp_rows(x, out, budget):
+    """``out = exp(x)`` where ``-budget <= x <= 0``, else 0; x, out (L, K).
+
+    Written so that the compiler vectorises it (Numba's ``np.exp`` is a
+    scalar call here: 4096 of them took 29 us per chunk of 32 x 128, this
+    5 us): ``x = m ln 2 + r`` with ``m = round(x / ln 2)`` and ``|r| <= ln(2) / 2``
+    (Cody and Waite's two-part ln 2, whose high part times m is exact), the
+    Taylor polynomial of ``exp(r)`` to degree 7 (float32) or 13 (float64),
+    whose remainder is below 1e-8 and 1e-17 relative, and ``2^m`` from the
+    exponent bits (:func:`_pow2`).  Within about 1 eps of ``exp``: measured
+    0.6 eps (float32) and 1.0 eps (float64) over [-budget, 0].  The budgets
+    (80 and 600) keep ``2^m`` a normal number.
+    """
+    L, K = out.shape
+    dt = out.dtype.type
+    single = out.itemsize == 4
+    log2e = dt(1.4426950408889634)
+    ln2_hi = dt(0.693359375) if single else dt(6.93147180369123816490e-01)
+    ln2_lo = dt(-2.12194440e-4) if single else dt(1.90821492927058770002e-10)
+    half = dt(0.5)
+    xi, powers = np.empty(K, out.dtype), np.empty(K, out.dtype)
+    cells32, cells64 = np.empty(K, np.int32), np.empty(K, np.int64)
+    for i in range(L):
+        xi[:] = x[i]  # contiguous: a strided row does not vectorise
+        oi = out[i]
+        for p in range(K):
+            xp = max(xi[p], -budget)
+            m = np.floor(xp * log2e + half)
+            r = (xp - m * ln2_hi) - m * ln2_lo
+            y = dt(1 / 5040) if single else dt(1 / 6227020800)
+            if not single:
+                y = y * r + dt(1 / 479001600)
+                y = y * r + dt(1 / 39916800)
+                y = y * r + dt(1 / 3628800)
+                y = y * r + dt(1 / 362880)
+                y = y * r + dt(1 / 40320)
+                y = y * r + dt(1 / 5040)
+            y = y * r + dt(1 / 720)
+            y = y * r + dt(1 / 120)
+            y = y * r + dt(1 / 24)
+            y = y * r + dt(1 / 6)
+            y = y * r + half
+            y = y * r + dt(1)
+            oi[p] = y * r + dt(1)
+            powers[p] = m
+        _pow2(powers, cells32, cells64)
+        for p in range(K):
+            oi[p] = oi[p] * powers[p] if xi[p] >= -budget else dt(0)
+
+
+@jit(nogil=True)
+def _pow2(m, cells32, cells64):
+    """``m <- 2^m`` in place for integer-valued m in the dtype's normal exponent range."""
+    n = m.shape[0]
+    if m.itemsize == 4:
+        for p in range(n):
+            cells32[p] = (np.int32(m[p]) + 127) << 23
+        f32 = cells32.view(np.float32)
+        for p in range(n):
+            m[p] = f32[p]
+    else:
+        for p in range(n):
+            cells64[p] = (np.int64(m[p]) + 1023) << 52
+        f64 = cells64.view(np.float64)
+        for p in range(n):
+            m[p] = f64[p]
+
+
 @jit(nogil=True, fastmath={"contract", "reassoc"})
 def _row_blocks(buf, floor):
-    """``I + A`` and ``P`` with one decay per row: products masked by ``D_ij = exp(g_i - g_j)``."""
-    _, kb, qs, kn, _, a_blk, p_blk, _, _, gc, rc, _, _ = buf
+    """``I + A`` and ``P`` with one decay per row: products masked by ``D_ij = exp(g_i - g_j)``.
+
+    ``D_ij = prod_{j < t <= i} a_t`` with ``a_t = exp(g_t)``, formed right to
+    left along each row: L exponentials per chunk instead of L^2 / 2 (the
+    exponentials took three quarters of this function at L = 32).  A
+    product of at most L rounded factors has a relative error of at most
+    about L eps; a reset (``g = -inf``) is an exact zero factor, and a
+    product below ``exp(-floor)`` is set to 0 as :func:`_factor` does.
+    """
+    _, kb, qs, kn, _, a_blk, p_blk, _, _, gc, rc, rows, _ = buf
     L, K = kn.shape
     dt = kn.dtype.type
+    tiny = dt(np.exp(-floor))
     _strict_lower_product(kb, kn, a_blk)
     _strict_lower_product(qs, kn, p_blk)
+    step = rows[2 * L : 3 * L, 0] if K > 0 else rows[:0, 0]  # rows 2L: are free with one decay
+    for t in range(1, L if K > 0 else 0):  # K = 0: the products are empty sums, 0
+        step[t] = _factor(gc[t, 0] - gc[t - 1, 0], rc[t, 0] == rc[t - 1, 0], floor)
     for i in range(L):
-        for j in range(i):
-            d_ij = _factor(gc[i, 0] - gc[j, 0], rc[i, 0] == rc[j, 0], floor)
+        d_ij = dt(1)
+        for j in range(i - 1 if K > 0 else -1, -1, -1):
+            d_ij *= step[j + 1]
+            d_ij = d_ij if d_ij >= tiny else dt(0)
             a_blk[i, j] *= d_ij
             p_blk[i, j] *= d_ij
         a_blk[i, i] = dt(1)
