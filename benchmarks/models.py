@@ -218,6 +218,26 @@ def kda_rows(torch, T: int, reps: int, memory: bool) -> list[Row]:
     return rows
 
 
+def kda_backward_row(torch, T: int, reps: int) -> Row:
+    """KDA forward + backward against 3.5 x the forward without gradients (as backward_row)."""
+    inputs = tuple(x.requires_grad_() for x in kda_inputs(T))
+
+    def forward():
+        with torch.no_grad():
+            return _dplr_kda(*inputs)
+
+    def both():
+        o, s = _dplr_kda(*inputs)
+        return torch.autograd.grad((o.square().sum() + s.sum(),), inputs)
+
+    t_fwd, t_both = median_times([forward, both], reps)
+    ratio = t_both / t_fwd
+    return Row(SUITE, "KDA fwd+bwd vs 3.5 x forward", f"B=1 T={T} H={KDA_H} K=V={K}",
+               "3.5 x dplr forward", 3.5 * t_fwd, t_both, None, 1.0,
+               f"fwd+bwd = {ratio:.2f} x forward", {"T": T, "fwd_bwd_over_fwd": ratio,
+                                                    "method": "chunked"})  # fmt: skip
+
+
 def _kda_peak_job(which: str, T: int):
     """For :func:`peak_memory_mib`: one KDA forward (no gradients) of ``which`` at length T."""
     import torch
@@ -261,6 +281,8 @@ def run(quick: bool = False, progress: Progress | None = None) -> list[Row]:
         T = 256 if quick else 2048
         progress(f"models: KDA forward T={T} against transformers' recurrence and chunked form")
         rows += kda_rows(torch, T, 1 if quick else 3, memory=not quick)
+        progress(f"models: KDA forward + backward at T={T}")
+        rows.append(kda_backward_row(torch, T, 1 if quick else 3))
     return rows
 
 
