@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from dplr import delta_rule, gated_delta_rule, reference
+from dplr import delta_rule, gated_delta_rule, kda, reference
 from dplr.attention import _chunked_grad
 
 torch = pytest.importorskip("torch")
@@ -147,11 +147,70 @@ def test_the_separate_steps_still_run_when_the_loops_are_off(monkeypatch, calls)
         assert rel_err(got[name], want[name]) < _bound(torch.float64, 21, 4, 3, 4), name
 
 
+def _kda_inputs(rng, B, T, H, HV, K, V, *, strong, resets):
+    arrays = _inputs(rng, B, T, H, HV, K, V, gated=False)
+    g = -rng.uniform(0.0, strong, (B, T, HV, K))
+    if resets:  # one channel at one token, every channel at another
+        g[:, min(3, T - 1), 0, 1 % K] = -np.inf
+        g[:, [t for t in (5, 6) if t < T]] = -np.inf
+    arrays["g"] = g
+    return arrays
+
+
+def _kda(chunk, l2norm=False):
+    def fn(x):
+        return kda(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["initial_state"],
+                   output_final_state=True, chunk_size=chunk, use_qk_l2norm=l2norm)  # fmt: skip
+
+    return fn
+
+
+def _kda_reference(l2norm=False):
+    def fn(x):
+        kw = {"initial_state": x["initial_state"], "use_qk_l2norm": l2norm}
+        return reference.kda_recurrent(x["q"], x["k"], x["v"], x["g"], x["beta"], **kw)
+
+    return fn
+
+
+@pytest.mark.parametrize(("B", "T", "H", "HV", "K", "V", "chunk"), CASES)
+@pytest.mark.parametrize(("strong", "resets"), [(0.5, False), (30.0, False), (6.0, True)])
+def test_kda_gradients_match_autograd_through_the_recurrence(B, T, H, HV, K, V, chunk, strong,
+                                                             resets, calls):  # fmt: skip
+    """One decay per key channel, anchored sub-blocks: mild decays (one sub-block per
+    chunk), 30 per token (sub-blocks of a few rows in float64), resets of one channel and of
+    all (pulled back pair by pair)."""
+    rng = np.random.default_rng(T * 17 + K + HV)
+    arrays = _kda_inputs(rng, B, T, H, HV, K, V, strong=strong, resets=resets)
+    o, sn, got = _gradients(_kda(chunk), arrays, torch.float64)
+    o_ref, s_ref, want = _gradients(_kda_reference(), arrays, torch.float64)
+    assert calls["backward"] == 1
+    tol = _bound(torch.float64, T, K, V, chunk)
+    assert rel_err(o, o_ref) < tol and rel_err(sn, s_ref) < tol
+    for name in want:
+        assert torch.isfinite(got[name]).all(), name
+        assert rel_err(got[name], want[name]) < tol, name
+    if resets:
+        assert (got["g"][np.isneginf(arrays["g"])] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kda_float32_at_g_minus_5_with_normalised_keys(dtype, calls):
+    rng = np.random.default_rng(9)
+    arrays = _kda_inputs(rng, 1, 70, 2, 2, 8, 6, strong=5.0, resets=False)
+    arrays["g"][:] = -5.0  # the models' gate bound, every token and channel
+    _, _, got = _gradients(_kda(16, l2norm=True), arrays, dtype)
+    _, _, want = _gradients(_kda_reference(l2norm=True), arrays, torch.float64)
+    assert calls["backward"] == 1
+    for name in want:
+        assert rel_err(got[name], want[name]) < _bound(dtype, 70, 8, 6, 16), name
+
+
 def test_what_the_loops_take():
     x = torch.zeros(1, 4, 1, 2)
     g = torch.zeros(1, 4, 1)
     assert _chunked_grad.applies(x, g, (x, x, x, g))
     assert _chunked_grad.applies(x, None, (x, x, x))
-    assert not _chunked_grad.applies(x, x, (x, x, x, x))  # one decay per key channel
+    assert _chunked_grad.applies(x, x, (x, x, x, x))  # one decay per key channel
     assert not _chunked_grad.applies(x.half(), g.half(), (x.half(), g.half()))
     assert not _chunked_grad.applies(x, g, (x, g.double()))

@@ -27,8 +27,9 @@ the compiled loop (:mod:`dplr._runtime.gemm`) on operands in cache; the
 separate steps of :mod:`dplr.attention._delta_grad` did seven, each a pass
 over whole tensors.
 
-Operands are in the public layout (B, T, H, .), one decay per head (or
-none), float32 or float64 on the CPU.  :func:`rule_function` takes raw q, k
+Operands are in the public layout (B, T, H, .), one decay per head, per key
+channel (KDA; its pull-back in :mod:`dplr.attention._channel_grad`) or
+none, float32 or float64 on the CPU.  :func:`rule_function` takes raw q, k
 and scales, normalises (``use_qk_l2norm``) and shares key heads among value
 heads in the loops, whose backward applies the normalisation's gradient
 ``dx = (dy - y (y . dy)) / |x|`` and sums over each group; packed sequences
@@ -48,7 +49,15 @@ from .._runtime.gemm import gemm, gemm_both, gemm_scratch
 from .._runtime.jit import jit
 from .._runtime.threads import num_workers, run_all, split
 from ..core._decay import _EXPONENT_BUDGET, _FLUSH_BELOW
-from ._chunked import _buffers, _chunk_step, _factor, _load_chunk, _row_blocks
+from ._channel_grad import _channel_blocks_back, _channel_factors_back
+from ._chunked import (
+    _buffers,
+    _channel_blocks,
+    _chunk_step,
+    _factor,
+    _load_chunk,
+    _row_blocks,
+)
 from ._recurrent import _as_numpy
 
 #: Whether :func:`applies` may choose this path (tests set it False to run
@@ -57,12 +66,11 @@ ENABLED = True
 
 
 def applies(q: Any, g: Any, tensors: tuple[Any, ...]) -> bool:
-    """Whether the compiled loops take these torch operands: CPU, float32/float64,
-    one dtype, one decay per head or none."""
+    """Whether the compiled loops take these torch operands: CPU, float32/float64, one dtype."""
     import torch
 
     present = [x for x in tensors if x is not None]
-    if not ENABLED or (g is not None and g.ndim == q.ndim):
+    if not ENABLED:
         return False
     kinds = (torch.float32, torch.float64)
     one_dtype = q.dtype in kinds and all(x.dtype == q.dtype for x in present)
@@ -124,8 +132,10 @@ def _limits(dtype: np.dtype) -> tuple[Any, Any]:
 
 
 def _decay4(g: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """g as (B, T, H, E): E = 0 without decay, 1 for one per head."""
-    return np.empty((*shape[:3], 0), dtype) if g is None else g[..., None]
+    """g as (B, T, H, E): E = 0 without decay, 1 for one per head, K per key channel."""
+    if g is None:
+        return np.empty((*shape[:3], 0), dtype)
+    return g[..., None] if g.ndim == 3 else g
 
 
 def _lane_parts(B: int, H: int, T: int, K: int, V: int) -> list[slice]:
@@ -184,7 +194,10 @@ def _forward_lanes(q, k, v, beta, g, s0, has_s0, out, v_new, states, final, chun
             buf = full if L == chunk else _buffers(L, K, V, E, v.dtype)
             hk = h // (HV // H)
             _load_chunk(q, k, v, beta, g, b, hk, h, t0, scale, l2norm, floor, budget, buf)
-            _row_blocks(buf, floor)
+            if E > 1:
+                _channel_blocks(buf, floor, budget)
+            else:
+                _row_blocks(buf, floor)
             states[b, h, j] = s_vnew[:K]
             _chunk_step(buf, s_vnew, out, b, h, t0, scratch)
             v_new[b, t0 : t0 + L, h] = s_vnew[K : K + L]
@@ -223,13 +236,14 @@ def backward(q, k, v, beta, g, v_new, states, do, dsn, chunk: int, scale: float 
     if HV != H:
         dq, dk = (x.reshape(B, T, H, HV // H, K).sum(3) for x in (dq, dk))
     grads = [torch.from_numpy(x) for x in (dq, dk, dv, dbeta)]
-    grads.append(torch.from_numpy(dg[..., 0]) if has_g else None)
+    grads.append(None if not has_g else torch.from_numpy(dg if g.ndim == 4 else dg[..., 0]))
     return (*grads, torch.from_numpy(ds0))
 
 
 @jit(nogil=True)
-def _grad_buffers(L, K, V, dtype):
-    """Scratch arrays of the backward pass for a chunk of L tokens."""
+def _grad_buffers(L, K, V, E, dtype):
+    """Scratch arrays of the backward pass for a chunk of L tokens (E as ``g``'s last axis)."""
+    kc = K if E > 1 else 0  # per-channel decay only
     return (
         np.empty((2 * L, V), dtype),  # [-dr; dO]
         np.empty((L, V), dtype),  # dv_new, then dr
@@ -239,7 +253,9 @@ def _grad_buffers(L, K, V, dtype):
         np.empty((L, K), dtype),  # dkb
         np.empty((L, K), dtype),  # dq
         np.empty((L, K), dtype),  # dk
-        np.empty(L, dtype),  # dG
+        np.empty((L, max(E, 1)), dtype),  # dG
+        np.empty((2 * L, kc), dtype),  # w_in, w_out (the chunk rows overwrite them)
+        np.empty((4 * L, kc), dtype),  # anchor weights, d(anchored kb, q, k) rows
     )
 
 
@@ -252,7 +268,7 @@ def _backward_lanes(q, k, v, beta, g, v_new, states, do, dsn, has_dsn, dq, dk, d
     E = g.shape[3]
     ds = np.empty((K, V), v.dtype)  # gradient of the state leaving the chunk
     full = _buffers(chunk, K, V, E, v.dtype)
-    full_grad = _grad_buffers(chunk, K, V, v.dtype)
+    full_grad = _grad_buffers(chunk, K, V, E, v.dtype)
     scratch = gemm_scratch(v.dtype)
     for lane in range(lane_start, lane_stop):
         b, h = lane // HV, lane % HV
@@ -265,13 +281,17 @@ def _backward_lanes(q, k, v, beta, g, v_new, states, do, dsn, has_dsn, dq, dk, d
             t0 = j * chunk
             L = min(chunk, T - t0)
             buf = full if L == chunk else _buffers(L, K, V, E, v.dtype)
-            gb = full_grad if L == chunk else _grad_buffers(L, K, V, v.dtype)
+            gb = full_grad if L == chunk else _grad_buffers(L, K, V, E, v.dtype)
             _load_chunk(q, k, v, beta, g, b, hk, h, t0, scale, l2norm, floor, budget, buf)
-            _row_blocks(buf, floor)
+            if E > 1:
+                gb[9][:] = buf[11][: 2 * L]  # w_in, w_out, before the blocks reuse the rows
+                _channel_blocks(buf, floor, budget)
+            else:
+                _row_blocks(buf, floor)
             vn = v_new[b, t0 : t0 + L, h]
             _chunk_backward(buf, gb, states[b, h, j], ds, vn, do[b, t0 : t0 + L, h], scratch)
-            _chunk_gradients(buf, gb, floor, q, k, v, beta, g, dq, dk, dv, dbeta, dg, b, hk, h,
-                             t0, scale, l2norm, scratch)  # fmt: skip
+            _chunk_gradients(buf, gb, floor, budget, q, k, v, beta, g, dq, dk, dv, dbeta, dg, b,
+                             hk, h, t0, scale, l2norm, scratch)  # fmt: skip
         ds0[b, h] = ds
 
 
@@ -285,17 +305,21 @@ def _chunk_backward(buf, gb, s, ds, vn, do, scratch):
     the public layout).  The products are BLAS calls.
     """
     kb_in, _, _, _, k_out, a_blk, p_blk, _, qp, _, _, _, a = buf
-    rd, dr, dkq, dk_out, dap, _, _, _, dgam = gb
+    rd, dr, dkq, dk_out, dap, _, _, _, dgam, _, _ = gb
     L, V = dr.shape
     K = s.shape[0]
+    per_channel = dgam.shape[1] > 1
     rd[L:] = do
-    # The state's decay a = exp(G_last): its gradient <S, dS'> (one decay per row).
-    sds = ds.dtype.type(0)
+    # The state's decay a = exp(G_last): its gradient <S, dS'> (per row of S per channel).
+    dgam[:] = 0
     for p in range(K):
+        sds = ds.dtype.type(0)
         for col in range(V):
             sds += s[p, col] * ds[p, col]
-    dgam[:] = 0
-    dgam[L - 1] = a[0] * sds
+        if per_channel:
+            dgam[L - 1, p] = a[p] * sds
+        else:
+            dgam[L - 1, 0] += a[0] * sds
     gemm_both(vn, ds, dk_out, 1.0, 0.0, False, True, scratch)  # d(k ⊙ w_out) = v_new dS'^T
     gemm(k_out, ds, dr, 1.0, 0.0, False, scratch)  # dv_new = (k ⊙ w_out) dS' + P^T dO
     gemm(p_blk, rd[L:], dr, 1.0, 1.0, True, scratch)  # P is 0 above its diagonal
@@ -312,19 +336,45 @@ def _chunk_backward(buf, gb, s, ds, vn, do, scratch):
     gemm_both(rd, s, dkq, 1.0, 0.0, False, True, scratch)  # [d(kb ⊙ w_in); d(q ⊙ w_in)]
     gemm_both(rd, vn, dap, 1.0, 0.0, False, True, scratch)  # [dA; dP] = [-dr; dO] v_new^T
     # dS = a dS' - (kb ⊙ w_in)^T dr + (q ⊙ w_in)^T dO
-    gemm(kb_in, rd[:L], ds, 1.0, a[0], True, scratch)
+    if per_channel:
+        for p in range(K):
+            ap = a[p]
+            for col in range(V):
+                ds[p, col] *= ap
+    gemm(kb_in, rd[:L], ds, 1.0, 1.0 if per_channel else a[0], True, scratch)
     gemm(qp[:, :K], rd[L:], ds, 1.0, 1.0, True, scratch)
 
 
 @jit(nogil=True, fastmath={"contract", "reassoc"})
-def _chunk_gradients(buf, gb, floor, q, k, v, beta, g, dq, dk, dv, dbeta, dg, b, hk, h, t0,
-                     scale, l2norm, scratch):  # fmt: skip
+def _chunk_gradients(buf, gb, floor, budget, q, k, v, beta, g, dq, dk, dv, dbeta, dg, b, hk, h,
+                     t0, scale, l2norm, scratch):  # fmt: skip
     """Pull the chunk's row gradients back to q, k, v, beta and g (written in place;
     dq, dk per value head h, of key head hk)."""
+    kb_in, kb, qs, kn, k_out, _, _, _, qp, gc, rc, rows, _ = buf
+    _, _, dkq, dk_out, dap, dkb, dqs, dkn, dgam, wio, work = gb
+    L = kn.shape[0]
+    dt = kn.dtype.type
+    if dgam.shape[1] > 1:  # per key channel
+        _channel_factors_back(kb_in, qp, k_out, wio, dkq, dk_out, dkb, dqs, dkn, dgam)
+        e_a, e_p = dap[:L], dap[L:]
+        for i in range(L):
+            for j in range(i, L):
+                e_a[i, j] = dt(0)
+            for j in range(i + 1, L):
+                e_p[i, j] = dt(0)
+        _channel_blocks_back(kb, qs, kn, gc, rc, rows, e_a, e_p, dkb, dqs, dkn, dgam, work,
+                             floor, budget, scratch)  # fmt: skip
+    else:
+        _row_factors_blocks_back(buf, gb, floor, scratch)
+    _rows_back(buf, gb, q, k, v, beta, g, dq, dk, dv, dbeta, dg, b, hk, h, t0, scale, l2norm)
+
+
+@jit(nogil=True, fastmath={"contract", "reassoc"})
+def _row_factors_blocks_back(buf, gb, floor, scratch):
+    """One decay per row: the factors' and blocks' shares of dkb, dq, dk and dG."""
     kb_in, kb, qs, kn, k_out, a_blk, p_blk, _, qp, gc, rc, rows, _ = buf
-    _, dr, dkq, dk_out, dap, dkb, dqs, dkn, dgam = gb
+    _, _, dkq, dk_out, dap, dkb, dqs, dkn, dgam, _, _ = gb
     L, K = kn.shape
-    V = dr.shape[1]
     w_in, w_out = rows[:L], rows[L : 2 * L]
     dt = kn.dtype.type
     # The factors: x ⊙ w_in (w_in = exp(G_i)) and k ⊙ w_out (w_out = exp(G_last - G_i)).
@@ -337,8 +387,8 @@ def _chunk_gradients(buf, gb, floor, q, k, v, beta, g, dq, dk, dv, dbeta, dg, b,
             dkn[i, p] = wo * dk_out[i, p]
             s_in += kb_in[i, p] * dkq[i, p] + qp[i, p] * dkq[L + i, p]
             s_out += k_out[i, p] * dk_out[i, p]
-        dgam[i] += s_in - s_out
-        dgam[L - 1] += s_out
+        dgam[i, 0] += s_in - s_out
+        dgam[L - 1, 0] += s_out
     # The blocks A_ij = (kb_i . k_j) D_ij, P_ij = (q_i . k_j) D_ij (i > j), P_ii = q_i . k_i:
     # dA, dP become E_A = dA ⊙ D, E_P = dP ⊙ D (D_ii = 1, zero above the diagonal), then
     # dkb += E_A k, dq += E_P k, dk += E_A^T kb + E_P^T q (four products).
@@ -347,8 +397,8 @@ def _chunk_gradients(buf, gb, floor, q, k, v, beta, g, dq, dk, dv, dbeta, dg, b,
         for j in range(i):
             da, dp = e_a[i, j], e_p[i, j]
             share = da * a_blk[i, j] + dp * p_blk[i, j]  # dD_ij D_ij, on G_i - G_j
-            dgam[i] += share
-            dgam[j] -= share
+            dgam[i, 0] += share
+            dgam[j, 0] -= share
             d_ij = _factor(gc[i, 0] - gc[j, 0], rc[i, 0] == rc[j, 0], floor)
             e_a[i, j], e_p[i, j] = da * d_ij, dp * d_ij
         e_a[i, i] = dt(0)
@@ -358,7 +408,17 @@ def _chunk_gradients(buf, gb, floor, q, k, v, beta, g, dq, dk, dv, dbeta, dg, b,
     gemm(e_p, kn, dqs, 1.0, 1.0, False, scratch)
     gemm(e_a, kb, dkn, 1.0, 1.0, True, scratch)
     gemm(e_p, qs, dkn, 1.0, 1.0, True, scratch)
-    # kb = beta k and the right-hand side beta v; dr is the gradient of beta v.
+
+
+@jit(nogil=True, fastmath={"contract", "reassoc"})
+def _rows_back(buf, gb, q, k, v, beta, g, dq, dk, dv, dbeta, dg, b, hk, h, t0, scale, l2norm):
+    """From kb = beta k, beta v, the scale and the normalisation to the inputs' rows, and
+    dg = the reverse cumulative sum of dG (0 where g = -inf)."""
+    _, _, _, kn, _, _, _, _, _, _, _, _, _ = buf
+    _, dr, _, _, _, dkb, dqs, dkn, dgam, _, _ = gb
+    L, K = kn.shape
+    V = dr.shape[1]
+    dt = kn.dtype.type
     for i in range(L):
         t = t0 + i
         bt = beta[b, t, h]
@@ -374,11 +434,11 @@ def _chunk_gradients(buf, gb, floor, q, k, v, beta, g, dq, dk, dv, dbeta, dg, b,
             sb += vi[s] * dr[i, s]
             dv[b, t, h, s] = bt * dr[i, s]
         dbeta[b, t, h] = sb
-    if g.shape[3] > 0:  # G = cumsum(g) from the chunk start: dg_t = sum_{i >= t} dG_i
+    for e in range(g.shape[3]):  # G = cumsum(g) from the chunk start: dg_t = sum_{i >= t} dG_i
         acc = dt(0)
         for i in range(L - 1, -1, -1):
-            acc += dgam[i]
-            dg[b, t0 + i, h, 0] = dt(0) if g[b, t0 + i, h, 0] == -np.inf else acc
+            acc += dgam[i, e]
+            dg[b, t0 + i, h, e] = dt(0) if g[b, t0 + i, h, e] == -np.inf else acc
 
 
 @jit(nogil=True, fastmath={"contract", "reassoc"})
