@@ -6,7 +6,8 @@ with ``a_t = exp(g_t)`` (``a_t = 1`` for the plain rule).  Over a sequence the
 recurrence is one solve with the core structure :class:`dplr.LowRankTril`
 followed by a product with it (``docs/delta.md``); both run chunk by chunk in
 :mod:`dplr.core._kernels`, and torch gradients use the hand-written backward of
-:mod:`dplr.attention._delta_grad`.
+:mod:`dplr.attention._delta_grad` (on the CPU, the compiled loops of
+:mod:`dplr.attention._chunked_grad`).
 """
 
 from __future__ import annotations
@@ -120,10 +121,11 @@ def delta_rule(
     T = 0 the outputs are empty and the final state is a copy of
     ``initial_state``.  With
     torch, gradients flow to q, k, v, beta and ``initial_state`` through a
-    hand-written backward that stores the inputs, U, the state entering each
-    chunk and the chunks' c x c blocks (2 T c numbers per head).  Grouped
-    value heads run as HV heads on shared copies of q and k (O(T HV K)
-    memory); the gradients of q and k sum over each group.
+    hand-written backward that stores the inputs, the new values and the
+    state entering each chunk (on the CPU in float32/float64, a compiled
+    loop per head that forms the chunks' blocks again; elsewhere also the
+    chunks' c x c blocks, 2 T c numbers per head).  Grouped value heads
+    share q and k; the gradients of q and k sum over each group.
 
     Examples
     --------

@@ -89,8 +89,10 @@ def kda(
     Chunks of c tokens cost O(T c (K + V) + T K V) flops per head and
     O(T (K + V + c)) memory; no tensor of size T x c x K is formed.  With
     torch, gradients reach q, k, v, g, beta and ``initial_state`` through a
-    hand-written backward that stores the inputs, U, the state entering
-    each chunk and the chunks' c x c blocks (2 T c numbers per head).
+    hand-written backward that stores the inputs, the new values and the
+    state entering each chunk (on the CPU in float32/float64, a compiled
+    loop per head that forms the chunks' blocks again; elsewhere also the
+    blocks, 2 T c numbers per head).
 
     Examples
     --------
