@@ -54,7 +54,6 @@ from ._chunked import (
     _buffers,
     _channel_blocks,
     _chunk_step,
-    _factor,
     _load_chunk,
     _row_blocks,
 )
@@ -372,7 +371,7 @@ def _chunk_gradients(buf, gb, floor, budget, q, k, v, beta, g, dq, dk, dv, dbeta
 @jit(nogil=True, fastmath={"contract", "reassoc"})
 def _row_factors_blocks_back(buf, gb, floor, scratch):
     """One decay per row: the factors' and blocks' shares of dkb, dq, dk and dG."""
-    kb_in, kb, qs, kn, k_out, a_blk, p_blk, _, qp, gc, rc, rows, _ = buf
+    kb_in, kb, qs, kn, k_out, a_blk, p_blk, _, qp, _, _, rows, _ = buf
     _, _, dkq, dk_out, dap, dkb, dqs, dkn, dgam, _, _ = gb
     L, K = kn.shape
     w_in, w_out = rows[:L], rows[L : 2 * L]
@@ -392,14 +391,20 @@ def _row_factors_blocks_back(buf, gb, floor, scratch):
     # The blocks A_ij = (kb_i . k_j) D_ij, P_ij = (q_i . k_j) D_ij (i > j), P_ii = q_i . k_i:
     # dA, dP become E_A = dA ⊙ D, E_P = dP ⊙ D (D_ii = 1, zero above the diagonal), then
     # dkb += E_A k, dq += E_P k, dk += E_A^T kb + E_P^T q (four products).
+    # D_ij as the forward formed it: running products of the per-token factors that
+    # _row_blocks left in rows[2L:3L, 0] (none when K = 0, where the products are empty).
     e_a, e_p = dap[:L], dap[L:]
+    tiny = dt(np.exp(-floor))
     for i in range(L):
-        for j in range(i):
+        d_ij = dt(1)
+        for j in range(i - 1, -1, -1):
             da, dp = e_a[i, j], e_p[i, j]
             share = da * a_blk[i, j] + dp * p_blk[i, j]  # dD_ij D_ij, on G_i - G_j
             dgam[i, 0] += share
             dgam[j, 0] -= share
-            d_ij = _factor(gc[i, 0] - gc[j, 0], rc[i, 0] == rc[j, 0], floor)
+            if K > 0:
+                d_ij *= rows[2 * L + j + 1, 0]
+                d_ij = d_ij if d_ij >= tiny else dt(0)
             e_a[i, j], e_p[i, j] = da * d_ij, dp * d_ij
         e_a[i, i] = dt(0)
         for j in range(i + 1, L):
