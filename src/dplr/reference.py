@@ -219,9 +219,9 @@ def _recurrence(q, k, v, beta, g, scale, initial_state, use_qk_l2norm):
     for q_t, kr_t, kc_t, v_t, b_t, a_t in zip(*steps, decays, strict=True):
         if a_t is not None:
             state = a_t * state
-        # u_t = beta_t (v_t - k_t^T S): the value written, the old one it replaces removed.
-        u_t = b_t * (v_t - kr_t @ state)
-        state = state + kc_t * u_t
+        # delta_t = beta_t (v_t - k_t^T S): the value written, the old one it replaces removed.
+        delta_t = b_t * (v_t - kr_t @ state)
+        state = state + kc_t * delta_t
         outputs.append(q_t @ state)
     out = concat(outputs, -2)  # (B, H, T, V)
     return scale * (out.transpose(1, 2) if torch_in else np.swapaxes(out, 1, 2)), state

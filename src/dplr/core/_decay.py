@@ -145,51 +145,54 @@ def chunk_decay(ops, log_decay: Array, c: int, chunk_rows) -> ChunkDecay:
     return ChunkDecay(g, r, sub_block_length(finite, c, finite.dtype.itemsize))
 
 
-def _rows(x: Array | None, s: int, e: int) -> Array | None:
-    return None if x is None else x[..., s:e, :]
+def _rows(x: Array | None, start: int, stop: int) -> Array | None:
+    return None if x is None else x[..., start:stop, :]
 
 
 def _sub_blocks(c: int, sub: int):
-    """``(s, e)`` row ranges of the sub-blocks of a chunk."""
-    return [(s, min(s + sub, c)) for s in range(0, c, sub)]
+    """``(start, stop)`` row ranges of the sub-blocks of a chunk."""
+    return [(start, min(start + sub, c)) for start in range(0, c, sub)]
 
 
-def _anchored(ops, dec: ChunkDecay, s: int, e: int):
-    """Weights for the sub-block of rows s:e (see :func:`channel_strict_blocks`).
+def _anchored(ops, dec: ChunkDecay, start: int, stop: int):
+    """Weights for the sub-block of rows start:stop (see :func:`channel_strict_blocks`).
 
-    Returns ``(wq_in, wk_in, wq_below, wk_below)``: rows s:e scaled by
+    Returns ``(wq_in, wk_in, wq_below, wk_below)``: rows start:stop scaled by
     ``exp(g_i - g_s)`` (<= 1) and ``exp(g_s - g_j)`` (>= 1, at most e^budget),
-    rows e: by ``exp(g_i - g_a)`` and rows s:e by ``exp(g_a - g_j)`` with the
-    anchor a = e - 1 (both <= 1, resets exact); the last two are None for the
+    rows stop: by ``exp(g_i - g_a)`` and rows start:stop by ``exp(g_a - g_j)``
+    with the anchor a = stop - 1 (both <= 1, resets exact); the last two are None for the
     last sub-block.
     """
     g, r = dec.g, dec.r
-    g_s = g[..., s : s + 1, :]
-    wq_in = ops.exp(g[..., s:e, :] - g_s)
-    wk_in = ops.exp(g_s - g[..., s:e, :])
-    if e == g.shape[-2]:
+    g_s = g[..., start : start + 1, :]
+    wq_in = ops.exp(g[..., start:stop, :] - g_s)
+    wk_in = ops.exp(g_s - g[..., start:stop, :])
+    if stop == g.shape[-2]:
         return wq_in, wk_in, None, None
-    g_a, r_a = g[..., e - 1 : e, :], _rows(r, e - 1, e)
-    wq_below = rel_exp(ops, g[..., e:, :], _rows(r, e, None), g_a, r_a)
-    wk_below = rel_exp(ops, g_a, r_a, g[..., s:e, :], _rows(r, s, e))
+    g_a, r_a = g[..., stop - 1 : stop, :], _rows(r, stop - 1, stop)
+    wq_below = rel_exp(ops, g[..., stop:, :], _rows(r, stop, None), g_a, r_a)
+    wk_below = rel_exp(ops, g_a, r_a, g[..., start:stop, :], _rows(r, start, stop))
     return wq_in, wk_in, wq_below, wk_below
 
 
-def _flagged(ops, dec: ChunkDecay, s: int, e: int) -> Array | None:
-    """Flat indices of the chunks whose sub-block s:e has a reset after its first row."""
-    if dec.r is None or e - s < 2:
+def _flagged(ops, dec: ChunkDecay, start: int, stop: int) -> Array | None:
+    """Flat indices of the chunks whose sub-block start:stop has a reset after its first row."""
+    if dec.r is None or stop - start < 2:
         return None
-    flag = (dec.r[..., e - 1, :] != dec.r[..., s, :]).any(-1).reshape(-1)
+    flag = (dec.r[..., stop - 1, :] != dec.r[..., start, :]).any(-1).reshape(-1)
     if not bool(flag.any()):
         return None
     return flag.nonzero()[0] if isinstance(flag, np.ndarray) else flag.nonzero()[:, 0]
 
 
-def _pairwise_factors(ops, dec: ChunkDecay, idx: Array, s: int, e: int) -> Array:
-    """``exp(G_ic - G_jc)`` for i > j in rows s:e of the chunks ``idx``, else 0: (F, L, L, e)."""
-    g = dec.g.reshape(-1, *dec.g.shape[-2:])[idx, s:e]
-    r = dec.r.reshape(-1, *dec.r.shape[-2:])[idx, s:e]
-    strict = ops.strict_lower_mask(e - s, g)[..., None]
+def _pairwise_factors(ops, dec: ChunkDecay, idx: Array, start: int, stop: int) -> Array:
+    """``exp(G_ic - G_jc)`` for i > j in rows start:stop of the chunks ``idx``, else 0.
+
+    Returns (F, L, L, e): F chunks, L = stop - start rows, e channels.
+    """
+    g = dec.g.reshape(-1, *dec.g.shape[-2:])[idx, start:stop]
+    r = dec.r.reshape(-1, *dec.r.shape[-2:])[idx, start:stop]
+    strict = ops.strict_lower_mask(stop - start, g)[..., None]
     same = (r[:, :, None, :] == r[:, None, :, :]) & strict
     return exp_at_most_one(ops, g[:, :, None, :] - g[:, None, :, :], same)
 
@@ -205,27 +208,33 @@ def channel_strict_blocks(ops, qc: Array, kc: Array, dec: ChunkDecay) -> Array:
     For the sub-blocks I, J of ``dec.sub`` rows: below the diagonal
     (I after J) ``T_IJ = (Q_I exp(G_I - G_a)) (K_J exp(G_a - G_J))^T`` with
     a the last row of J, both factors <= 1; on the diagonal, anchored at the
-    first row s of J, ``(Q_J exp(G_J - G_s)) (K_J exp(G_s - G_J))^T``, with
+    first row s = start of J, ``(Q_J exp(G_J - G_s)) (K_J exp(G_s - G_J))^T``, with
     exponents within the budget of :func:`sub_block_length`.  A diagonal
     sub-block with a reset inside is formed pair by pair instead.
     O(c^2 d) per chunk, and c d exponentials per sub-block.
     """
     c = qc.shape[-2]
     out = ops.zeros((*qc.shape[:-1], c), qc)
-    for s, e in _sub_blocks(c, dec.sub):
-        wq_in, wk_in, wq_below, wk_below = _anchored(ops, dec, s, e)
-        block = (qc[..., s:e, :] * wq_in) @ (kc[..., s:e, :] * wk_in).mT
-        out[..., s:e, s:e] = ops.where(ops.strict_lower_mask(e - s, qc), block, 0.0)
+    for start, stop in _sub_blocks(c, dec.sub):
+        wq_in, wk_in, wq_below, wk_below = _anchored(ops, dec, start, stop)
+        block = (qc[..., start:stop, :] * wq_in) @ (kc[..., start:stop, :] * wk_in).mT
+        out[..., start:stop, start:stop] = ops.where(
+            ops.strict_lower_mask(stop - start, qc), block, 0.0
+        )
         if wq_below is not None:
-            out[..., e:, s:e] = (qc[..., e:, :] * wq_below) @ (kc[..., s:e, :] * wk_below).mT
-        idx = _flagged(ops, dec, s, e)
+            out[..., stop:, start:stop] = (qc[..., stop:, :] * wq_below) @ (
+                kc[..., start:stop, :] * wk_below
+            ).mT
+        idx = _flagged(ops, dec, start, stop)
         if idx is not None:
             flat_out = out.reshape(-1, c, c)
             qf, kf = qc.reshape(-1, c, qc.shape[-1]), kc.reshape(-1, c, kc.shape[-1])
-            for part in _groups(idx, (e - s) ** 2 * qc.shape[-1]):
-                fac = _pairwise_factors(ops, dec, part, s, e)
-                prod = qf[part, s:e][:, :, None, :] * fac * kf[part, s:e][:, None, :, :]
-                flat_out[part, s:e, s:e] = prod.sum(-1)
+            for part in _groups(idx, (stop - start) ** 2 * qc.shape[-1]):
+                fac = _pairwise_factors(ops, dec, part, start, stop)
+                prod = (
+                    qf[part, start:stop][:, :, None, :] * fac * kf[part, start:stop][:, None, :, :]
+                )
+                flat_out[part, start:stop, start:stop] = prod.sum(-1)
     return out
 
 
@@ -239,21 +248,25 @@ def channel_pull_blocks(ops, a: Array, kc: Array, dec: ChunkDecay) -> Array:
     c = kc.shape[-2]
     a = ops.where(ops.strict_lower_mask(c, a), a, 0.0)
     dq = ops.zeros(kc.shape, kc)
-    for s, e in _sub_blocks(c, dec.sub):
-        wq_in, wk_in, wq_below, wk_below = _anchored(ops, dec, s, e)
-        inside = wq_in * (a[..., s:e, s:e] @ (kc[..., s:e, :] * wk_in))
-        idx = _flagged(ops, dec, s, e)
+    for start, stop in _sub_blocks(c, dec.sub):
+        wq_in, wk_in, wq_below, wk_below = _anchored(ops, dec, start, stop)
+        inside = wq_in * (a[..., start:stop, start:stop] @ (kc[..., start:stop, :] * wk_in))
+        idx = _flagged(ops, dec, start, stop)
         if idx is not None:
-            flat = inside.reshape(-1, e - s, kc.shape[-1])
+            flat = inside.reshape(-1, stop - start, kc.shape[-1])
             af, kf = a.reshape(-1, c, c), kc.reshape(-1, c, kc.shape[-1])
-            for part in _groups(idx, (e - s) ** 2 * kc.shape[-1]):
-                fac = _pairwise_factors(ops, dec, part, s, e)
-                terms = af[part, s:e, s:e][..., None] * fac * kf[part, s:e][:, None, :, :]
+            for part in _groups(idx, (stop - start) ** 2 * kc.shape[-1]):
+                fac = _pairwise_factors(ops, dec, part, start, stop)
+                terms = (
+                    af[part, start:stop, start:stop][..., None]
+                    * fac
+                    * kf[part, start:stop][:, None, :, :]
+                )
                 flat[part] = terms.sum(-2)
-        dq[..., s:e, :] = dq[..., s:e, :] + inside
+        dq[..., start:stop, :] = dq[..., start:stop, :] + inside
         if wq_below is not None:
-            below = a[..., e:, s:e] @ (kc[..., s:e, :] * wk_below)
-            dq[..., e:, :] = dq[..., e:, :] + wq_below * below
+            below = a[..., stop:, start:stop] @ (kc[..., start:stop, :] * wk_below)
+            dq[..., stop:, :] = dq[..., stop:, :] + wq_below * below
     return dq
 
 
@@ -270,26 +283,33 @@ def channel_pull_blocks_pair(
     c, d = kc.shape[-2], kc.shape[-1]
     a = ops.where(ops.strict_lower_mask(c, a), a, 0.0)
     dq, dk = ops.zeros(qc.shape, qc), ops.zeros(kc.shape, kc)
-    for s, e in _sub_blocks(c, dec.sub):
-        wq_in, wk_in, wq_below, wk_below = _anchored(ops, dec, s, e)
-        a_in = a[..., s:e, s:e]
-        inside_q = wq_in * (a_in @ (kc[..., s:e, :] * wk_in))
-        inside_k = wk_in * (a_in.mT @ (qc[..., s:e, :] * wq_in))
-        idx = _flagged(ops, dec, s, e)
+    for start, stop in _sub_blocks(c, dec.sub):
+        wq_in, wk_in, wq_below, wk_below = _anchored(ops, dec, start, stop)
+        a_in = a[..., start:stop, start:stop]
+        inside_q = wq_in * (a_in @ (kc[..., start:stop, :] * wk_in))
+        inside_k = wk_in * (a_in.mT @ (qc[..., start:stop, :] * wq_in))
+        idx = _flagged(ops, dec, start, stop)
         if idx is not None:  # a reset inside the sub-block: pair by pair
-            flat_q, flat_k = inside_q.reshape(-1, e - s, d), inside_k.reshape(-1, e - s, d)
+            flat_q, flat_k = (
+                inside_q.reshape(-1, stop - start, d),
+                inside_k.reshape(-1, stop - start, d),
+            )
             af = a.reshape(-1, c, c)
             qf, kf = qc.reshape(-1, c, d), kc.reshape(-1, c, d)
-            for part in _groups(idx, (e - s) ** 2 * d):
-                weights = af[part, s:e, s:e][..., None] * _pairwise_factors(ops, dec, part, s, e)
-                flat_q[part] = (weights * kf[part, s:e][:, None, :, :]).sum(-2)
-                flat_k[part] = (weights * qf[part, s:e][:, :, None, :]).sum(-3)
-        dq[..., s:e, :] = dq[..., s:e, :] + inside_q
-        dk[..., s:e, :] = dk[..., s:e, :] + inside_k
+            for part in _groups(idx, (stop - start) ** 2 * d):
+                weights = af[part, start:stop, start:stop][..., None] * _pairwise_factors(
+                    ops, dec, part, start, stop
+                )
+                flat_q[part] = (weights * kf[part, start:stop][:, None, :, :]).sum(-2)
+                flat_k[part] = (weights * qf[part, start:stop][:, :, None, :]).sum(-3)
+        dq[..., start:stop, :] = dq[..., start:stop, :] + inside_q
+        dk[..., start:stop, :] = dk[..., start:stop, :] + inside_k
         if wq_below is not None:
-            a_below = a[..., e:, s:e]
-            dq[..., e:, :] = dq[..., e:, :] + wq_below * (a_below @ (kc[..., s:e, :] * wk_below))
-            dk[..., s:e, :] = dk[..., s:e, :] + wk_below * (
-                a_below.mT @ (qc[..., e:, :] * wq_below)
+            a_below = a[..., stop:, start:stop]
+            dq[..., stop:, :] = dq[..., stop:, :] + wq_below * (
+                a_below @ (kc[..., start:stop, :] * wk_below)
+            )
+            dk[..., start:stop, :] = dk[..., start:stop, :] + wk_below * (
+                a_below.mT @ (qc[..., stop:, :] * wq_below)
             )
     return dq, dk
