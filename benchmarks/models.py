@@ -134,24 +134,28 @@ def prefill_row(torch, T: int, reps: int) -> Row:
                {"T": T, "method": "chunked", "gflops": gflops, "matmul_gflops": mm})  # fmt: skip
 
 
-def backward_row(torch, T: int, reps: int) -> Row:
-    q, k, v, g, beta, _ = (x if x is None else x.requires_grad_() for x in make_inputs(T))
-    inputs = (q, k, v, g, beta)
+def fwd_bwd_row(torch, case: str, size: str, fn, inputs, reps: int, T: int) -> Row:
+    """``fn(*inputs)`` forward + backward against 3.5 x its forward without gradients."""
 
     def forward():
         with torch.no_grad():
-            return _dplr(*inputs, None)
+            return fn(*inputs)
 
     def both():
-        o, s = _dplr(*inputs, None)
+        o, s = fn(*inputs)
         return torch.autograd.grad((o.square().sum() + s.sum(),), inputs)
 
     t_fwd, t_both = median_times([forward, both], reps)
     ratio = t_both / t_fwd
-    return Row(SUITE, "fwd+bwd vs 3.5 x forward, gated", f"B=1 T={T} H={H} K=V={K}",
-               "3.5 x dplr forward", 3.5 * t_fwd, t_both, None, 1.0,
+    return Row(SUITE, case, size, "3.5 x dplr forward", 3.5 * t_fwd, t_both, None, 1.0,
                f"fwd+bwd = {ratio:.2f} x forward", {"T": T, "fwd_bwd_over_fwd": ratio,
                                                     "method": "chunked"})  # fmt: skip
+
+
+def backward_row(torch, T: int, reps: int) -> Row:
+    inputs = tuple(x.requires_grad_() for x in make_inputs(T)[:5])
+    return fwd_bwd_row(torch, "fwd+bwd vs 3.5 x forward, gated", f"B=1 T={T} H={H} K=V={K}",
+                       lambda *x: _dplr(*x, None), inputs, reps, T)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ KDA
@@ -221,21 +225,8 @@ def kda_rows(torch, T: int, reps: int, memory: bool) -> list[Row]:
 def kda_backward_row(torch, T: int, reps: int) -> Row:
     """KDA forward + backward against 3.5 x the forward without gradients (as backward_row)."""
     inputs = tuple(x.requires_grad_() for x in kda_inputs(T))
-
-    def forward():
-        with torch.no_grad():
-            return _dplr_kda(*inputs)
-
-    def both():
-        o, s = _dplr_kda(*inputs)
-        return torch.autograd.grad((o.square().sum() + s.sum(),), inputs)
-
-    t_fwd, t_both = median_times([forward, both], reps)
-    ratio = t_both / t_fwd
-    return Row(SUITE, "KDA fwd+bwd vs 3.5 x forward", f"B=1 T={T} H={KDA_H} K=V={K}",
-               "3.5 x dplr forward", 3.5 * t_fwd, t_both, None, 1.0,
-               f"fwd+bwd = {ratio:.2f} x forward", {"T": T, "fwd_bwd_over_fwd": ratio,
-                                                    "method": "chunked"})  # fmt: skip
+    return fwd_bwd_row(torch, "KDA fwd+bwd vs 3.5 x forward", f"B=1 T={T} H={KDA_H} K=V={K}",
+                       _dplr_kda, inputs, reps, T)  # fmt: skip
 
 
 def _kda_peak_job(which: str, T: int):

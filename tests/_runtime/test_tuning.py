@@ -54,7 +54,7 @@ def test_the_modules_use_the_values_from_here():
         ("AUTO_RANK1_BATCHED_MAX_RANK", 3000, 8, 4, "rank1", "blocked"),
         ("AUTO_SMALL_ORDER", 100, 16, 1, "refactor", "blocked"),
         ("AUTO_RANK1_MEDIUM_MAX_ORDER", 800, 4, 1, "rank1", "blocked"),
-        ("AUTO_REFACTOR_WIDE_MAX_ORDER", 400, 256, 1, "refactor", "blocked"),
+        ("AUTO_REFACTOR_WIDE_MAX_ORDER", 200, 256, 1, "refactor", "blocked"),
     ],
 )
 def test_the_auto_policy_reads_its_thresholds_here(monkeypatch, name, n, m, batch, before, after):

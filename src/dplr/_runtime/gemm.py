@@ -16,30 +16,15 @@ the x86-64 and AArch64 calling conventions pass exactly as pointers.
 
 from __future__ import annotations
 
-import ctypes
-
 import llvmlite.binding as llvm
 import numpy as np
 from numba import types
 
 from .jit import jit
+from .lapack import cython_address
 
-
-def _address(name: str) -> int:
-    """The C address of ``scipy.linalg.cython_blas.<name>``."""
-    import scipy.linalg.cython_blas as cython_blas
-
-    capsule = cython_blas.__pyx_capi__[name]
-    get_name = ctypes.pythonapi.PyCapsule_GetName
-    get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
-    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
-    get_pointer.restype = ctypes.c_void_p
-    get_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-    return int(get_pointer(capsule, get_name(capsule)))
-
-
-llvm.add_symbol("dplr_sgemm", _address("sgemm"))
-llvm.add_symbol("dplr_dgemm", _address("dgemm"))
+llvm.add_symbol("dplr_sgemm", cython_address("blas", "sgemm"))
+llvm.add_symbol("dplr_dgemm", cython_address("blas", "dgemm"))
 # gemm(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc), every argument a pointer.
 _signature = types.void(*([types.intp] * 13))
 _sgemm = types.ExternalFunction("dplr_sgemm", _signature)
@@ -65,26 +50,7 @@ def gemm(a, b, c, alpha, beta, transpose_a, scratch) -> None:
     lock: the BLAS library's own thread count applies (dplr's loops run it
     with one thread, :func:`dplr._runtime.blas.single_threaded_blas`).
     """
-    m, n = c.shape
-    k = b.shape[0]
-    if m == 0 or n == 0:
-        return
-    ints, scalars, flags = scratch
-    size = c.itemsize
-    # Row-major C = op(A) B is column-major C^T = B^T op(A)^T: BLAS sees (n x m) = (n x k)(k x m).
-    ints[0], ints[1], ints[2] = n, m, k
-    ints[3] = max(b.strides[0] // size, n, 1)
-    ints[4] = max(a.strides[0] // size, a.shape[1], 1)
-    ints[5] = max(c.strides[0] // size, n, 1)
-    scalars[0], scalars[1] = alpha, beta
-    cells, values, chars = ints.ctypes.data, scalars.ctypes.data, flags.ctypes.data
-    trans = chars + 1 if transpose_a else chars
-    args = (chars, trans, cells, cells + 4, cells + 8, values, b.ctypes.data, cells + 12,
-            a.ctypes.data, cells + 16, values + size, c.ctypes.data, cells + 20)  # fmt: skip
-    if size == 4:
-        _sgemm(*args)
-    else:
-        _dgemm(*args)
+    gemm_both(a, b, c, alpha, beta, transpose_a, False, scratch)
 
 
 @jit(nogil=True)

@@ -18,25 +18,30 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib
 from collections.abc import Callable
 
 import numpy as np
-import scipy.linalg.cython_lapack as _cython_lapack
 
 _c_int = ctypes.c_int
 
 
-@functools.cache
-def _routine(name: str, arg_count: int) -> Callable[..., None]:
-    """The C function behind ``scipy.linalg.cython_lapack.<name>``."""
-    capsule = _cython_lapack.__pyx_capi__[name]
+def cython_address(library: str, name: str) -> int:
+    """The C address of ``scipy.linalg.cython_<library>.<name>`` (library: "blas" or "lapack")."""
+    module = importlib.import_module(f"scipy.linalg.cython_{library}")
+    capsule = module.__pyx_capi__[name]
     get_name = ctypes.pythonapi.PyCapsule_GetName
     get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
     get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
     get_pointer.restype = ctypes.c_void_p
     get_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-    address = get_pointer(capsule, get_name(capsule))
-    return ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * arg_count))(address)
+    return int(get_pointer(capsule, get_name(capsule)))
+
+
+@functools.cache
+def _routine(name: str, arg_count: int) -> Callable[..., None]:
+    """The LAPACK routine ``name`` as a ctypes function (it releases the GIL when called)."""
+    return ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * arg_count))(cython_address("lapack", name))
 
 
 def _prefix(dtype: np.dtype) -> str:

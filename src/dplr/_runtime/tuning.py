@@ -158,9 +158,11 @@ AUTO_SMALL_REFACTOR_MIN_RANK = 8
 AUTO_RANK1_MEDIUM_MAX_RANK = 4
 AUTO_RANK1_MEDIUM_MAX_ORDER = 1000
 
-#: With 2M >= N a new factorisation tied with the blocked update at N = 500,
-#: M = 256, and lost for N >= 2000.
-AUTO_REFACTOR_WIDE_MAX_ORDER = 500
+#: With at least as many columns as rows a new factorisation beats the
+#: blocked update at N = 200 (M = 256: 1.27 against 1.49 ms) and loses from
+#: N = 300 on (M = 256: 4.1 against 2.8 ms; N = 500, M = 512: 14.7 against
+#: 11.3 ms), idle Intel machine, 2026-12-01.
+AUTO_REFACTOR_WIDE_MAX_ORDER = 256
 
 #: Torch tensors (no rank-1 path): refactorise up to this order.
 AUTO_TORCH_REFACTOR_MAX_ORDER = 64

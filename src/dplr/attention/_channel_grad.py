@@ -15,7 +15,7 @@ import numpy as np
 
 from .._runtime.gemm import gemm
 from .._runtime.jit import jit
-from ._chunked import _factor
+from ._chunked import _factor, sub_block_rows
 
 
 @jit(nogil=True, fastmath={"contract", "reassoc"})
@@ -61,15 +61,7 @@ def _channel_blocks_back(kb, qs, kn, gc, rc, rows, e_a, e_p, dkb, dqs, dkn, dgam
             dqs[i, p] += d * kn[i, p]
             dkn[i, p] += d * qs[i, p]
         e_p[i, i] = dt(0)
-    steepest = dt(0)
-    for i in range(1, L):
-        for p in range(K):
-            steepest = max(steepest, gc[i - 1, p] - gc[i, p])
-    sub = L
-    if (L - 1) * steepest > budget:
-        sub = 1
-        while sub * 2 <= L and (sub * 2 - 1) * steepest <= budget:
-            sub *= 2
+    sub = sub_block_rows(gc, budget)
     for start in range(0, L, sub):
         stop = min(start + sub, L)
         reset_inside = False

@@ -395,15 +395,7 @@ def _channel_blocks(buf, floor, budget):
     L, K = kn.shape
     dt = kn.dtype.type
     tiny = dt(np.exp(-floor))
-    steepest = dt(0)
-    for i in range(1, L):
-        for p in range(K):
-            steepest = max(steepest, gc[i - 1, p] - gc[i, p])
-    sub = L
-    if (L - 1) * steepest > budget:
-        sub = 1
-        while sub * 2 <= L and (sub * 2 - 1) * steepest <= budget:
-            sub *= 2
+    sub = sub_block_rows(gc, budget)
     xa, xp, ky, fac = rows[:L], rows[L : 2 * L], rows[2 * L : 3 * L], rows[3 * L :]
     for i in range(L):
         a_blk[i, i] = dt(1)
@@ -464,6 +456,24 @@ def _channel_blocks(buf, floor, budget):
                 ky[j, p] = kn[j, p] * ky[j, p]
         for i in range(stop, L):
             _anchored_row(xa, xp, ky, a_blk, p_blk, i, start, stop)
+
+
+@jit(nogil=True)
+def sub_block_rows(gc, budget):
+    """Rows per sub-block of a chunk with per-channel cumulative log decays gc (L, K):
+    L if no exponent across the chunk exceeds ``budget``, else the largest power
+    of two over which the steepest one-token decay stays within it (at least 1)."""
+    L, K = gc.shape
+    steepest = gc.dtype.type(0)
+    for i in range(1, L):
+        for p in range(K):
+            steepest = max(steepest, gc[i - 1, p] - gc[i, p])
+    sub = L
+    if (L - 1) * steepest > budget:
+        sub = 1
+        while sub * 2 <= L and (sub * 2 - 1) * steepest <= budget:
+            sub *= 2
+    return sub
 
 
 @jit(nogil=True, fastmath={"contract", "reassoc"})

@@ -19,7 +19,7 @@ def choose_method(n: int, m: int, batch: int, torch: bool) -> str:
         return "refactor" if m >= _t.AUTO_SMALL_REFACTOR_MIN_RANK else "rank1"
     if m <= _t.AUTO_RANK1_MEDIUM_MAX_RANK and n <= _t.AUTO_RANK1_MEDIUM_MAX_ORDER:
         return "rank1"
-    if 2 * m >= n and n <= _t.AUTO_REFACTOR_WIDE_MAX_ORDER:  # tie with "blocked" at 500, 256
+    if m >= n and n <= _t.AUTO_REFACTOR_WIDE_MAX_ORDER:
         return "refactor"
     return "blocked"
 
