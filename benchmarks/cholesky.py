@@ -39,16 +39,17 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _times(*fns, slow: float = 0.4, settle: float | None = None) -> list[float]:
-    """Seconds per call of each function: medians of 7 alternating samples after
-    two warm-up calls (the first calls pay for page faults of new results and for
-    starting BLAS threads); a function whose first call takes over ``slow`` s is
-    timed by one more call instead."""
-    return median_times(fns, repeats=7, warmup=2, settle=settle, once_above=slow)
+    """Seconds per call of each function: medians of 7 alternating samples (3 with
+    ``--quick``) after two warm-up calls (the first calls pay for page faults of
+    new results and for starting BLAS threads); a function whose first call takes
+    over ``slow`` s is timed by one more call instead."""
+    return median_times(fns, repeats=by_mode(7, 3), warmup=2, settle=settle, once_above=slow)
 
 
 def _series_time(fn, settle: float | None, slow: float = 0.4) -> float:
     """Seconds per call of ``fn`` from one series of its own (one call if slow)."""
-    return median_times([fn], 7, 2, settle or 0.0, first_settle_only=True, once_above=slow)[0]
+    return median_times([fn], by_mode(7, 3), 2, settle or 0.0, first_settle_only=True,
+                        once_above=slow)[0]  # fmt: skip
 
 
 def _rank1_rows(rng, n: int) -> list[Row]:
