@@ -46,12 +46,19 @@ from .._runtime.jit import jit
 from .._runtime.threads import num_workers, run_all, split
 from ..core._decay import _EXPONENT_BUDGET, _FLUSH_BELOW
 from ..core._jit import _forward_substitute, _strict_lower_product
-from ._recurrent import _as_numpy, runs_compiled
+from ._recurrent import _as_numpy, decay_per_channel, runs_compiled, sequence_spans
 
 
 def chunked_applies(torch: bool, tensors: tuple[Any, ...]) -> bool:
     """Whether the compiled chunked forward runs: CPU, float32/float64, no autograd."""
     return runs_compiled(torch, tensors, floats_only=True)
+
+
+def decay_limits(dtype: np.dtype) -> tuple[Any, Any]:
+    """The flush threshold and the exponent budget of the per-channel blocks, in ``dtype``."""
+    size, dt = dtype.itemsize, dtype.type
+    return (dt(_FLUSH_BELOW.get(size, _FLUSH_BELOW[4])),
+            dt(_EXPONENT_BUDGET.get(size, _EXPONENT_BUDGET[4])))  # fmt: skip
 
 
 def chunked_forward(
@@ -76,25 +83,16 @@ def chunked_forward(
     q, k, v, beta, g, s0 = (_as_numpy(x) for x in (q, k, v, beta, g, s0))
     B, T, HV, V = v.shape
     K = k.shape[-1]
-    if cu is None:
-        batch = np.arange(B, dtype=np.int64)
-        start, stop = np.zeros(B, np.int64), np.full(B, T, np.int64)
-    else:
-        batch = np.zeros(len(cu) - 1, np.int64)
-        start, stop = cu[:-1].astype(np.int64), cu[1:].astype(np.int64)
+    batch, start, stop = sequence_spans(cu, B, T)
     N = len(batch)
-    if g is None:
-        g = np.empty((B, T, HV, 0), v.dtype)
-    elif g.ndim == 3:
-        g = g[..., None]
+    g = decay_per_channel(g, (B, T, HV), v.dtype)
     out = np.empty((B, T, HV, V), v.dtype)
     state = np.empty((N, HV, K, V), v.dtype)
     has_s0 = s0 is not None
     if not has_s0:
         s0 = np.empty((1, 1, 1, 1), v.dtype)  # never read
     dt = v.dtype.type
-    floor = dt(_FLUSH_BELOW.get(v.dtype.itemsize, _FLUSH_BELOW[4]))
-    budget = dt(_EXPONENT_BUDGET.get(v.dtype.itemsize, _EXPONENT_BUDGET[4]))
+    floor, budget = decay_limits(v.dtype)
     args = (q, k, v, beta, g, s0, has_s0, state, out, batch, start, stop,
             dt(scale), use_qk_l2norm, max(1, chunk), floor, budget)  # fmt: skip
     lanes = N * HV

@@ -48,7 +48,6 @@ from .._runtime.blas import single_threaded_blas
 from .._runtime.gemm import gemm, gemm_both, gemm_scratch
 from .._runtime.jit import jit
 from .._runtime.threads import num_workers, run_all, split
-from ..core._decay import _EXPONENT_BUDGET, _FLUSH_BELOW
 from ._channel_grad import _channel_blocks_back, _channel_factors_back
 from ._chunked import (
     _buffers,
@@ -56,8 +55,9 @@ from ._chunked import (
     _chunk_step,
     _load_chunk,
     _row_blocks,
+    decay_limits,
 )
-from ._recurrent import _as_numpy
+from ._recurrent import _as_numpy, decay_per_channel
 
 #: Whether :func:`applies` may choose this path (tests set it False to run
 #: the separate steps of :mod:`dplr.attention._delta_grad` on the CPU).
@@ -122,21 +122,6 @@ def rule_function():
     return _CLASS
 
 
-def _limits(dtype: np.dtype) -> tuple[Any, Any]:
-    """The flush threshold and exponent budget of the chunked forward, in ``dtype``."""
-    dt = dtype.type
-    size = dtype.itemsize
-    return (dt(_FLUSH_BELOW.get(size, _FLUSH_BELOW[4])),
-            dt(_EXPONENT_BUDGET.get(size, _EXPONENT_BUDGET[4])))  # fmt: skip
-
-
-def _decay4(g: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """g as (B, T, H, E): E = 0 without decay, 1 for one per head, K per key channel."""
-    if g is None:
-        return np.empty((*shape[:3], 0), dtype)
-    return g[..., None] if g.ndim == 3 else g
-
-
 def _lane_parts(B: int, H: int, T: int, K: int, V: int) -> list[slice]:
     lanes = B * H
     workers = num_workers() if 6.0 * T * lanes * K * V >= tuning.LOOP_MIN_FLOPS else 1
@@ -163,9 +148,10 @@ def forward_saving(q, k, v, beta, g, s0, chunk: int, scale: float = 1.0, l2norm:
     final = np.empty((B, HV, K, V), v.dtype)
     has_s0 = s0 is not None
     s0 = s0 if has_s0 else np.empty((1, 1, 1, 1), v.dtype)
-    floor, budget = _limits(v.dtype)
-    args = (q, k, v, beta, _decay4(g, v.shape, v.dtype), s0, has_s0, out, v_new, states,
-            final, chunk, v.dtype.type(scale), l2norm, floor, budget)  # fmt: skip
+    floor, budget = decay_limits(v.dtype)
+    g4 = decay_per_channel(g, v.shape[:3], v.dtype)
+    args = (q, k, v, beta, g4, s0, has_s0, out, v_new, states, final, chunk,
+            v.dtype.type(scale), l2norm, floor, budget)  # fmt: skip
     with single_threaded_blas():  # small products: one BLAS thread in each of dplr's
         run_all(lambda s: _forward_lanes(*args, s.start, s.stop), _lane_parts(B, HV, T, K, V))
     return tuple(torch.from_numpy(x) for x in (out, final, v_new, states))
@@ -220,14 +206,14 @@ def backward(q, k, v, beta, g, v_new, states, do, dsn, chunk: int, scale: float 
     B, T, HV, V = v.shape
     H, K = k.shape[2], k.shape[3]
     dt = v.dtype
-    g4 = _decay4(g, v.shape, dt)
+    g4 = decay_per_channel(g, v.shape[:3], dt)
     # Per value head: value heads sharing a key head may run in different threads.
     dq, dk = np.empty((B, T, HV, K), dt), np.empty((B, T, HV, K), dt)
     dv, dbeta, dg = np.empty(v.shape, dt), np.empty(beta.shape, dt), np.empty(g4.shape, dt)
     ds0 = np.empty((B, HV, K, V), dt)
     has_dsn = dsn is not None
     dsn = dsn if has_dsn else np.empty((1, 1, 1, 1), dt)
-    floor, budget = _limits(dt)
+    floor, budget = decay_limits(dt)
     args = (q, k, v, beta, g4, v_new, states, do, dsn, has_dsn, dq, dk, dv, dbeta, dg, ds0,
             chunk, dt.type(scale), l2norm, floor, budget)  # fmt: skip
     with single_threaded_blas():

@@ -56,6 +56,23 @@ def runs_compiled(torch: bool, tensors: tuple[Any, ...], floats_only: bool = Fal
     return not (_torch.is_grad_enabled() and any(x.requires_grad for x in present))
 
 
+def sequence_spans(cu: np.ndarray | None, B: int, T: int) -> tuple[np.ndarray, ...]:
+    """(batch row, first token, end token) of every sequence, int64: the B rows
+    of the batch, or the packed sequences of ``cu_seqlens`` in row 0."""
+    if cu is None:
+        return np.arange(B, dtype=np.int64), np.zeros(B, np.int64), np.full(B, T, np.int64)
+    n = len(cu) - 1
+    return np.zeros(n, np.int64), cu[:-1].astype(np.int64), cu[1:].astype(np.int64)
+
+
+def decay_per_channel(g: np.ndarray | None, shape: tuple[int, int, int], dtype) -> np.ndarray:
+    """g as (B, T, HV, E) for the compiled loops: E = 0 without decay, 1 for one
+    decay per head (a view), K per key channel (as given)."""
+    if g is None:
+        return np.empty((*shape, 0), dtype)
+    return g[..., None] if g.ndim == 3 else g
+
+
 def recurrent_forward(
     torch: bool,
     q: Array,
@@ -79,18 +96,9 @@ def recurrent_forward(
     q, k, v, beta, g, s0 = (_as_numpy(x) for x in (q, k, v, beta, g, s0))
     B, T, HV, V = v.shape
     K = k.shape[-1]
-    if cu is None:
-        batch = np.arange(B, dtype=np.int64)
-        start = np.zeros(B, np.int64)
-        stop = np.full(B, T, np.int64)
-    else:
-        batch = np.zeros(len(cu) - 1, np.int64)
-        start, stop = cu[:-1].astype(np.int64), cu[1:].astype(np.int64)
+    batch, start, stop = sequence_spans(cu, B, T)
     N = len(batch)
-    if g is None:
-        g = np.empty((B, T, HV, 0), v.dtype)
-    elif g.ndim == 3:
-        g = g[..., None]
+    g = decay_per_channel(g, (B, T, HV), v.dtype)
     out = np.empty((B, T, HV, V), v.dtype)
     state = np.empty((N, HV, K, V), v.dtype)
     has_s0 = s0 is not None
