@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -84,12 +85,29 @@ def test_num_workers_reads_the_environment(monkeypatch, value, expected):
 
 
 def test_run_all_keeps_order_and_uses_the_pool_for_several_items():
-    names: list[str] = []
+    names: dict[int, str] = {}
     out = threads.run_all(
-        lambda i: names.append(threading.current_thread().name) or i * i, range(6)
+        lambda i: names.setdefault(i, threading.current_thread().name) and i * i, range(6)
     )
     assert out == [0, 1, 4, 9, 16, 25]
-    assert all(name.startswith("dplr") for name in names)
+    # the calling thread runs the first item, the pool the others
+    assert names[0] == threading.current_thread().name
+    assert all(names[i].startswith("dplr") for i in range(1, 6))
+
+
+def test_run_all_waits_for_every_item_before_raising():
+    """An error in the caller's item is raised only after the pool's items finished."""
+    finished = []
+
+    def work(i):
+        if i == 0:
+            raise RuntimeError("first item failed")
+        time.sleep(0.05)
+        finished.append(i)
+
+    with pytest.raises(RuntimeError, match="first item failed"):
+        threads.run_all(work, range(3))
+    assert sorted(finished) == [1, 2]
     # a single item runs on the calling thread
     assert threads.run_all(lambda _: threading.current_thread().name, [0]) == [
         threading.current_thread().name

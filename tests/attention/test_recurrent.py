@@ -188,14 +188,16 @@ def test_kernel_grouped_heads_and_channel_decay(T, H, group, K, V, per_channel, 
 
 # ------------------------------------------------------------------- the choice
 def count_calls(monkeypatch) -> list[int]:
+    """Calls of the recurrence, by the general path or the direct one."""
     calls: list[int] = []
-    original = delta.recurrent_forward
+    original = _recurrent.recurrent_forward
 
     def spy(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(delta, "recurrent_forward", spy)
+    monkeypatch.setattr(_recurrent, "recurrent_forward", spy)
     return calls
 
 
@@ -287,3 +289,106 @@ def test_parallel_lanes_match_one_thread(rng, monkeypatch):
     split = recurrent_forward(False, q, k, v, beta, g, s0, None, 0.5, True)
     for a, b in zip(one, split, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------ the direct entry
+def direct_calls(monkeypatch) -> list[bool]:
+    """Whether each call of the direct entry ran the recurrence (True) or declined."""
+    taken: list[bool] = []
+    original = _recurrent.recurrent_direct
+
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(delta, "recurrent_direct", spy)
+    return taken
+
+
+@pytest.mark.parametrize("library", ["numpy", pytest.param("torch", marks=needs_torch)])
+@pytest.mark.parametrize("rule", ["delta", "gated", "kda"])
+def test_direct_entry_gives_the_general_paths_bits(rng, monkeypatch, library, rule):
+    """A decode-shaped call runs directly and matches the general path bit for bit."""
+    taken = direct_calls(monkeypatch)
+    q, k, v, beta, g, s0 = inputs(rng, 2, 3, 2, 8, 4, HV=4, dtype=np.float32,
+                                  per_channel=rule == "kda")  # fmt: skip
+    if library == "torch":
+        q, k, v, beta, g, s0 = (torch.from_numpy(x) for x in (q, k, v, beta, g, s0))
+
+    def run(**options):
+        common = dict(initial_state=s0, output_final_state=True, use_qk_l2norm=True, **options)
+        if rule == "delta":
+            return dplr.delta_rule(q, k, v, beta, **common)
+        if rule == "gated":
+            return dplr.gated_delta_rule(q, k, v, g, beta, **common)
+        return dplr.kda(q, k, v, g, beta, **common)
+
+    direct = run(scale=0.3)
+    assert taken == [True]
+    general = run(scale=np.float32(0.3))  # a NumPy scalar takes the general path
+    assert taken == [True, False]
+    for a, b in zip(direct, general, strict=True):
+        assert type(a) is type(b) and a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v", "beta", "g", "initial_state"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_direct_entry_names_a_bad_value(rng, monkeypatch, name, bad):
+    """A NaN or Inf anywhere (or a positive log decay) gets the general path's error."""
+    taken = direct_calls(monkeypatch)
+    arrays = dict(zip(["q", "k", "v", "beta", "g", "initial_state"],
+                      inputs(rng, 1, 2, 2, 8, 8, HV=4), strict=True))  # fmt: skip
+    if name == "g" and bad == -np.inf:
+        bad = 0.5  # -Inf is a valid log decay (a reset); a positive one is not
+    index = tuple(int(rng.integers(0, n)) for n in arrays[name].shape)
+    kept = {key: x.copy() for key, x in arrays.items()}
+    arrays[name][index] = bad
+    with pytest.raises(ValueError, match=f"'{name}'"):
+        dplr.gated_delta_rule(arrays["q"], arrays["k"], arrays["v"], arrays["g"],
+                              arrays["beta"], initial_state=arrays["initial_state"])  # fmt: skip
+    assert taken == [False]  # the loop ran, found the value, and handed over
+    for key, x in kept.items():  # nothing of the caller's was written
+        if key != name:
+            np.testing.assert_array_equal(arrays[key], x)
+
+
+def test_direct_entry_allows_a_reset(rng, monkeypatch):
+    """g = -Inf (a decay factor of exactly 0) runs directly and forgets the state."""
+    taken = direct_calls(monkeypatch)
+    q, k, v, beta, g, s0 = inputs(rng, 1, 2, 1, 4, 4)
+    g[0, 0, 0] = -np.inf
+    o, s = dplr.gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True)
+    assert taken == [True]
+    o_ref, s_ref = reference(q, k, v, beta, g, s0=s0)
+    assert rel_err(o, o_ref) < bound(np.float64, 2, 4, 4)
+    assert rel_err(s, s_ref) < bound(np.float64, 2, 4, 4)
+
+
+@pytest.mark.parametrize("case", ["strided", "float16", "mixed dtypes", "integer scale",
+                                  "cu_seqlens", "empty axis", "long", "list"])  # fmt: skip
+def test_direct_entry_declines_other_arguments(rng, monkeypatch, case):
+    """Anything but clean same-dtype contiguous arrays of decode length takes the general path."""
+    taken = direct_calls(monkeypatch)
+    q, k, v, beta, g, s0 = inputs(rng, 1, 3, 2, 8, 8, dtype=np.float32)
+    options = {}
+    if case == "strided":
+        v = np.asfortranarray(v)
+    elif case == "float16":
+        q = q.astype(np.float16)
+    elif case == "mixed dtypes":
+        beta = beta.astype(np.float64)
+    elif case == "integer scale":
+        options["scale"] = 1
+    elif case == "cu_seqlens":
+        options["cu_seqlens"] = np.array([0, 1, 3])
+        s0 = None
+    elif case == "empty axis":
+        q, k, s0 = q[..., :0], k[..., :0], s0[:, :, :0]
+    elif case == "long":
+        q, k, v, beta, g, s0 = inputs(rng, 1, RECURRENT_MAX_T + 1, 2, 8, 8, dtype=np.float32)
+    elif case == "list":
+        beta = beta.tolist()
+    dplr.gated_delta_rule(q, k, v, g, beta, initial_state=s0, **options)
+    assert True not in taken  # declined, or (cu_seqlens) not asked

@@ -75,9 +75,13 @@ DELTA_PASS_ROWS = 16384
 RECURRENT_MAX_T = 4
 
 #: Below this many state entries times tokens (about 6 flops each) the
-#: recurrence stays on the calling thread: a decode step at H = 32,
-#: K = V = 128 (2^19) is split over the threads by value heads.
-RECURRENT_PARALLEL_MIN_WORK = 1 << 18
+#: recurrence stays on the calling thread.  Handing half the heads to a pool
+#: thread costs that thread's wake-up, which on the 2-core Intel machine
+#: (B = 1, H = 32, K = V = 128, float32, medians of 200 calls) cost more than
+#: it saved up to T = 4: one thread 290-350 us per decode step against
+#: 560-680 us split in two, 630 against 700-860 us at T = 4; at T = 64 the
+#: split ran in 7 ms against 13 ms.
+RECURRENT_PARALLEL_MIN_WORK = 1 << 23
 
 # ---------------------------------------------------------------- Cholesky
 #: Rows per block of the Cholesky path's dense-panel orthogonal reductions

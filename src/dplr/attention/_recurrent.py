@@ -24,6 +24,7 @@ Forward only: gradients use the chunked algorithm (``delta.py`` chooses).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -84,14 +85,17 @@ def recurrent_forward(
     cu: np.ndarray | None,
     scale: float,
     use_qk_l2norm: bool,
-) -> tuple[Array, Array]:
+    check: bool = False,
+) -> tuple[Array, Array] | None:
     """Outputs (B, T, HV, V) and final states (N, HV, K, V) by the token recurrence.
 
     q, k: (B, T, H, K); v: (B, T, HV, V); beta: (B, T, HV); g: (B, T, HV)
     (one log decay per head), (B, T, HV, K) (per key channel) or None;
     s0: (N, HV, K, V) or None; cu: the validated ``cu_seqlens`` or None.
     All of one compute dtype, float32 or float64, on the CPU; q unscaled.
-    Value head h reads key head ``h // (HV // H)``.
+    Value head h reads key head ``h // (HV // H)``.  With ``check`` the
+    compiled loop also tests every input entry it reads (finite; g not NaN
+    and not positive) and None is returned if one fails.
     """
     q, k, v, beta, g, s0 = (_as_numpy(x) for x in (q, k, v, beta, g, s0))
     B, T, HV, V = v.shape
@@ -105,16 +109,86 @@ def recurrent_forward(
     if not has_s0:
         s0 = np.empty((N, HV, K, V), v.dtype)  # never read
     args = (q, k, v, beta, g, s0, state, out, batch, start, stop,
-            v.dtype.type(scale), use_qk_l2norm, has_s0)  # fmt: skip
+            v.dtype.type(scale), use_qk_l2norm, has_s0, check)  # fmt: skip
     lanes = N * HV
-    work = int((stop - start).sum()) * HV * K * V
+    work = B * T * HV * K * V  # tokens x state entries: the sequences tile the batch's rows
     parts = min(num_workers(), lanes) if work >= tuning.RECURRENT_PARALLEL_MIN_WORK else 1
-    run_all(lambda s: _recurrent_lanes(*args, s.start, s.stop), split(lanes, max(parts, 1)))
+    if parts <= 1:
+        clean = _recurrent_lanes(*args, 0, lanes)
+    else:
+        parted = run_all(lambda s: _recurrent_lanes(*args, s.start, s.stop), split(lanes, parts))
+        clean = all(parted)
+    if not clean:
+        return None
     if torch:
         import torch as _torch
 
         return _torch.from_numpy(out), _torch.from_numpy(state)
     return out, state
+
+
+def recurrent_direct(q, k, v, beta, g, s0, scale, use_qk_l2norm, per_channel):
+    """The recurrence on the caller's arrays as given, or None where it does not apply.
+
+    The decode step's entry: a call of ``gated_delta_rule`` (or the others)
+    for one token costs about as much in checks and conversions at the
+    boundary as in the work itself (a pass over the K x V states).  Here,
+    when the arguments are already what the compiled loop takes (all NumPy
+    arrays or all CPU tensors outside autograd, C-contiguous, one dtype
+    float32 or float64, the shapes of ``delta_rule`` with 1 <= T <=
+    :data:`~dplr._runtime.tuning.RECURRENT_MAX_T` and no empty axis, no
+    ``cu_seqlens``), the loop runs directly and tests the values it reads
+    itself.  None asks the caller to take the general path: the arguments
+    are of another kind, or a value failed (the general path then names it).
+    """
+    named = (q, k, v, beta, g, s0)
+    present = [x for x in named if x is not None]
+    kind = type(q)
+    if kind is np.ndarray:
+        dtype = q.dtype
+        if dtype not in (np.float32, np.float64):
+            return None
+        for x in present:
+            if type(x) is not np.ndarray or x.dtype != dtype or not x.flags.c_contiguous:
+                return None
+        torch = False
+    else:
+        try:
+            import torch as _torch
+        except ImportError:
+            return None
+        if kind is not _torch.Tensor or q.dtype not in (_torch.float32, _torch.float64):
+            return None
+        grad = _torch.is_grad_enabled()
+        for x in present:
+            if (type(x) is not _torch.Tensor or x.dtype != q.dtype or x.device.type != "cpu"
+                    or not x.is_contiguous() or (grad and x.requires_grad)):  # fmt: skip
+                return None
+        torch = True
+    if not _shapes_fit(q, k, v, beta, g, s0, per_channel):
+        return None
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    elif not isinstance(scale, float) or not math.isfinite(scale):
+        return None
+    return recurrent_forward(torch, q, k, v, beta, g, s0, None, scale, use_qk_l2norm, check=True)
+
+
+def _shapes_fit(q, k, v, beta, g, s0, per_channel: bool) -> bool:
+    """The shapes of the delta rules with 1 <= T <= RECURRENT_MAX_T and no empty axis."""
+    if q.ndim != 4 or v.ndim != 4:
+        return False
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    if min(B, H, K, V) < 1 or not 1 <= T <= tuning.RECURRENT_MAX_T or HV % H:
+        return False
+    if tuple(k.shape) != (B, T, H, K) or tuple(v.shape[:2]) != (B, T):
+        return False
+    if tuple(beta.shape) != (B, T, HV):
+        return False
+    if g is not None and tuple(g.shape) != ((B, T, HV, K) if per_channel else (B, T, HV)):
+        return False
+    return s0 is None or tuple(s0.shape) == (B, HV, K, V)
 
 
 def _as_numpy(x: Array | None) -> np.ndarray | None:
@@ -128,12 +202,13 @@ def _as_numpy(x: Array | None) -> np.ndarray | None:
 
 @jit(nogil=True, fastmath={"contract", "reassoc"})
 def _recurrent_lanes(q, k, v, beta, g, s0, state, out, batch, start, stop, scale,
-                     l2norm, has_s0, lane_start, lane_stop):  # fmt: skip
+                     l2norm, has_s0, check, lane_start, lane_stop):  # fmt: skip
     """Run lanes ``lane_start:lane_stop`` (lane = sequence * HV + value head).
 
     q, k: (B, T, H, K); v, out: (B, T, HV, V); beta: (B, T, HV); g: (B, T,
     HV, G) with G = 0 (no decay), 1 (per head) or K (per channel); s0, state:
-    (N, HV, K, V); sequence n is ``batch[n], start[n]:stop[n]``.
+    (N, HV, K, V); sequence n is ``batch[n], start[n]:stop[n]``.  Returns
+    False if ``check`` and an entry read is NaN or Inf (g: NaN, +Inf or > 0).
     """
     H, K = q.shape[2], q.shape[3]
     HV, V = v.shape[2], v.shape[3]
@@ -146,6 +221,9 @@ def _recurrent_lanes(q, k, v, beta, g, s0, state, out, batch, start, stop, scale
     sk = np.empty(V, v.dtype)  # S^T (a ⊙ k) with the state before the token
     sq = np.empty(V, v.dtype)  # S^T (a ⊙ q)
     delta = np.empty(V, v.dtype)
+    # x - x is 0 for finite x and NaN for NaN or Inf (not folded: no nnan/ninf flags).
+    nonfinite = np.zeros(V, v.dtype)
+    clean = True
     for lane in range(lane_start, lane_stop):
         n, h = lane // HV, lane % HV
         b, hk = batch[n], h // group
@@ -154,8 +232,12 @@ def _recurrent_lanes(q, k, v, beta, g, s0, state, out, batch, start, stop, scale
             for i in range(K):
                 for j in range(V):
                     s[i, j] = s0[n, h, i, j] if has_s0 else dt(0)
+                    nonfinite[j] += s[i, j] - s[i, j]
             continue
         t0 = start[n]
+        if check:
+            clean &= _token_clean(q[b, t0, hk], k[b, t0, hk], v[b, t0, h], beta[b, t0, h],
+                                  g[b, t0, h])  # fmt: skip
         _token_vectors(q[b, t0, hk], k[b, t0, hk], g[b, t0, h], scale, l2norm,
                        qs[0], kt[0], decay[0])  # fmt: skip
         sk[:] = 0
@@ -164,9 +246,15 @@ def _recurrent_lanes(q, k, v, beta, g, s0, state, out, batch, start, stop, scale
             src = s0[n, h]
             for i in range(K):
                 row, qi, ki = src[i], decay[0, i] * qs[0, i], decay[0, i] * kt[0, i]
-                for j in range(V):
-                    sk[j] += ki * row[j]
-                    sq[j] += qi * row[j]
+                if check:
+                    for j in range(V):
+                        sk[j] += ki * row[j]
+                        sq[j] += qi * row[j]
+                        nonfinite[j] += row[j] - row[j]
+                else:
+                    for j in range(V):
+                        sk[j] += ki * row[j]
+                        sq[j] += qi * row[j]
         for t in range(t0, stop[n]):
             p = (t - t0) & 1
             bt = beta[b, t, h]
@@ -179,6 +267,9 @@ def _recurrent_lanes(q, k, v, beta, g, s0, state, out, batch, start, stop, scale
                 ot[j] = sq[j] + kq * delta[j]
             last = t + 1 == stop[n]
             if not last:  # the next token's vectors, for the products fused below
+                if check:
+                    clean &= _token_clean(q[b, t + 1, hk], k[b, t + 1, hk], v[b, t + 1, h],
+                                          beta[b, t + 1, h], g[b, t + 1, h])  # fmt: skip
                 _token_vectors(q[b, t + 1, hk], k[b, t + 1, hk], g[b, t + 1, h], scale,
                                l2norm, qs[1 - p], kt[1 - p], decay[1 - p])  # fmt: skip
                 sk[:] = 0
@@ -190,16 +281,37 @@ def _recurrent_lanes(q, k, v, beta, g, s0, state, out, batch, start, stop, scale
                 if fresh:
                     for j in range(V):
                         row[j] = k_i * delta[j]
-                else:
-                    row_in = s0[n, h, i] if t == t0 else row
+                elif t == t0:  # two loops: one that picks its source row does not vectorise
+                    row_in = s0[n, h, i]
                     for j in range(V):
                         row[j] = a_i * row_in[j] + k_i * delta[j]
+                else:
+                    for j in range(V):
+                        row[j] = a_i * row[j] + k_i * delta[j]
                 if not last:
                     qi = decay[1 - p, i] * qs[1 - p, i]
                     ki = decay[1 - p, i] * kt[1 - p, i]
                     for j in range(V):
                         sk[j] += ki * row[j]
                         sq[j] += qi * row[j]
+    if check:
+        for j in range(V):
+            clean &= nonfinite[j] == 0
+    return clean
+
+
+@jit(nogil=True)
+def _token_clean(q, k, v, beta, g) -> bool:
+    """Whether one token's inputs are finite and its log decays ``<= 0`` (-Inf allowed)."""
+    total = beta - beta
+    for i in range(q.shape[0]):
+        total += (q[i] - q[i]) + (k[i] - k[i])
+    for j in range(v.shape[0]):
+        total += v[j] - v[j]
+    for i in range(g.shape[0]):
+        if not g[i] <= 0:
+            return False
+    return total == 0
 
 
 @jit(nogil=True, fastmath={"contract", "reassoc"})

@@ -34,7 +34,7 @@ from ..core._kernels import effective_chunk
 from . import _chunked_grad
 from ._chunked import chunked_applies, chunked_forward
 from ._delta_grad import delta_forward_passes, delta_function
-from ._recurrent import recurrent_applies, recurrent_forward, runs_compiled
+from ._recurrent import recurrent_applies, recurrent_direct, recurrent_forward, runs_compiled
 
 __all__ = ["delta_rule", "gated_delta_rule", "run_delta_rule"]
 
@@ -241,6 +241,11 @@ def run_delta_rule(q, k, v, beta, g, *, scale, initial_state, output_final_state
     ``g`` None (plain rule), (B, T, HV) (gated) or, with ``per_channel``,
     (B, T, HV, K) (KDA).
     """
+    if method in ("auto", "recurrent") and chunk_size is None and cu_seqlens is None:
+        direct = recurrent_direct(q, k, v, beta, g, initial_state, scale, use_qk_l2norm,
+                                  per_channel)  # fmt: skip
+        if direct is not None:  # a decode step: the inputs were checked inside the loop
+            return direct[0], (direct[1] if output_final_state else None)
     gated = g is not None
     chunk_size = positive_int("chunk_size", chunk_size)
     check_choice("method", method, METHODS)
