@@ -64,15 +64,13 @@ DELTA_PASS_ROWS = 16384
 #: Longest sequence (tokens) that the delta rules run by the compiled token
 #: recurrence (``attention/_recurrent.py``) when no ``chunk_size`` is given
 #: and no gradient is needed; longer ones run the fused chunked loop
-#: (``attention/_chunked.py``).  Measured with ``python -m dplr_bench.models``
-#: (B = 1, H = 32, K = V = 128, float32, torch, with a state, one process,
-#: medians of 7, on the shared 2-core machine while other jobs loaded it):
-#: the recurrence was 2.2x faster at T = 1, 1.4x at T = 2 and equal at T = 4;
-#: the fused chunked loop was 1.8x faster at T = 8, about equal at 16 and 32,
-#: and 3.5-4.5x faster from T = 64 to 512.  (Against the separate chunked
-#: steps that ran before the fused loop the recurrence won up to T = 4096,
-#: and this limit was 256.)
-RECURRENT_MAX_T = 4
+#: (``attention/_chunked.py``).  Measured with the direct entry (B = 1,
+#: H = 32, K = V = 128, float32, torch, with a state, medians of 40 calls,
+#: idle 2-core Intel machine): the recurrence took 0.55 ms at T = 2 against
+#: 1.4 ms for the chunked loop, 0.85 against 1.6 ms at T = 4 and 1.55
+#: against 1.70 ms at T = 8; the chunked loop won from T = 16 (2.2 against
+#: 3.3 ms) and was 2x faster at T = 32.  ``docs/delta.md`` section 7.
+RECURRENT_MAX_T = 8
 
 #: Below this many state entries times tokens (about 6 flops each) the
 #: recurrence stays on the calling thread.  Handing half the heads to a pool

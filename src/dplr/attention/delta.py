@@ -84,7 +84,7 @@ def delta_rule(
         tokens.  ``"chunked"``: the chunked algorithm; without a gradient on
         the CPU its solve and product run fused in one compiled loop over the
         chunks (float32/float64).  ``"auto"`` runs the recurrence for
-        sequences of at most 4 tokens where it can (and no ``chunk_size`` is
+        sequences of at most 8 tokens where it can (and no ``chunk_size`` is
         given), the chunked algorithm otherwise.  Only speed depends on the
         choice.
     use_qk_l2norm : bool, default False
