@@ -90,9 +90,26 @@ def test_run_all_keeps_order_and_uses_the_pool_for_several_items():
         lambda i: names.setdefault(i, threading.current_thread().name) and i * i, range(6)
     )
     assert out == [0, 1, 4, 9, 16, 25]
-    # the calling thread runs the first item, the pool the others
-    assert names[0] == threading.current_thread().name
-    assert all(names[i].startswith("dplr") for i in range(1, 6))
+    # the calling thread and the pool's threads take the items
+    caller = threading.current_thread().name
+    assert all(name == caller or name.startswith("dplr") for name in names.values())
+
+
+def test_run_all_runs_at_most_num_workers_items_at_once(monkeypatch):
+    monkeypatch.setattr(threads, "num_workers", lambda: 2)
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def work(_):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.01)
+        with lock:
+            running[0] -= 1
+
+    threads.run_all(work, range(8))
+    assert most[0] <= 2
 
 
 def test_run_all_waits_for_every_item_before_raising():
