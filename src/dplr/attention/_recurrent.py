@@ -141,8 +141,9 @@ def recurrent_direct(q, k, v, beta, g, s0, scale, use_qk_l2norm, per_channel):
     itself.  None asks the caller to take the general path: the arguments
     are of another kind, or a value failed (the general path then names it).
     """
-    named = (q, k, v, beta, g, s0)
-    present = [x for x in named if x is not None]
+    if q is None or k is None or v is None or beta is None:
+        return None  # the general entry names the missing one
+    present = [x for x in (q, k, v, beta, g, s0) if x is not None]
     kind = type(q)
     if kind is np.ndarray:
         dtype = q.dtype
