@@ -112,24 +112,42 @@ def test_run_all_runs_at_most_num_workers_items_at_once(monkeypatch):
     assert most[0] <= 2
 
 
-def test_run_all_waits_for_every_item_before_raising():
-    """An error in the caller's item is raised only after the pool's items finished."""
-    finished = []
+def test_run_all_nested_in_its_own_items_finishes(monkeypatch):
+    """Items that call run_all themselves (every pool thread busy) do not wait forever."""
+    monkeypatch.setattr(threads, "num_workers", lambda: 2)
+    result: list = []
+
+    def outer():
+        result.append(threads.run_all(lambda i: sum(threads.run_all(lambda j: i * j, range(4))),
+                                      range(6)))  # fmt: skip
+
+    runner = threading.Thread(target=outer, daemon=True)
+    runner.start()
+    runner.join(timeout=30)
+    assert not runner.is_alive(), "nested run_all calls waited on each other"
+    assert result == [[6 * i for i in range(6)]]
+
+
+def test_run_all_waits_for_every_item_before_raising(monkeypatch):
+    """An error is raised only once no item is running (none left writing into buffers)."""
+    monkeypatch.setattr(threads, "num_workers", lambda: 2)
+    running = [0]
+    lock = threading.Lock()
 
     def work(i):
-        if i == 0:
-            raise RuntimeError("first item failed")
-        time.sleep(0.05)
-        finished.append(i)
+        with lock:
+            running[0] += 1
+        try:
+            time.sleep(0.01 if i == 0 else 0.05)
+            if i == 0:
+                raise RuntimeError("first item failed")
+        finally:
+            with lock:
+                running[0] -= 1
 
     with pytest.raises(RuntimeError, match="first item failed"):
         threads.run_all(work, range(3))
-    assert sorted(finished) == [1, 2]
-    # a single item runs on the calling thread
-    assert threads.run_all(lambda _: threading.current_thread().name, [0]) == [
-        threading.current_thread().name
-    ]
-    assert threads.run_all(lambda i: i, []) == []
+    assert running[0] == 0
 
 
 # A child started with fork after the parent used the pool (and while another

@@ -60,7 +60,8 @@ def run_all(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
     one pool thread fewer has to wake (a wake-up cost more than a decode
     step's half on the 2-core machine).  Returns, or raises the first error,
     only once every item has finished, so no work is left writing into the
-    caller's buffers.
+    caller's buffers.  Calls may nest (an item may call ``run_all``): a
+    caller never waits for a pool thread that has not started.
     """
     if len(items) <= 1:
         return [fn(x) for x in items]
@@ -75,9 +76,14 @@ def run_all(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
     try:
         take_items()
     finally:
+        # A helper still queued (the pool busy, or this call running on a pool thread)
+        # would find nothing left to take: cancel it rather than wait for it.
+        for helper in helpers:
+            helper.cancel()
         wait(helpers)
     for helper in helpers:
-        helper.result()  # a helper's error
+        if not helper.cancelled():
+            helper.result()  # a helper's error
     return results
 
 
