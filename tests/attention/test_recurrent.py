@@ -392,3 +392,27 @@ def test_direct_entry_declines_other_arguments(rng, monkeypatch, case):
         beta = beta.tolist()
     dplr.gated_delta_rule(q, k, v, g, beta, initial_state=s0, **options)
     assert True not in taken  # declined, or (cu_seqlens) not asked
+
+
+def test_decode_steps_from_several_threads_at_once(rng):
+    """Threads stepping their own states at the same time get the results of running alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    problems = [inputs(rng, 1, 1, 4, 16, 16, dtype=np.float32) for _ in range(8)]
+
+    def step(arrays):
+        q, k, v, beta, g, s0 = arrays
+        state = s0
+        outputs = []
+        for _ in range(20):  # the same token again and again: the state keeps changing
+            o, state = dplr.gated_delta_rule(q, k, v, g, beta, initial_state=state,
+                                             output_final_state=True)  # fmt: skip
+            outputs.append(o)
+        return np.stack(outputs), state
+
+    alone = [step(p) for p in problems]
+    with ThreadPoolExecutor(4) as executor:
+        together = list(executor.map(step, problems))
+    for (o1, s1), (o2, s2) in zip(alone, together, strict=True):
+        np.testing.assert_array_equal(o1, o2)
+        np.testing.assert_array_equal(s1, s2)
