@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._runtime.gemm import gemm, gemm_scratch
 from .._runtime.jit import jit
 
 
@@ -194,62 +195,64 @@ def substitution_pass(
     Problems are independent, and so are the columns of one problem: threads
     can run disjoint slices of the stack or disjoint column ranges.
 
-    The state is kept transposed (columns by d) so that both products are
-    dot products of contiguous rows (:func:`_dot_products`), about twice the
-    speed of BLAS's at these sizes.  The next chunk's operands are read into cache
-    while this chunk's products run (8% faster at n = 16384, where the
-    operands do not fit in cache).  The return value has no meaning: it
-    keeps the compiler from dropping those reads.
+    Both products are BLAS ``gemm`` calls (:func:`dplr._runtime.gemm.gemm`,
+    ``k_out^T`` read in place), on the state held as a contiguous d x w
+    array.  The next chunk's operands are read into cache while this
+    chunk's products run (the operands of n = 16384 do not fit in cache).
+    The return value has no meaning: it keeps the compiler from dropping
+    those reads.
     """
     c, d = q_in.shape[2], q_in.shape[3]
     width = col_stop - col_start
     rhs = np.empty((c, width), v.dtype)
     yj = np.empty((c, width), v.dtype)
-    y_t = np.empty((width, c), v.dtype)
-    k_t = np.empty((d, c), v.dtype)
-    h_t = np.empty((width, d), v.dtype)
+    h = np.empty((d, width), v.dtype)
+    scratch = gemm_scratch(v.dtype)
     keep = states.shape[1] > 1
     nc = v.shape[1]
     per_channel = decay.shape[2] > 1
     one = v.dtype.type(1)  # keeps float32 products in float32
     sink = 0.0
     for b in range(v.shape[0]):
-        for p in range(d):
-            for col in range(width):
-                h_t[col, p] = h0[b, p, col_start + col]
-        _store_transposed(h_t, states[b, 0], col_start)
+        _read_columns(h0[b], col_start, h)
+        _write_columns(h, states[b, 0], col_start)
         for j in range(nc):
             if j + 1 < nc:
                 sink += _touch(q_in[b, j + 1], 0, d) + _touch(k_out[b, j + 1], 0, d)
                 sink += _touch(blocks[b, j + 1], 0, c) + _touch(v[b, j + 1], col_start, col_stop)
-            _dot_products(q_in[b, j], h_t, rhs)
-            vj = v[b, j]
-            for r in range(c):
-                for col in range(width):
-                    rhs[r, col] = vj[r, col_start + col] - rhs[r, col]
+            _read_columns(v[b, j], col_start, rhs)
+            gemm(q_in[b, j], h, rhs, -one, one, False, scratch)
             _forward_substitute(blocks[b, j], rhs, yj)
-            y_out = y[b, j]
-            for r in range(c):
-                for col in range(width):
-                    y_out[r, col_start + col] = yj[r, col]
-                    y_t[col, r] = yj[r, col]
-            kj = k_out[b, j]
-            for r in range(c):
-                for p in range(d):
-                    k_t[p, r] = kj[r, p]
-            if per_channel:  # scale column p of the transposed state by its decay
+            _write_columns(yj, y[b, j], col_start)
+            if per_channel:  # scale row p of the state by its decay
                 dj = decay[b, j]
-                for col in range(width):
-                    for p in range(d):
-                        h_t[col, p] *= dj[p]
-                _dot_products(y_t, k_t, h_t, one)
-            else:
-                _dot_products(y_t, k_t, h_t, decay[b, j, 0])
+                for p in range(d):
+                    for col in range(width):
+                        h[p, col] *= dj[p]
+                gemm(k_out[b, j], yj, h, one, one, True, scratch)
+            else:  # beta = 0 (a reset) does not read h
+                gemm(k_out[b, j], yj, h, one, decay[b, j, 0], True, scratch)
             if keep:
-                _store_transposed(h_t, states[b, j + 1], col_start)
+                _write_columns(h, states[b, j + 1], col_start)
         if not keep:  # the final state only
-            _store_transposed(h_t, states[b, 0], col_start)
+            _write_columns(h, states[b, 0], col_start)
     return sink
+
+
+@jit(nogil=True)
+def _read_columns(wide: np.ndarray, col_start: int, narrow: np.ndarray) -> None:
+    """``narrow = wide[:, col_start:col_start + w]`` for narrow (r, w)."""
+    for r in range(narrow.shape[0]):
+        for col in range(narrow.shape[1]):
+            narrow[r, col] = wide[r, col_start + col]
+
+
+@jit(nogil=True)
+def _write_columns(narrow: np.ndarray, wide: np.ndarray, col_start: int) -> None:
+    """``wide[:, col_start:col_start + w] = narrow`` for narrow (r, w)."""
+    for r in range(narrow.shape[0]):
+        for col in range(narrow.shape[1]):
+            wide[r, col_start + col] = narrow[r, col]
 
 
 @jit(nogil=True, fastmath={"contract"})
