@@ -24,6 +24,9 @@ runtime's operations (:mod:`dplr._runtime.backend`) receive them as
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 from .._runtime.gemm import gemm, gemm_scratch
 from .._runtime.jit import jit
@@ -180,7 +183,7 @@ def substitution_pass(
     states: np.ndarray,
     col_start: int,
     col_stop: int,
-) -> float:
+) -> None:
     """The sequential part of the chunked solve for a stack of B problems.
 
     q_in, k_out: (B, nc, c, d); blocks: (B, nc, c, c) lower triangular;
@@ -212,14 +215,15 @@ def substitution_pass(
     nc = v.shape[1]
     per_channel = decay.shape[2] > 1
     one = v.dtype.type(1)  # keeps float32 products in float32
-    sink = 0.0
     for b in range(v.shape[0]):
         _read_columns(h0[b], col_start, h)
         _write_columns(h, states[b, 0], col_start)
         for j in range(nc):
             if j + 1 < nc:
-                sink += _touch(q_in[b, j + 1], 0, d) + _touch(k_out[b, j + 1], 0, d)
-                sink += _touch(blocks[b, j + 1], 0, c) + _touch(v[b, j + 1], col_start, col_stop)
+                _prefetch(q_in[b, j + 1], 0, d)
+                _prefetch(k_out[b, j + 1], 0, d)
+                _prefetch(blocks[b, j + 1], 0, c)
+                _prefetch(v[b, j + 1], col_start, col_stop)
             _read_columns(v[b, j], col_start, rhs)
             gemm(q_in[b, j], h, rhs, -one, one, False, scratch)
             _forward_substitute(blocks[b, j], rhs, yj)
@@ -236,7 +240,6 @@ def substitution_pass(
                 _write_columns(h, states[b, j + 1], col_start)
         if not keep:  # the final state only
             _write_columns(h, states[b, 0], col_start)
-    return sink
 
 
 @jit(nogil=True)
@@ -423,15 +426,34 @@ def _put4(row: np.ndarray, j: int, v0: float, v1: float, v2: float, v3: float, b
         row[j + 3] = beta * row[j + 3] + v3
 
 
+@intrinsic
+def _prefetch_line(typingctx, address):
+    """Ask the CPU to load the cache line holding byte ``address`` (LLVM's prefetch hint).
+
+    Unlike a load it does not wait for the line: the loop goes on computing
+    while the line arrives.  A hint only: it never faults, whatever the address.
+    """
+    sig = types.void(types.intp)
+
+    def codegen(context, builder, signature, args):
+        byte_ptr, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32])
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [byte_ptr], fnty)
+        read, keep_in_all_levels, data = (ir.Constant(i32, x) for x in (0, 3, 1))
+        builder.call(fn, [builder.inttoptr(args[0], byte_ptr), read, keep_in_all_levels, data])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @jit(nogil=True)
-def _touch(a: np.ndarray, col_start: int, col_stop: int) -> float:
-    """Read one element per 64-byte cache line of ``a[:, col_start:col_stop]``."""
-    step = max(1, 64 // a.itemsize)
-    total = 0.0
+def _prefetch(a: np.ndarray, col_start: int, col_stop: int) -> None:
+    """Prefetch every 64-byte cache line of ``a[:, col_start:col_stop]`` (rows contiguous)."""
+    size = a.itemsize
     for r in range(a.shape[0]):
-        for col in range(col_start, col_stop, step):
-            total += a[r, col]
-    return total
+        start = a.ctypes.data + r * a.strides[0] + col_start * size
+        for address in range(start, start + (col_stop - col_start) * size, 64):
+            _prefetch_line(address)
 
 
 @jit(nogil=True, fastmath={"contract"})
