@@ -106,6 +106,34 @@ def test_substitution_pass_is_the_chunk_recurrence(dtype, per_channel, keep):
     assert rel_err(states, s_want if keep else s_want[:, -1:]) <= tol
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_substitution_pass_resets_the_state_at_a_zero_decay(dtype, per_channel):
+    # A decay of exactly 0 (a log decay of -inf) drops the state: with one
+    # decay per chunk the state update is a gemm with beta = 0, which never
+    # reads the old state.  Against the recurrence (0 * H + k_out^T Y), with
+    # a state 1e6 times larger than the rest so that a state kept by mistake
+    # would show far above the bound.
+    rng = np.random.default_rng(5)
+    count, nc, c, d, m = 1, 4, 6, 5, 9
+    q_in, k_out = (0.3 * rng.standard_normal((count, nc, c, d)) for _ in range(2))
+    blocks = _lower_blocks(rng, (count, nc), c)
+    decay = rng.uniform(0.5, 1.0, (count, nc, d if per_channel else 1))
+    decay[:, 1] = 0.0
+    v = rng.standard_normal((count, nc, c, m))
+    h0 = 1e6 * rng.standard_normal((count, d, m))
+    args = [x.astype(dtype) for x in (q_in, blocks, k_out, decay, v, h0)]
+    y_want, s_want = _pass_reference(*args)
+    y = np.full(v.shape, np.nan, dtype)
+    states = np.full((count, nc + 1, d, m), np.nan, dtype)
+    _jit.substitution_pass(*args, y, states, 0, m)
+    tol = _tol(dtype, c, d, nc)
+    # after the reset (chunks 2, 3 and the states entering them) nothing of h0 is left
+    assert rel_err(y[:, 2:], y_want[:, 2:]) <= tol
+    assert rel_err(states[:, 2:], s_want[:, 2:]) <= tol
+    assert rel_err(y, y_want) <= tol  # y of chunks 0 and 1 carries h0's scale
+
+
 def _recurrence_reference(q, k, lam, decay, v, h0, solve):
     """Row by row with the state H (d x m), float64, as the docstring writes it."""
     y = np.empty(v.shape)
