@@ -561,3 +561,34 @@ def test_compiled_strict_lower_product_matches_numpy(rng, dtype):
         a64, k64 = a.astype(float), k.astype(float)
         bound = depth * eps * (np.abs(a64) @ np.abs(k64).T)
         assert (np.abs(lower - a64 @ k64.T)[below] <= bound[below]).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("d", [4, 16])  # row by row (d <= 8), chunked
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_solve_checks_v_in_its_pass(monkeypatch, dtype, d, bad):
+    # A checked solve finds a NaN or Inf of v in the pass that reads v: in
+    # either column lane, in the zero-padded last chunk, in any batch entry.
+    # The error is the one of the separate check (naming v, not chained), the
+    # caller's v is untouched, and a finite v gives the unchecked result.
+    from dplr._runtime import tuning
+
+    monkeypatch.setenv("DPLR_NUM_THREADS", "2")
+    monkeypatch.setattr(tuning, "LOOP_MIN_FLOPS", 0.0)  # two lanes of columns
+    rng = np.random.default_rng(3)
+    q, k, _ = delta_family(rng, (2,), 70, d, dtype)  # 70 rows: chunks of 32, 32 and 6
+    T = dplr.LowRankTril(q, k)
+    v = rng.standard_normal((2, 70, 40)).astype(dtype)
+    big = np.full_like(v, np.finfo(dtype).max / 2)  # huge but finite: no error
+    T.solve(big, chunk_size=32)
+    want = T.solve(v, chunk_size=32, check_finite=False)
+    np.testing.assert_array_equal(T.solve(v, chunk_size=32), want)
+    for where in [(0, 0, 0), (1, 69, 39), (0, 33, 19), (1, 64, 20)]:
+        w = v.copy()
+        w[where] = bad
+        given = w.copy()
+        with pytest.raises(ValueError, match="'v' contains NaN or Inf") as info:
+            T.solve(w, chunk_size=32)
+        assert info.value.__context__ is None
+        np.testing.assert_array_equal(w, given)
+    assert T.solve(np.ones((70, 0), dtype)).shape == (2, 70, 0)  # nothing to read: no error

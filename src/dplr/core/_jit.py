@@ -184,7 +184,7 @@ def substitution_pass(
     states: np.ndarray,
     col_start: int,
     col_stop: int,
-) -> None:
+) -> bool:
     """The sequential part of the chunked solve for a stack of B problems.
 
     q_in, k_out: (B, nc, c, d); blocks: (B, nc, c, c) lower triangular;
@@ -197,7 +197,9 @@ def substitution_pass(
         states[:, J + 1] = Diag(decay[:, J]) states[:, J] + k_out[:, J]^T @ y[:, J]
 
     Problems are independent, and so are the columns of one problem: threads
-    can run disjoint slices of the stack or disjoint column ranges.
+    can run disjoint slices of the stack or disjoint column ranges.  Returns
+    True if every entry of v that it read (its columns of v) is finite: a
+    NaN/Inf check of v in the same pass, instead of a pass of its own.
 
     Both products are BLAS ``gemm`` calls (:func:`dplr._runtime.gemm.gemm`,
     ``k_out^T`` read in place) on the state held as a contiguous d x w
@@ -216,6 +218,7 @@ def substitution_pass(
     nc = v.shape[1]
     per_channel = decay.shape[2] > 1
     one = v.dtype.type(1)  # keeps float32 products in float32
+    finite = True
     for b in range(v.shape[0]):
         _read_columns(h0[b], col_start, h)
         _write_columns(h, states[b, 0], col_start)
@@ -225,7 +228,7 @@ def substitution_pass(
                 _prefetch(k_out[b, j + 1], 0, d)
                 _prefetch(blocks[b, j + 1], 0, c)
                 _prefetch(v[b, j + 1], col_start, col_stop)
-            _read_columns(v[b, j], col_start, rhs)
+            finite &= _read_columns(v[b, j], col_start, rhs)
             gemm(q_in[b, j], h, rhs, -one, one, False, scratch)
             _forward_substitute(blocks[b, j], rhs, yj)
             _write_columns(yj, y[b, j], col_start)
@@ -241,14 +244,23 @@ def substitution_pass(
                 _write_columns(h, states[b, j + 1], col_start)
         if not keep:  # the final state only
             _write_columns(h, states[b, 0], col_start)
+    return finite
 
 
 @jit(nogil=True)
-def _read_columns(wide: np.ndarray, col_start: int, narrow: np.ndarray) -> None:
-    """``narrow = wide[:, col_start:col_start + w]`` for narrow (r, w)."""
+def _read_columns(wide: np.ndarray, col_start: int, narrow: np.ndarray) -> bool:
+    """``narrow = wide[:, col_start:col_start + w]`` for narrow (r, w); True if all are finite.
+
+    ``x - x`` is 0 for a finite x and NaN for NaN and +-Inf (no ``fastmath``
+    here that could fold it to 0); or-ing the comparisons vectorises.
+    """
+    bad = 0
     for r in range(narrow.shape[0]):
         for col in range(narrow.shape[1]):
-            narrow[r, col] = wide[r, col_start + col]
+            x = wide[r, col_start + col]
+            narrow[r, col] = x
+            bad |= (x - x) != 0
+    return bad == 0
 
 
 @jit(nogil=True)

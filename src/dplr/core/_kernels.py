@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._runtime.backend import Array, Ops
+from .._runtime.backend import Array, Kernel, Ops
 from .._runtime.tuning import CHUNK_ROWS as DEFAULT_CHUNK
 from . import _jit, _rowwise
 from ._decay import (
@@ -366,6 +366,7 @@ def solve(
     chunk_size: int | None = None,
     return_states: bool = False,
     check_finite: bool = False,
+    check_v: bool = False,
 ) -> tuple[Array, Array]:
     """``Y = T^-1 (V - exp(G) ⊙ (Q h0))`` (or ``T^-T V``), and the final state.
 
@@ -382,20 +383,25 @@ def solve(
     With ``check_finite`` the row-by-row loop (small d) checks what it reads
     and raises :class:`dplr.core._rowwise.NonFiniteInput` if it read a NaN or
     an Inf; where it does not run this raises it at once (nothing was
-    checked).  ``lam`` may be None: a unit diagonal.
+    checked).  ``check_v`` (not with ``transpose``): only v needs checking,
+    which the chunked pass does as it reads v (see :func:`solve_chunked`).
+    ``lam`` may be None: a unit diagonal.
     """
     if transpose:
         if h0 is not None or return_states:
             raise NotImplementedError("states are only defined for T, not T^T")
+        if check_v:
+            raise NotImplementedError("the pass checks v for T only, not T^T")
         return _through_reversal(solve, ops, q, k, lam, log_decay, v, chunk_size, check_finite)
     if not return_states and _rowwise.applies(q, v):  # small d: row by row
-        return _rowwise.run(q, k, lam, log_decay, v, h0, solve=True, check_finite=check_finite)
+        checked = check_finite or check_v
+        return _rowwise.run(q, k, lam, log_decay, v, h0, solve=True, check_finite=checked)
     if check_finite:
         raise _rowwise.NonFiniteInput  # only the row-by-row loop checks: nothing was checked
     lam = _ones_if_none(ops, lam, q)
     ch = make_chunked(ops, q, k, lam, log_decay, chunk_size)
     blocks = diagonal_blocks(ops, ch, scratch=True)  # the blocks die here
-    y, states = solve_chunked(ops, ch, blocks, v, h0, return_states)
+    y, states = solve_chunked(ops, ch, blocks, v, h0, return_states, check_v=check_v)
     return (y, states) if return_states else (y, states[..., -1, :, :])
 
 
@@ -415,18 +421,30 @@ def diagonal_blocks(ops: Ops, ch: Chunked, *, scratch: bool = False) -> Array:
 
 
 def solve_chunked(
-    ops: Ops, ch: Chunked, blocks: Array, v: Array, h0: Array | None, keep_states: bool
-) -> tuple[Array, Array]:
+    ops: Ops, ch: Chunked, blocks: Array, v: Array, h0: Array | None, keep_states: bool,
+    *, check_v: bool = False,
+) -> tuple[Array, Array]:  # fmt: skip
     """The chunked forward substitution of :func:`solve` given its chunks and blocks.
 
     ``blocks`` (..., nc, c, c) are the diagonal blocks ``T_JJ`` of ``ch``
     (lower triangles read only).  Returns Y (..., n, m) and the states
     (..., nc + 1, d, m) entering every chunk and after the last, or
     (..., 1, d, m), the final state only, unless ``keep_states``.
+    ``check_v``: raise :class:`~dplr.core._rowwise.NonFiniteInput` after the
+    pass unless the compiled pass ran and read only finite values of v.
     """
+    vc = chunk_rows(ops, v, ch.c)
+    finite: list[bool] = []  # one flag per lane of the compiled pass (list.append is atomic)
+
+    def checking_pass(*args: object) -> None:
+        finite.append(_jit.substitution_pass(*args))
+
+    kernel = checking_pass if check_v else _jit.substitution_pass
     yc, states = _substitution_pass(
-        ops, ch.q_in, blocks, ch.k_out, ch.chunk_decay, chunk_rows(ops, v, ch.c), h0, keep_states
+        ops, ch.q_in, blocks, ch.k_out, ch.chunk_decay, vc, h0, keep_states, kernel
     )
+    if check_v and not (finite and all(finite)):
+        raise _rowwise.NonFiniteInput
     return unchunk_rows(yc, ch.n), states
 
 
@@ -439,6 +457,7 @@ def _substitution_pass(
     vc: Array,
     h0: Array | None,
     keep_states: bool,
+    kernel: Kernel = _jit.substitution_pass,
 ) -> tuple[Array, Array]:
     """The sequential part of the solve (the backend runs it, see ``substitution_pass``).
 
@@ -454,9 +473,7 @@ def _substitution_pass(
     )
     decay = None if chunk_decay is None else chunk_decay.reshape(count, nc, -1)
     h0 = ops.zeros((count, d, m), vc) if h0 is None else h0.reshape(count, d, m)
-    yc, st = ops.substitution_pass(
-        q_in, blocks, k_out, decay, vc, h0, keep_states, kernel=_jit.substitution_pass
-    )
+    yc, st = ops.substitution_pass(q_in, blocks, k_out, decay, vc, h0, keep_states, kernel=kernel)
     return yc.reshape(*batch, nc, c, m), st.reshape(*batch, st.shape[1], d, m)
 
 
