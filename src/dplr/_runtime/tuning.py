@@ -1,8 +1,9 @@
 """Every tuning threshold of dplr, with the measurement behind it.
 
-Each value below was chosen by timing on the 2-core development machine
-(AMD EPYC, OpenBLAS, float64 unless stated); the comment says what was
-measured.  None of them changes a result, only how fast it arrives: the
+Each value below was chosen by timing on a 2-core development machine
+(OpenBLAS, float64 unless stated): an AMD EPYC until late November 2026, an
+Intel Xeon with AVX-512 since (older comments do not always say which); the
+comment says what was measured.  None of them changes a result, only how fast it arrives: the
 tests pin them to extreme values to reach every code path.
 
 The modules that use a value import it from here (under the same or a
