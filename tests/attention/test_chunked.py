@@ -293,3 +293,20 @@ def test_vectorised_exponential_against_numpy(dtype, budget):
     assert err.max() <= 4 * np.finfo(dtype).eps
     assert np.all(out[~inside] == 0.0)
     assert out[0, 0] == 1.0 and out[0, 1] == 1.0
+
+
+@pytest.mark.parametrize("decay", ["per head", "per channel"])
+def test_model_head_size_over_a_long_sequence(decay):
+    """K = V = 128 (the models' head size), float32, 1000 tokens with gates down
+    to -5 per token, grouped value heads: within the float32 bound of the
+    float64 recurrence."""
+    rng = np.random.default_rng(7)
+    T, H, HV, K, V = 1000, 1, 2, 128, 128
+    q, k, v, beta, g, s0 = inputs(rng, 1, T, H, K, V, HV=HV, g_scale=5.0,
+                                  channel=decay == "per channel")  # fmt: skip
+    o, sn = chunked_forward(False, *(x.astype(np.float32) for x in (q, k, v, beta, g, s0)),
+                            None, K**-0.5, True, 32)  # fmt: skip
+    o_ref, s_ref = reference(q, k, v, beta, g, s0=s0, l2norm=True)
+    assert o.dtype == np.float32
+    assert rel_err(o, o_ref) < bound(np.float32, T, 32, K, V)
+    assert rel_err(sn, s_ref) < bound(np.float32, T, 32, K, V)

@@ -214,3 +214,16 @@ def test_what_the_loops_take():
     assert _chunked_grad.applies(x, x, (x, x, x, x))  # one decay per key channel
     assert not _chunked_grad.applies(x.half(), g.half(), (x.half(), g.half()))
     assert not _chunked_grad.applies(x, g, (x, g.double()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradients_at_the_model_head_size(dtype, calls):
+    """K = V = 128 (the models' head size), grouped value heads, strong gates, a
+    length that is not a multiple of the chunk: gradients within the bound."""
+    rng = np.random.default_rng(128)
+    arrays = _inputs(rng, 1, 75, 1, 2, 128, 128, gated=True, strong=True)
+    _, _, got = _gradients(_ours(32), arrays, dtype)
+    _, _, want = _gradients(_reference(), arrays, torch.float64)
+    assert calls["backward"] == 1
+    for name in got:
+        assert rel_err(got[name], want[name]) < _bound(dtype, 75, 128, 128, 32), name

@@ -416,3 +416,23 @@ def test_decode_steps_from_several_threads_at_once(rng):
     for (o1, s1), (o2, s2) in zip(alone, together, strict=True):
         np.testing.assert_array_equal(o1, o2)
         np.testing.assert_array_equal(s1, s2)
+
+
+@pytest.mark.parametrize("rule", ["gated", "kda"])
+def test_decode_steps_at_the_model_head_size(rng, rule):
+    """200 decode steps at K = V = 128, float32, each step's state fed to the next
+    (the direct entry), gates down to -5: the float64 recurrence over the whole
+    sequence, within the float32 bound."""
+    T, H, HV, K, V = 200, 2, 4, 128, 128
+    q, k, v, beta, g, s0 = inputs(rng, 1, T, H, K, V, HV=HV, per_channel=rule == "kda",
+                                  g_scale=5.0)  # fmt: skip
+    fn = dplr.kda if rule == "kda" else dplr.gated_delta_rule
+    state, outputs = s0.astype(np.float32), []
+    for t in range(T):
+        token = (x[:, t : t + 1].astype(np.float32) for x in (q, k, v, g, beta))
+        o, state = fn(*token, initial_state=state, output_final_state=True)
+        outputs.append(o)
+    o_ref, s_ref = reference(q, k, v, beta, g, s0=s0)
+    assert state.dtype == np.float32
+    assert rel_err(np.concatenate(outputs, axis=1), o_ref) < bound(np.float32, T, K, V)
+    assert rel_err(state, s_ref) < bound(np.float32, T, K, V)
