@@ -19,8 +19,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
-import numpy as np
-
 from . import tuning
 
 
@@ -89,8 +87,9 @@ def run_all(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
 
 def split(length: int, parts: int) -> list[slice]:
     """``range(length)`` cut into at most ``parts`` contiguous, non-empty, near-equal slices."""
-    bounds = np.linspace(0, length, max(parts, 1) + 1).astype(int)
-    return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
+    parts = max(parts, 1)
+    bounds = [length * i // parts for i in range(parts + 1)]  # integers: no rounding
+    return [slice(a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def stack_parts(count: int, flops: float, min_flops: float) -> list[slice]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from .._runtime.gemm import gemm
 from .._runtime.jit import jit
-from ._chunked import _factor, sub_block_rows
+from ._chunked import _factor, anchored_rows, sub_block_rows
 
 
 @jit(nogil=True, fastmath={"contract", "reassoc"})
@@ -81,15 +81,7 @@ def _channel_blocks_back(kb, qs, kn, gc, rc, rows, e_a, e_p, dkb, dqs, dkn, dgam
                         dgam[i, p] += share
                         dgam[j, p] -= share
         elif stop - start > 1:  # anchored at row start: wq_i = exp(G_i - G_start)
-            for p in range(K):
-                wq[start, p] = dt(1)
-            for i in range(start + 1, stop):
-                for p in range(K):
-                    wq[i, p] = wq[i - 1, p] * fac[i, p]
-            for i in range(start, stop):
-                for p in range(K):
-                    w = wq[i, p]
-                    xa[i, p], xp[i, p], ky[i, p] = kb[i, p] * w, qs[i, p] * w, kn[i, p] / w
+            anchored_rows(kb, qs, kn, fac, start, stop, wq, xa, xp, ky)
             _anchored_back(e_a, e_p, xa, xp, ky, dxa, dxp, dky, start, stop, start, stop,
                            scratch)  # fmt: skip
             for i in range(start, stop):

@@ -415,17 +415,8 @@ def _channel_blocks(buf, floor, budget):
                         sa += kb[i, p] * f
                         sp += qs[i, p] * f
                     a_blk[i, j], p_blk[i, j] = sa, sp
-        else:  # wq_i = exp(G_i - G_s) = prod_{start < t <= i} a_t >= e^-budget, wk_i = 1 / wq_i
-            for p in range(K):
-                ky[start, p] = dt(1)  # holds wq until the rows are scaled
-            for i in range(start + 1, stop):
-                for p in range(K):
-                    ky[i, p] = ky[i - 1, p] * fac[i, p]
-            for i in range(start, stop):
-                for p in range(K):
-                    wq = ky[i, p]
-                    xa[i, p], xp[i, p] = kb[i, p] * wq, qs[i, p] * wq
-                    ky[i, p] = kn[i, p] / wq
+        else:
+            anchored_rows(kb, qs, kn, fac, start, stop, ky, xa, xp, ky)  # ky holds wq first
             for i in range(start + 1, stop):
                 _anchored_row(xa, xp, ky, a_blk, p_blk, i, start, i)
         if stop == L:
@@ -454,6 +445,24 @@ def _channel_blocks(buf, floor, budget):
                 ky[j, p] = kn[j, p] * ky[j, p]
         for i in range(stop, L):
             _anchored_row(xa, xp, ky, a_blk, p_blk, i, start, stop)
+
+
+@jit(nogil=True, fastmath={"contract", "reassoc"})
+def anchored_rows(kb, qs, kn, fac, start, stop, wq, xa, xp, ky):
+    """Rows ``start:stop`` anchored at row ``start``: ``wq_i = exp(G_i - G_start) =
+    prod_{start < t <= i} fac_t`` (>= e^-budget within a sub-block), ``xa = kb ⊙ wq``,
+    ``xp = qs ⊙ wq``, ``ky = kn / wq``, all written.  ``wq`` may be ``ky`` itself
+    (each weight is read before its entry of ky is written)."""
+    K = kn.shape[1]
+    for p in range(K):
+        wq[start, p] = wq.dtype.type(1)
+    for i in range(start + 1, stop):
+        for p in range(K):
+            wq[i, p] = wq[i - 1, p] * fac[i, p]
+    for i in range(start, stop):
+        for p in range(K):
+            w = wq[i, p]
+            xa[i, p], xp[i, p], ky[i, p] = kb[i, p] * w, qs[i, p] * w, kn[i, p] / w
 
 
 @jit(nogil=True)

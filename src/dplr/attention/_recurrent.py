@@ -113,12 +113,7 @@ def recurrent_forward(
     lanes = N * HV
     work = B * T * HV * K * V  # tokens x state entries: the sequences tile the batch's rows
     parts = min(num_workers(), lanes) if work >= tuning.RECURRENT_PARALLEL_MIN_WORK else 1
-    if parts <= 1:
-        clean = _recurrent_lanes(*args, 0, lanes)
-    else:
-        parted = run_all(lambda s: _recurrent_lanes(*args, s.start, s.stop), split(lanes, parts))
-        clean = all(parted)
-    if not clean:
+    if not all(run_all(lambda s: _recurrent_lanes(*args, s.start, s.stop), split(lanes, parts))):
         return None
     if torch:
         import torch as _torch
