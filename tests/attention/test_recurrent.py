@@ -367,7 +367,8 @@ def test_direct_entry_allows_a_reset(rng, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["strided", "float16", "mixed dtypes", "integer scale",
-                                  "cu_seqlens", "empty axis", "long", "list"])  # fmt: skip
+                                  "cu_seqlens", "empty axis", "long", "list",
+                                  "no value heads"])  # fmt: skip
 def test_direct_entry_declines_other_arguments(rng, monkeypatch, case):
     """Anything but clean same-dtype contiguous arrays of decode length takes the general path."""
     taken = direct_calls(monkeypatch)
@@ -390,7 +391,12 @@ def test_direct_entry_declines_other_arguments(rng, monkeypatch, case):
         q, k, v, beta, g, s0 = inputs(rng, 1, RECURRENT_MAX_T + 1, 2, 8, 8, dtype=np.float32)
     elif case == "list":
         beta = beta.tolist()
-    dplr.gated_delta_rule(q, k, v, g, beta, initial_state=s0, **options)
+    if case == "no value heads":  # not a multiple of H: the general entry names v
+        v, beta, g, s0 = v[:, :, :0], beta[:, :, :0], g[:, :, :0], s0[:, :0]
+        with pytest.raises(ValueError, match="'v' must have shape"):
+            dplr.gated_delta_rule(q, k, v, g, beta, initial_state=s0)
+    else:
+        dplr.gated_delta_rule(q, k, v, g, beta, initial_state=s0, **options)
     assert True not in taken  # declined, or (cu_seqlens) not asked
 
 

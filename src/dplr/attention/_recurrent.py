@@ -176,7 +176,7 @@ def _shapes_fit(q, k, v, beta, g, s0, per_channel: bool) -> bool:
         return False
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
-    if min(B, H, K, V) < 1 or not 1 <= T <= tuning.RECURRENT_MAX_T or HV % H:
+    if min(B, H, HV, K, V) < 1 or not 1 <= T <= tuning.RECURRENT_MAX_T or HV % H:
         return False
     if tuple(k.shape) != (B, T, H, K) or tuple(v.shape[:2]) != (B, T):
         return False
