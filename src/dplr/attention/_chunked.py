@@ -43,6 +43,7 @@ from .._runtime.backend import Array
 from .._runtime.blas import single_threaded_blas
 from .._runtime.gemm import gemm, gemm_scratch
 from .._runtime.jit import jit
+from .._runtime.prefetch import prefetch_entries, prefetch_rows, prefetch_rows_for_write
 from .._runtime.threads import num_workers, run_all, split
 from ..core._decay import _EXPONENT_BUDGET, _FLUSH_BELOW
 from ..core._jit import _forward_substitute, _strict_lower_product
@@ -109,6 +110,16 @@ def chunked_forward(
     return out, state
 
 
+@jit(nogil=True)
+def prefetch_inputs(q, k, v, beta, g, b, hk, h, t0, t1):
+    """Prefetch the rows of tokens t0:t1 of key head hk and value head h in q, k, v, beta, g."""
+    prefetch_rows(q[b, t0:t1, hk], 0, q.shape[3])
+    prefetch_rows(k[b, t0:t1, hk], 0, k.shape[3])
+    prefetch_rows(v[b, t0:t1, h], 0, v.shape[3])
+    prefetch_entries(beta[b, t0:t1, h])
+    prefetch_rows(g[b, t0:t1, h], 0, g.shape[3])
+
+
 @jit(nogil=True, fastmath={"contract", "reassoc"})
 def _chunked_lanes(q, k, v, beta, g, s0, has_s0, state, out, batch, start, stop, scale,
                    l2norm, chunk, floor, budget, lane_start, lane_stop):  # fmt: skip
@@ -141,6 +152,10 @@ def _chunked_lanes(q, k, v, beta, g, s0, has_s0, state, out, batch, start, stop,
                 _channel_blocks(buf, floor, budget)
             else:
                 _row_blocks(buf, floor)
+            if t0 + L < stop[n]:  # the next chunk's rows, one page each
+                t1 = min(t0 + L + chunk, stop[n])
+                prefetch_inputs(q, k, v, beta, g, b, hk, h, t0 + L, t1)
+                prefetch_rows_for_write(out[b, t0 + L : t1, h])
             _chunk_step(buf, s_vnew, out, b, h, t0, scratch)
             t0 += L
         state[n, h] = s_vnew[:K]

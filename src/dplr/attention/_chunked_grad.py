@@ -47,6 +47,7 @@ from .._runtime import backend, tuning
 from .._runtime.blas import single_threaded_blas
 from .._runtime.gemm import gemm, gemm_both, gemm_scratch
 from .._runtime.jit import jit
+from .._runtime.prefetch import prefetch_rows, prefetch_rows_for_write
 from .._runtime.threads import num_workers, run_all, split
 from ._channel_grad import _channel_blocks_back, _channel_factors_back
 from ._chunked import (
@@ -56,6 +57,7 @@ from ._chunked import (
     _load_chunk,
     _row_blocks,
     decay_limits,
+    prefetch_inputs,
 )
 from ._recurrent import _as_numpy, decay_per_channel
 
@@ -184,6 +186,11 @@ def _forward_lanes(q, k, v, beta, g, s0, has_s0, out, v_new, states, final, chun
             else:
                 _row_blocks(buf, floor)
             states[b, h, j] = s_vnew[:K]
+            if t0 + L < T:  # the next chunk's rows, one page each
+                t1 = min(t0 + L + chunk, T)
+                prefetch_inputs(q, k, v, beta, g, b, hk, h, t0 + L, t1)
+                for y in (out, v_new):
+                    prefetch_rows_for_write(y[b, t0 + L : t1, h])
             _chunk_step(buf, s_vnew, out, b, h, t0, scratch)
             v_new[b, t0 : t0 + L, h] = s_vnew[K : K + L]
         final[b, h] = s_vnew[:K]
@@ -226,6 +233,17 @@ def backward(q, k, v, beta, g, v_new, states, do, dsn, chunk: int, scale: float 
 
 
 @jit(nogil=True)
+def _prefetch_chunk(q, k, v, beta, g, v_new, states, do, dq, dk, dv, b, hk, h, j, t0, t1):
+    """Prefetch what the backward reads and writes for chunk ``j`` (tokens t0:t1)."""
+    prefetch_inputs(q, k, v, beta, g, b, hk, h, t0, t1)
+    for x in (v_new, do):
+        prefetch_rows(x[b, t0:t1, h], 0, x.shape[3])
+    for y in (dq, dk, dv):
+        prefetch_rows_for_write(y[b, t0:t1, h])
+    # states[b, h, j] is contiguous: the CPU's prefetcher follows it
+
+
+@jit(nogil=True)
 def _grad_buffers(L, K, V, E, dtype):
     """Scratch arrays of the backward pass for a chunk of L tokens (E as ``g``'s last axis)."""
     kc = K if E > 1 else 0  # per-channel decay only
@@ -265,6 +283,9 @@ def _backward_lanes(q, k, v, beta, g, v_new, states, do, dsn, has_dsn, dq, dk, d
         for j in range(states.shape[2] - 1, -1, -1):
             t0 = j * chunk
             L = min(chunk, T - t0)
+            if j > 0:  # the rows of the chunk before, one page each: ask for them now
+                _prefetch_chunk(q, k, v, beta, g, v_new, states, do, dq, dk, dv, b, hk, h,
+                                j - 1, t0 - chunk, t0)  # fmt: skip
             buf = full if L == chunk else _buffers(L, K, V, E, v.dtype)
             gb = full_grad if L == chunk else _grad_buffers(L, K, V, E, v.dtype)
             _load_chunk(q, k, v, beta, g, b, hk, h, t0, scale, l2norm, floor, budget, buf)

@@ -25,12 +25,10 @@ runtime's operations (:mod:`dplr._runtime.backend`) receive them as
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic
 
 from .._runtime.gemm import gemm, gemm_scratch
 from .._runtime.jit import jit
+from .._runtime.prefetch import prefetch_rows
 
 
 @jit(nogil=True, fastmath={"contract", "reassoc"})
@@ -224,10 +222,10 @@ def substitution_pass(
         _write_columns(h, states[b, 0], col_start)
         for j in range(nc):
             if j + 1 < nc:
-                _prefetch(q_in[b, j + 1], 0, d)
-                _prefetch(k_out[b, j + 1], 0, d)
-                _prefetch(blocks[b, j + 1], 0, c)
-                _prefetch(v[b, j + 1], col_start, col_stop)
+                prefetch_rows(q_in[b, j + 1], 0, d)
+                prefetch_rows(k_out[b, j + 1], 0, d)
+                prefetch_rows(blocks[b, j + 1], 0, c)
+                prefetch_rows(v[b, j + 1], col_start, col_stop)
             finite &= _read_columns(v[b, j], col_start, rhs)
             gemm(q_in[b, j], h, rhs, -one, one, False, scratch)
             _forward_substitute(blocks[b, j], rhs, yj)
@@ -322,36 +320,6 @@ def adjoint_pass(
                     dh_j[p, col] = dh_j[p, col] * a + add[p, col_start + col]
             gemm(wy[b, j], dyj, dh_j, -one, one, True, scratch)
         _write_columns(dh_j, dh0[b], col_start)
-
-
-@intrinsic
-def _prefetch_line(typingctx, address):
-    """Ask the CPU to load the cache line holding byte ``address`` (LLVM's prefetch hint).
-
-    Unlike a load it does not wait for the line: the loop goes on computing
-    while the line arrives.  A hint only: it never faults, whatever the address.
-    """
-    sig = types.void(types.intp)
-
-    def codegen(context, builder, signature, args):
-        byte_ptr, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32])
-        fn = builder.module.declare_intrinsic("llvm.prefetch", [byte_ptr], fnty)
-        read, keep_in_all_levels, data = (ir.Constant(i32, x) for x in (0, 3, 1))
-        builder.call(fn, [builder.inttoptr(args[0], byte_ptr), read, keep_in_all_levels, data])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@jit(nogil=True)
-def _prefetch(a: np.ndarray, col_start: int, col_stop: int) -> None:
-    """Prefetch every 64-byte cache line of ``a[:, col_start:col_stop]`` (rows contiguous)."""
-    size = a.itemsize
-    for r in range(a.shape[0]):
-        start = a.ctypes.data + r * a.strides[0] + col_start * size
-        for address in range(start, start + (col_stop - col_start) * size, 64):
-            _prefetch_line(address)
 
 
 @jit(nogil=True, fastmath={"contract"})
