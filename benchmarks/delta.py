@@ -116,8 +116,9 @@ def _peak_job(which: str, T: int):
 
 
 # ---------------------------------------------------------------------- suite
-def _loss_grads(torch, o, s, inputs):
-    return torch.autograd.grad((o.sum() + s.sum(),), inputs)
+def _grads(torch, o, s, inputs, given):
+    """Gradients of the inputs, given those of the outputs (o, s)."""
+    return torch.autograd.grad((o, s), inputs, given)
 
 
 def _size(T: int) -> str:
@@ -158,14 +159,18 @@ def _forward_rows(torch, T: int, reps: int) -> list[Row]:
 def _backward_rows(torch, T: int, reps: int, memory: bool) -> list[Row]:
     ours_in = [x.requires_grad_() for x in make_inputs(T)]
     rec_in = [x.detach().clone().requires_grad_() for x in ours_in]
+    with torch.no_grad():  # the outputs' gradients: random, as a model's next layer gives them
+        shapes = [x.shape for x in dplr.delta_rule(*ours_in, output_final_state=True)]
+    gen = torch.Generator().manual_seed(1)
+    given = tuple(torch.randn(shape, generator=gen) for shape in shapes)
 
     def ours():
         o, s = dplr.delta_rule(*ours_in, output_final_state=True)
-        return _loss_grads(torch, o, s, ours_in)
+        return _grads(torch, o, s, ours_in, given)
 
     def rec():
         o, s = recurrent(*rec_in)
-        return _loss_grads(torch, o, s, rec_in)
+        return _grads(torch, o, s, rec_in, given)
 
     start = time.perf_counter()  # one run of the recurrence: seconds under autograd
     want = rec()
