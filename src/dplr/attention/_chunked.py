@@ -45,6 +45,7 @@ from .._runtime.gemm import gemm, gemm_scratch
 from .._runtime.jit import jit
 from .._runtime.prefetch import prefetch_entries, prefetch_rows, prefetch_rows_for_write
 from .._runtime.threads import num_workers, run_all, split
+from .._runtime.workspace import recycled
 from ..core._decay import _EXPONENT_BUDGET, _FLUSH_BELOW
 from ..core._jit import _forward_substitute, _strict_lower_product
 from ._recurrent import _as_numpy, decay_per_channel, runs_compiled, sequence_spans
@@ -87,8 +88,8 @@ def chunked_forward(
     batch, start, stop = sequence_spans(cu, B, T)
     N = len(batch)
     g = decay_per_channel(g, (B, T, HV), v.dtype)
-    out = np.empty((B, T, HV, V), v.dtype)
-    state = np.empty((N, HV, K, V), v.dtype)
+    out = recycled((B, T, HV, V), v.dtype)
+    state = recycled((N, HV, K, V), v.dtype)
     has_s0 = s0 is not None
     if not has_s0:
         s0 = np.empty((1, 1, 1, 1), v.dtype)  # never read

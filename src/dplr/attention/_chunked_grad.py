@@ -49,6 +49,7 @@ from .._runtime.gemm import gemm, gemm_both, gemm_scratch
 from .._runtime.jit import jit
 from .._runtime.prefetch import prefetch_rows, prefetch_rows_for_write
 from .._runtime.threads import num_workers, run_all, split
+from .._runtime.workspace import recycled
 from ._channel_grad import _channel_blocks_back, _channel_factors_back
 from ._chunked import (
     _buffers,
@@ -144,10 +145,10 @@ def forward_saving(q, k, v, beta, g, s0, chunk: int, scale: float = 1.0, l2norm:
     B, T, HV, V = v.shape
     K = k.shape[-1]
     nc = -(-T // chunk)
-    out = np.empty((B, T, HV, V), v.dtype)
-    v_new = np.empty((B, T, HV, V), v.dtype)
-    states = np.empty((B, HV, nc, K, V), v.dtype)
-    final = np.empty((B, HV, K, V), v.dtype)
+    out = recycled((B, T, HV, V), v.dtype)
+    v_new = recycled((B, T, HV, V), v.dtype)
+    states = recycled((B, HV, nc, K, V), v.dtype)
+    final = recycled((B, HV, K, V), v.dtype)
     has_s0 = s0 is not None
     s0 = s0 if has_s0 else np.empty((1, 1, 1, 1), v.dtype)
     floor, budget = decay_limits(v.dtype)
@@ -215,9 +216,9 @@ def backward(q, k, v, beta, g, v_new, states, do, dsn, chunk: int, scale: float 
     dt = v.dtype
     g4 = decay_per_channel(g, v.shape[:3], dt)
     # Per value head: value heads sharing a key head may run in different threads.
-    dq, dk = np.empty((B, T, HV, K), dt), np.empty((B, T, HV, K), dt)
-    dv, dbeta, dg = np.empty(v.shape, dt), np.empty(beta.shape, dt), np.empty(g4.shape, dt)
-    ds0 = np.empty((B, HV, K, V), dt)
+    dq, dk = recycled((B, T, HV, K), dt), recycled((B, T, HV, K), dt)
+    dv, dbeta, dg = recycled(v.shape, dt), recycled(beta.shape, dt), recycled(g4.shape, dt)
+    ds0 = recycled((B, HV, K, V), dt)
     has_dsn = dsn is not None
     dsn = dsn if has_dsn else np.empty((1, 1, 1, 1), dt)
     floor, budget = decay_limits(dt)
