@@ -143,6 +143,12 @@ def test_small_arrays_are_not_kept_and_the_cap_drops_free_buffers(small_recycled
     assert not workspace._recycled
 
 
+def test_without_reliable_reference_counts_nothing_is_kept(small_recycled, monkeypatch):
+    monkeypatch.setattr(workspace, "_COUNTS_REFERENCES", False)
+    a = workspace.recycled((4096,), np.float64)
+    assert a.shape == (4096,) and not workspace._recycled
+
+
 def test_threads_never_share_recycled_memory(small_recycled):
     errors = []
 

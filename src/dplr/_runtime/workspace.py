@@ -72,6 +72,12 @@ MIN_RECYCLED_BYTES = 32 * 2**20
 #: At most this many bytes in buffers kept by :func:`recycled`.
 MAX_RECYCLED_BYTES = 2**30
 
+#: The test of :func:`recycled` reads CPython's reference counts, which a
+#: build without the GIL defers and which other interpreters do not keep.
+_COUNTS_REFERENCES = (
+    sys.implementation.name == "cpython" and getattr(sys, "_is_gil_enabled", lambda: True)()
+)
+
 _recycled: list[np.ndarray] = []  # uint8 buffers; free when this list's is their only reference
 _recycled_lock = threading.Lock()
 
@@ -87,12 +93,13 @@ def recycled(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
     by autograd: its memory is reused only once nothing refers to it (nor
     to any view of it).  Arrays below :data:`MIN_RECYCLED_BYTES` and those
     that would take the kept buffers over :data:`MAX_RECYCLED_BYTES` (after
-    dropping free buffers of other sizes) come from ``np.empty``.
-    Thread-safe.
+    dropping free buffers of other sizes) come from ``np.empty``, and so do
+    all arrays where reference counts cannot tell (an interpreter other than
+    CPython, or CPython without the GIL).  Thread-safe.
     """
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < MIN_RECYCLED_BYTES:
+    if nbytes < MIN_RECYCLED_BYTES or not _COUNTS_REFERENCES:
         return np.empty(shape, dtype)
     with _recycled_lock:
         found = next(
