@@ -66,6 +66,16 @@ def test_form_chunk_blocks_is_diag_plus_strict_masked_product(dtype, masked, c):
     assert rel_err(out[:, low], want[:, low]) <= _tol(dtype, d)
 
 
+def _pass_inputs(rng, count, nc, c, d, m, per_channel):
+    """Operands of ``substitution_pass`` (float64): q_in, blocks, k_out, decay, v, h0."""
+    q_in, k_out = (0.3 * rng.standard_normal((count, nc, c, d)) for _ in range(2))
+    blocks = _lower_blocks(rng, (count, nc), c)
+    decay = rng.uniform(0.5, 1.0, (count, nc, d if per_channel else 1))
+    v = rng.standard_normal((count, nc, c, m))
+    h0 = rng.standard_normal((count, d, m))
+    return q_in, blocks, k_out, decay, v, h0
+
+
 def _pass_reference(q_in, blocks, k_out, decay, v, h0):
     """The chunk recurrence of the docstring, one chunk at a time (float64)."""
     count, nc = v.shape[:2]
@@ -86,16 +96,11 @@ def _pass_reference(q_in, blocks, k_out, decay, v, h0):
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("keep", [False, True])
 def test_substitution_pass_is_the_chunk_recurrence(dtype, per_channel, keep):
-    rng = np.random.default_rng(2)
     count, nc, c, d, m = 2, 3, 5, 6, 7
-    q_in, k_out = (0.3 * rng.standard_normal((count, nc, c, d)) for _ in range(2))
-    blocks = _lower_blocks(rng, (count, nc), c)
-    decay = rng.uniform(0.5, 1.0, (count, nc, d if per_channel else 1))
-    v = rng.standard_normal((count, nc, c, m))
-    h0 = rng.standard_normal((count, d, m))
-    args = [x.astype(dtype) for x in (q_in, blocks, k_out, decay, v, h0)]
+    inputs = _pass_inputs(np.random.default_rng(2), count, nc, c, d, m, per_channel)
+    args = [x.astype(dtype) for x in inputs]
     y_want, s_want = _pass_reference(*args)
-    y = np.full(v.shape, np.nan, dtype)
+    y = np.full((count, nc, c, m), np.nan, dtype)
     states = np.full((count, nc + 1 if keep else 1, d, m), np.nan, dtype)
     # Two column ranges, as two threads would run them: each writes only its own.
     _jit.substitution_pass(*args, y, states, 0, 3)
@@ -114,14 +119,12 @@ def test_substitution_pass_resets_the_state_at_a_zero_decay(dtype, per_channel):
     # reads the old state.  Against the recurrence (0 * H + k_out^T Y), with
     # a state 1e6 times larger than the rest so that a state kept by mistake
     # would show far above the bound.
-    rng = np.random.default_rng(5)
     count, nc, c, d, m = 1, 4, 6, 5, 9
-    q_in, k_out = (0.3 * rng.standard_normal((count, nc, c, d)) for _ in range(2))
-    blocks = _lower_blocks(rng, (count, nc), c)
-    decay = rng.uniform(0.5, 1.0, (count, nc, d if per_channel else 1))
+    q_in, blocks, k_out, decay, v, h0 = _pass_inputs(
+        np.random.default_rng(5), count, nc, c, d, m, per_channel
+    )
     decay[:, 1] = 0.0
-    v = rng.standard_normal((count, nc, c, m))
-    h0 = 1e6 * rng.standard_normal((count, d, m))
+    h0 *= 1e6
     args = [x.astype(dtype) for x in (q_in, blocks, k_out, decay, v, h0)]
     y_want, s_want = _pass_reference(*args)
     y = np.full(v.shape, np.nan, dtype)

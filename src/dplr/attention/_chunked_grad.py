@@ -234,14 +234,14 @@ def backward(q, k, v, beta, g, v_new, states, do, dsn, chunk: int, scale: float 
 
 
 @jit(nogil=True)
-def _prefetch_chunk(q, k, v, beta, g, v_new, states, do, dq, dk, dv, b, hk, h, j, t0, t1):
-    """Prefetch what the backward reads and writes for chunk ``j`` (tokens t0:t1)."""
+def _prefetch_chunk(q, k, v, beta, g, v_new, do, dq, dk, dv, b, hk, h, t0, t1):
+    """Prefetch the rows the backward reads and writes for tokens t0:t1 (the state
+    entering their chunk is contiguous: the CPU's own prefetcher follows it)."""
     prefetch_inputs(q, k, v, beta, g, b, hk, h, t0, t1)
     for x in (v_new, do):
         prefetch_rows(x[b, t0:t1, h], 0, x.shape[3])
     for y in (dq, dk, dv):
         prefetch_rows_for_write(y[b, t0:t1, h])
-    # states[b, h, j] is contiguous: the CPU's prefetcher follows it
 
 
 @jit(nogil=True)
@@ -285,8 +285,8 @@ def _backward_lanes(q, k, v, beta, g, v_new, states, do, dsn, has_dsn, dq, dk, d
             t0 = j * chunk
             L = min(chunk, T - t0)
             if j > 0:  # the rows of the chunk before, one page each: ask for them now
-                _prefetch_chunk(q, k, v, beta, g, v_new, states, do, dq, dk, dv, b, hk, h,
-                                j - 1, t0 - chunk, t0)  # fmt: skip
+                _prefetch_chunk(q, k, v, beta, g, v_new, do, dq, dk, dv, b, hk, h, t0 - chunk,
+                                t0)  # fmt: skip
             buf = full if L == chunk else _buffers(L, K, V, E, v.dtype)
             gb = full_grad if L == chunk else _grad_buffers(L, K, V, E, v.dtype)
             _load_chunk(q, k, v, beta, g, b, hk, h, t0, scale, l2norm, floor, budget, buf)

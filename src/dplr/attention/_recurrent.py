@@ -228,7 +228,10 @@ def _recurrent_lanes(q, k, v, beta, g, s0, state, out, batch, start, stop, scale
             for i in range(K):
                 for j in range(V):
                     s[i, j] = s0[n, h, i, j] if has_s0 else dt(0)
-                    nonfinite[j] += s[i, j] - s[i, j]
+            if check and has_s0:  # the state is all an empty sequence reads
+                for i in range(K):
+                    for j in range(V):
+                        nonfinite[j] += s[i, j] - s[i, j]
             continue
         t0 = start[n]
         if check:
