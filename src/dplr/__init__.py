@@ -10,7 +10,8 @@ The public API, re-exported from the modules that implement it:
 - :func:`delta_rule`, :func:`gated_delta_rule` and :func:`kda`: the (gated)
   delta rule of linear attention and Kimi Delta Attention (one decay per key
   channel), exactly, in O(T) (package ``dplr.attention``).
-- :func:`empty_cache`: free the scratch memory kept between calls.
+- :func:`empty_cache`: free the memory kept between calls (scratch buffers and the
+  memory of large arrays handed out, kept for reuse).
 """
 
 from ._errors import NotPositiveDefiniteError, SingularMatrixError
