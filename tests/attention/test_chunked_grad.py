@@ -99,6 +99,10 @@ CASES = [  # (B, T, H, HV, K, V, chunk): c divides T, does not, T < c, T = 1, c 
     (1, 1, 2, 2, 4, 3, 8),
     (1, 9, 1, 1, 3, 2, 1),
     (2, 19, 1, 2, 4, 3, 4),
+    # the backward's substitution by blocks of 16 rows: two blocks, then a last chunk of 20
+    # rows (blocks of 16 and 4); three blocks, then a last chunk below one block
+    (1, 52, 1, 1, 3, 4, 32),
+    (1, 45, 1, 1, 3, 2, 40),
 ]
 
 
@@ -119,6 +123,44 @@ def test_gradients_match_autograd_through_the_recurrence(B, T, H, HV, K, V, chun
         assert rel_err(got[name], want[name]) < tol, name
     if decay == "resets":  # a -inf log decay gets no gradient
         assert (got["g"][:, [t for t in (0, 4, 5, 11) if t < T]] == 0).all()
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_the_forward_keeps_each_chunks_blocks(gated):
+    """The blocks the backward reads: ``I + A`` (lower triangle) and ``P`` (zero above its
+    diagonal) of every chunk, a last chunk of L < c tokens in ``[:L, :L]``, against their
+    definitions ``A_ij = beta_i (k_i . k_j) D_ij``, ``P_ij = (q_i . k_j) D_ij`` (i >= j),
+    ``D_ij = exp(G_i - G_j)``."""
+    rng = np.random.default_rng(7)
+    B, T, H, K, V, c = 2, 27, 2, 3, 4, 8
+    x = _inputs(rng, B, T, H, H, K, V, gated=gated, strong=True, state=False)
+    args = [torch.tensor(x[n]) if x[n] is not None else None for n in ("q", "k", "v", "beta", "g")]
+    *_, blocks = _chunked_grad.forward_saving(*args, None, c)
+    assert blocks.shape == (B, H, -(-T // c), 2, c, c)
+    for b in range(B):
+        for h in range(H):
+            for j, t0 in enumerate(range(0, T, c)):
+                rows = slice(t0, min(t0 + c, T))
+                q, k, beta = x["q"][b, rows, h], x["k"][b, rows, h], x["beta"][b, rows, h]
+                G = np.cumsum(x["g"][b, rows, h]) if gated else np.zeros(len(q))
+                decay = np.tril(np.exp(np.tril(G[:, None] - G[None, :])))
+                a_want = np.eye(len(q)) + np.tril(beta[:, None] * (k @ k.T) * decay, -1)
+                p_want = (q @ k.T) * decay
+                L = len(q)
+                np.testing.assert_allclose(np.tril(blocks[b, h, j, 0, :L, :L]), a_want,
+                                           rtol=1e-12, atol=1e-14)  # fmt: skip
+                np.testing.assert_allclose(blocks[b, h, j, 1, :L, :L], p_want, rtol=1e-12,
+                                           atol=1e-14)  # fmt: skip
+
+
+def test_the_forward_keeps_no_blocks_per_key_channel():
+    """KDA: the backward forms the anchored blocks again; nothing of c x c size is kept."""
+    rng = np.random.default_rng(8)
+    x = _inputs(rng, 1, 10, 1, 1, 3, 2, gated=False, state=False)
+    g = torch.tensor(-rng.uniform(0.0, 1.0, (1, 10, 1, 3)))
+    args = [torch.tensor(x[n]) for n in ("q", "k", "v", "beta")]
+    *_, blocks = _chunked_grad.forward_saving(*args, g, None, 4)
+    assert blocks.shape == (1, 1, 3, 2, 0, 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -355,6 +355,18 @@ def _pow2(m, cells32, cells64):
             m[p] = f64[p]
 
 
+@jit(nogil=True)
+def _row_steps(buf, floor):
+    """The per-token factors ``a_t = exp(g_t)`` (t >= 1) of one decay per row, in
+    ``rows[2L:3L, 0]`` (free with one decay), returned; empty when K = 0."""
+    _, _, _, kn, _, _, _, _, _, gc, rc, rows, _ = buf
+    L, K = kn.shape
+    step = rows[2 * L : 3 * L, 0] if K > 0 else rows[:0, 0]
+    for t in range(1, L if K > 0 else 0):  # K = 0: the products are empty sums, 0
+        step[t] = _factor(gc[t, 0] - gc[t - 1, 0], rc[t, 0] == rc[t - 1, 0], floor)
+    return step
+
+
 @jit(nogil=True, fastmath={"contract", "reassoc"})
 def _row_blocks(buf, floor):
     """``I + A`` and ``P`` with one decay per row: products masked by ``D_ij = exp(g_i - g_j)``.
@@ -366,15 +378,13 @@ def _row_blocks(buf, floor):
     about L eps; a reset (``g = -inf``) is an exact zero factor, and a
     product below ``exp(-floor)`` is set to 0 as :func:`_factor` does.
     """
-    _, kb, qs, kn, _, a_blk, p_blk, _, _, gc, rc, rows, _ = buf
+    _, kb, qs, kn, _, a_blk, p_blk, _, _, _, _, _, _ = buf
     L, K = kn.shape
     dt = kn.dtype.type
     tiny = dt(np.exp(-floor))
     _strict_lower_product(kb, kn, a_blk)
     _strict_lower_product(qs, kn, p_blk)
-    step = rows[2 * L : 3 * L, 0] if K > 0 else rows[:0, 0]  # rows 2L: are free with one decay
-    for t in range(1, L if K > 0 else 0):  # K = 0: the products are empty sums, 0
-        step[t] = _factor(gc[t, 0] - gc[t - 1, 0], rc[t, 0] == rc[t - 1, 0], floor)
+    step = _row_steps(buf, floor)
     for i in range(L):
         d_ij = dt(1)
         for j in range(i - 1 if K > 0 else -1, -1, -1):

@@ -1,14 +1,15 @@
 """The delta rules under autograd on the CPU: forward and backward, each one compiled loop per head.
 
 The fused forward of :mod:`dplr.attention._chunked` keeps nothing; under
-autograd the backward pass needs the state ``S`` entering every chunk and the
-new values ``v_new`` (``docs/delta.md``, sections 4 and 9).  Here
-:func:`forward_saving` runs the same chunk step (the chunked module's
-compiled pieces) and also stores those, and :func:`backward` walks each
-(sequence, value head) over its chunks in reverse, forming each chunk's
-blocks ``I + A`` and ``P`` again from q, k, g in cache instead of reading
-them.  With ``kb = beta k``, ``w_in = exp(G)``, ``w_out = exp(G_last - G)``,
-``a = exp(G_last)`` (chunk-relative, as in the forward) and ``dS'`` the
+autograd the backward pass needs the state ``S`` entering every chunk, the
+new values ``v_new`` and the chunks' blocks ``I + A`` and ``P``
+(``docs/delta.md``, sections 4 and 9).  Here :func:`forward_saving` runs the
+same chunk step (the chunked module's compiled pieces) and also stores
+those (the blocks with one decay per row or none: 2 c^2 numbers against the
+state's K V), and :func:`backward` walks each (sequence, value head) over
+its chunks in reverse, reading them; per key channel it forms the anchored
+blocks again from q, k, g in cache.  With ``kb = beta k``, ``w_in = exp(G)``,
+``w_out = exp(G_last - G)``, ``a = exp(G_last)`` (chunk-relative, as in the forward) and ``dS'`` the
 gradient of the state leaving the chunk, per chunk::
 
     dv_new = P^T dO + (k ⊙ w_out) dS'
@@ -57,10 +58,15 @@ from ._chunked import (
     _chunk_step,
     _load_chunk,
     _row_blocks,
+    _row_steps,
     decay_limits,
     prefetch_inputs,
 )
 from ._recurrent import _as_numpy, decay_per_channel
+
+#: Rows per block of the backward's substitution: the rows below a block enter it through
+#: one gemm, so a chunk of 32 does half its substitution as a product.
+SUBSTITUTION_ROWS = 16
 
 #: Whether :func:`applies` may choose this path (tests set it False to run
 #: the separate steps of :mod:`dplr.attention._delta_grad` on the CPU).
@@ -90,20 +96,21 @@ def _torch_function_class():
 
         @staticmethod
         def forward(ctx, q, k, v, beta, g, s0, scale, l2norm, chunk):
-            o, sn, v_new, states = forward_saving(q, k, v, beta, g, s0, chunk, scale, l2norm)
-            ctx.save_for_backward(q, k, v, beta, g, v_new, states)
+            o, sn, v_new, states, blocks = forward_saving(q, k, v, beta, g, s0, chunk, scale,
+                                                          l2norm)  # fmt: skip
+            ctx.save_for_backward(q, k, v, beta, g, v_new, states, blocks)
             ctx.args = (s0 is not None, chunk, scale, l2norm)
             return o, sn
 
         @staticmethod
         @first_order_only("dplr.delta_rule")
         def backward(ctx, do, dsn):
-            q, k, v, beta, g, v_new, states = ctx.saved_tensors
+            q, k, v, beta, g, v_new, states, blocks = ctx.saved_tensors
             has_s0, chunk, scale, l2norm = ctx.args
             if do is None:
                 do = torch.zeros(v.shape, dtype=v.dtype)
             dq, dk, dv, dbeta, dg, ds0 = backward(
-                q, k, v, beta, g, v_new, states, do, dsn, chunk, scale, l2norm
+                q, k, v, beta, g, v_new, states, blocks, do, dsn, chunk, scale, l2norm
             )
             return dq, dk, dv, dbeta, dg, ds0 if has_s0 else None, None, None, None
 
@@ -133,7 +140,11 @@ def _lane_parts(B: int, H: int, T: int, K: int, V: int) -> list[slice]:
 
 def forward_saving(q, k, v, beta, g, s0, chunk: int, scale: float = 1.0, l2norm: bool = False):
     """O (B, T, HV, V), the final states (B, HV, K, V), and what :func:`backward`
-    reads: v_new (B, T, HV, V) and the state entering every chunk (B, HV, nc, K, V).
+    reads: v_new (B, T, HV, V), the state entering every chunk (B, HV, nc, K, V)
+    and, with one decay per row (or none), every chunk's blocks ``I + A`` and
+    ``P`` (B, HV, nc, 2, chunk, chunk; a chunk of L < chunk tokens fills
+    ``[:L, :L]``).  Per key channel (KDA) the backward forms the blocks again,
+    and the last array has empty blocks.
 
     q, k (B, T, H, K) are scaled by ``scale`` (after normalising them with
     ``l2norm``) in the loop; value head h reads key head ``h // (HV // H)``.
@@ -149,19 +160,21 @@ def forward_saving(q, k, v, beta, g, s0, chunk: int, scale: float = 1.0, l2norm:
     v_new = recycled((B, T, HV, V), v.dtype)
     states = recycled((B, HV, nc, K, V), v.dtype)
     final = recycled((B, HV, K, V), v.dtype)
+    g4 = decay_per_channel(g, v.shape[:3], v.dtype)
+    side = chunk if g4.shape[3] <= 1 else 0  # no decay or one per row
+    blocks = recycled((B, HV, nc, 2, side, side), v.dtype)
     has_s0 = s0 is not None
     s0 = s0 if has_s0 else np.empty((1, 1, 1, 1), v.dtype)
     floor, budget = decay_limits(v.dtype)
-    g4 = decay_per_channel(g, v.shape[:3], v.dtype)
-    args = (q, k, v, beta, g4, s0, has_s0, out, v_new, states, final, chunk,
+    args = (q, k, v, beta, g4, s0, has_s0, out, v_new, states, blocks, final, chunk,
             v.dtype.type(scale), l2norm, floor, budget)  # fmt: skip
     with single_threaded_blas():  # small products: one BLAS thread in each of dplr's
         run_all(lambda s: _forward_lanes(*args, s.start, s.stop), _lane_parts(B, HV, T, K, V))
-    return tuple(torch.from_numpy(x) for x in (out, final, v_new, states))
+    return tuple(torch.from_numpy(x) for x in (out, final, v_new, states, blocks))
 
 
 @jit(nogil=True, fastmath={"contract", "reassoc"})
-def _forward_lanes(q, k, v, beta, g, s0, has_s0, out, v_new, states, final, chunk, scale,
+def _forward_lanes(q, k, v, beta, g, s0, has_s0, out, v_new, states, blocks, final, chunk, scale,
                    l2norm, floor, budget, lane_start, lane_stop):  # fmt: skip
     """Lanes ``lane_start:lane_stop`` (lane = batch entry * HV + value head), chunk by chunk."""
     H, K = q.shape[2], q.shape[3]
@@ -186,6 +199,8 @@ def _forward_lanes(q, k, v, beta, g, s0, has_s0, out, v_new, states, final, chun
                 _channel_blocks(buf, floor, budget)
             else:
                 _row_blocks(buf, floor)
+                blocks[b, h, j, 0, :L, :L] = buf[5]
+                blocks[b, h, j, 1, :L, :L] = buf[6]
             states[b, h, j] = s_vnew[:K]
             if t0 + L < T:  # the next chunk's rows, one page each
                 t1 = min(t0 + L + chunk, T)
@@ -197,7 +212,7 @@ def _forward_lanes(q, k, v, beta, g, s0, has_s0, out, v_new, states, final, chun
         final[b, h] = s_vnew[:K]
 
 
-def backward(q, k, v, beta, g, v_new, states, do, dsn, chunk: int, scale: float = 1.0,
+def backward(q, k, v, beta, g, v_new, states, blocks, do, dsn, chunk: int, scale: float = 1.0,
              l2norm: bool = False):  # fmt: skip
     """Gradients ``dq, dk, dv, dbeta, dg, ds0`` (torch) of :func:`forward_saving`'s outputs.
 
@@ -208,8 +223,8 @@ def backward(q, k, v, beta, g, v_new, states, do, dsn, chunk: int, scale: float 
     import torch
 
     has_g = g is not None
-    q, k, v, beta, g, v_new, states, do, dsn = (
-        _as_numpy(x) for x in (q, k, v, beta, g, v_new, states, do, dsn)
+    q, k, v, beta, g, v_new, states, blocks, do, dsn = (
+        _as_numpy(x) for x in (q, k, v, beta, g, v_new, states, blocks, do, dsn)
     )
     B, T, HV, V = v.shape
     H, K = k.shape[2], k.shape[3]
@@ -222,7 +237,7 @@ def backward(q, k, v, beta, g, v_new, states, do, dsn, chunk: int, scale: float 
     has_dsn = dsn is not None
     dsn = dsn if has_dsn else np.empty((1, 1, 1, 1), dt)
     floor, budget = decay_limits(dt)
-    args = (q, k, v, beta, g4, v_new, states, do, dsn, has_dsn, dq, dk, dv, dbeta, dg, ds0,
+    args = (q, k, v, beta, g4, v_new, states, blocks, do, dsn, has_dsn, dq, dk, dv, dbeta, dg, ds0,
             chunk, dt.type(scale), l2norm, floor, budget)  # fmt: skip
     with single_threaded_blas():
         run_all(lambda s: _backward_lanes(*args, s.start, s.stop), _lane_parts(B, HV, T, K, V))
@@ -260,12 +275,14 @@ def _grad_buffers(L, K, V, E, dtype):
         np.empty((L, max(E, 1)), dtype),  # dG
         np.empty((2 * L, kc), dtype),  # w_in, w_out (the chunk rows overwrite them)
         np.empty((4 * L, kc), dtype),  # anchor weights, d(anchored kb, q, k) rows
+        np.empty((V, L), dtype),  # v_new^T
     )
 
 
 @jit(nogil=True, fastmath={"contract", "reassoc"})
-def _backward_lanes(q, k, v, beta, g, v_new, states, do, dsn, has_dsn, dq, dk, dv, dbeta, dg,
-                    ds0, chunk, scale, l2norm, floor, budget, lane_start, lane_stop):  # fmt: skip
+def _backward_lanes(q, k, v, beta, g, v_new, states, blocks, do, dsn, has_dsn, dq, dk, dv, dbeta,
+                    dg, ds0, chunk, scale, l2norm, floor, budget, lane_start,
+                    lane_stop):  # fmt: skip
     """Lanes ``lane_start:lane_stop`` (lane = batch entry * HV + value head), chunks last first."""
     H, K = q.shape[2], q.shape[3]
     T, HV, V = v.shape[1], v.shape[2], v.shape[3]
@@ -293,8 +310,10 @@ def _backward_lanes(q, k, v, beta, g, v_new, states, do, dsn, has_dsn, dq, dk, d
             if E > 1:
                 gb[9][:] = buf[11][: 2 * L]  # w_in, w_out, before the blocks reuse the rows
                 _channel_blocks(buf, floor, budget)
-            else:
-                _row_blocks(buf, floor)
+            else:  # the forward's blocks, and the factors their pull-back reads
+                buf[5][:] = blocks[b, h, j, 0, :L, :L]
+                buf[6][:] = blocks[b, h, j, 1, :L, :L]
+                _row_steps(buf, floor)
             vn = v_new[b, t0 : t0 + L, h]
             _chunk_backward(buf, gb, states[b, h, j], ds, vn, do[b, t0 : t0 + L, h], scratch)
             _chunk_gradients(buf, gb, floor, budget, q, k, v, beta, g, dq, dk, dv, dbeta, dg, b,
@@ -312,7 +331,7 @@ def _chunk_backward(buf, gb, s, ds, vn, do, scratch):
     the public layout).  The products are BLAS calls.
     """
     kb_in, _, _, _, k_out, a_blk, p_blk, _, qp, _, _, _, a = buf
-    rd, dr, dkq, dk_out, dap, _, _, _, dgam, _, _ = gb
+    rd, dr, dkq, dk_out, dap, _, _, _, dgam, _, _, vn_t = gb
     L, V = dr.shape
     K = s.shape[0]
     per_channel = dgam.shape[1] > 1
@@ -327,21 +346,29 @@ def _chunk_backward(buf, gb, s, ds, vn, do, scratch):
             dgam[L - 1, p] = a[p] * sds
         else:
             dgam[L - 1, 0] += a[0] * sds
-    gemm_both(vn, ds, dk_out, 1.0, 0.0, False, True, scratch)  # d(k ⊙ w_out) = v_new dS'^T
+    # v_new^T makes the two products with v_new^T of OpenBLAS's fastest kinds at these
+    # sizes (A^T B^T and A B: 1.9x and 1.6x the A B^T they replace, docs/delta.md, section 8).
+    _transpose(vn, vn_t)
+    gemm_both(vn_t, ds, dk_out, 1.0, 0.0, True, True, scratch)  # d(k ⊙ w_out) = v_new dS'^T
     gemm(k_out, ds, dr, 1.0, 0.0, False, scratch)  # dv_new = (k ⊙ w_out) dS' + P^T dO
     gemm(p_blk, rd[L:], dr, 1.0, 1.0, True, scratch)  # P is 0 above its diagonal
-    # dr = (I + A)^-T dv_new: back substitution, rows last first.
-    for i in range(L - 1, -1, -1):
-        row = dr[i]
-        for m in range(i + 1, L):
-            coef = a_blk[m, i]
-            other = dr[m]
+    # dr = (I + A)^-T dv_new: back substitution by blocks of rows, last first; the rows
+    # below a block enter it through one product with A's entries under the block.
+    for i1 in range(L, 0, -SUBSTITUTION_ROWS):
+        i0 = max(i1 - SUBSTITUTION_ROWS, 0)
+        if i1 < L:
+            gemm(a_blk[i1:, i0:i1], dr[i1:], dr[i0:i1], -1.0, 1.0, True, scratch)
+        for i in range(i1 - 1, i0 - 1, -1):
+            row = dr[i]
+            for m in range(i + 1, i1):
+                coef = a_blk[m, i]
+                other = dr[m]
+                for col in range(V):
+                    row[col] -= coef * other[col]
             for col in range(V):
-                row[col] -= coef * other[col]
-        for col in range(V):
-            rd[i, col] = -row[col]
+                rd[i, col] = -row[col]
     gemm_both(rd, s, dkq, 1.0, 0.0, False, True, scratch)  # [d(kb ⊙ w_in); d(q ⊙ w_in)]
-    gemm_both(rd, vn, dap, 1.0, 0.0, False, True, scratch)  # [dA; dP] = [-dr; dO] v_new^T
+    gemm(rd, vn_t, dap, 1.0, 0.0, False, scratch)  # [dA; dP] = [-dr; dO] v_new^T
     # dS = a dS' - (kb ⊙ w_in)^T dr + (q ⊙ w_in)^T dO
     if per_channel:
         for p in range(K):
@@ -352,13 +379,25 @@ def _chunk_backward(buf, gb, s, ds, vn, do, scratch):
     gemm(qp[:, :K], rd[L:], ds, 1.0, 1.0, True, scratch)
 
 
+@jit(nogil=True)
+def _transpose(x, out):
+    """``out = x.T`` for x (r, s), in tiles of 16 x 16 (both arrays' rows contiguous)."""
+    r, s = x.shape
+    for i0 in range(0, r, 16):
+        i1 = min(i0 + 16, r)
+        for j0 in range(0, s, 16):
+            for j in range(j0, min(j0 + 16, s)):
+                for i in range(i0, i1):
+                    out[j, i] = x[i, j]
+
+
 @jit(nogil=True, fastmath={"contract", "reassoc"})
 def _chunk_gradients(buf, gb, floor, budget, q, k, v, beta, g, dq, dk, dv, dbeta, dg, b, hk, h,
                      t0, scale, l2norm, scratch):  # fmt: skip
     """Pull the chunk's row gradients back to q, k, v, beta and g (written in place;
     dq, dk per value head h, of key head hk)."""
     kb_in, kb, qs, kn, k_out, _, _, _, qp, gc, rc, rows, _ = buf
-    _, _, dkq, dk_out, dap, dkb, dqs, dkn, dgam, wio, work = gb
+    _, _, dkq, dk_out, dap, dkb, dqs, dkn, dgam, wio, work, _ = gb
     L = kn.shape[0]
     dt = kn.dtype.type
     if dgam.shape[1] > 1:  # per key channel
@@ -380,7 +419,7 @@ def _chunk_gradients(buf, gb, floor, budget, q, k, v, beta, g, dq, dk, dv, dbeta
 def _row_factors_blocks_back(buf, gb, floor, scratch):
     """One decay per row: the factors' and blocks' shares of dkb, dq, dk and dG."""
     kb_in, kb, qs, kn, k_out, a_blk, p_blk, _, qp, _, _, rows, _ = buf
-    _, _, dkq, dk_out, dap, dkb, dqs, dkn, dgam, _, _ = gb
+    _, _, dkq, dk_out, dap, dkb, dqs, dkn, dgam, _, _, _ = gb
     L, K = kn.shape
     w_in, w_out = rows[:L], rows[L : 2 * L]
     dt = kn.dtype.type
@@ -428,7 +467,7 @@ def _rows_back(buf, gb, q, k, v, beta, g, dq, dk, dv, dbeta, dg, b, hk, h, t0, s
     """From kb = beta k, beta v, the scale and the normalisation to the inputs' rows, and
     dg = the reverse cumulative sum of dG (0 where g = -inf)."""
     _, _, _, kn, _, _, _, _, _, _, _, _, _ = buf
-    _, dr, _, _, _, dkb, dqs, dkn, dgam, _, _ = gb
+    _, dr, _, _, _, dkb, dqs, dkn, dgam, _, _, _ = gb
     L, K = kn.shape
     V = dr.shape[1]
     dt = kn.dtype.type
