@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 
 from dplr._runtime.jit import jit
-from dplr._runtime.prefetch import prefetch_entries, prefetch_rows, prefetch_rows_for_write
+from dplr._runtime.prefetch import (
+    prefetch_contiguous_outer,
+    prefetch_entries,
+    prefetch_rows,
+    prefetch_rows_for_write,
+)
 
 
 @jit(nogil=True)
@@ -31,4 +36,13 @@ def test_hints_leave_every_value_as_it_was(dtype, view):
     a = view(x)
     a = a.reshape(a.shape[0], -1) if a.ndim == 3 else a
     _hint_all(a, 0, a.shape[1])
+    np.testing.assert_array_equal(x, before)
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (1, 1), (3, 5), (128, 128)])
+def test_the_outer_cache_hint_leaves_a_contiguous_block_as_it_was(shape):
+    """A block of any size (empty, smaller than a line, not a whole number of lines)."""
+    x = np.random.default_rng(1).standard_normal((2, *shape)).astype(np.float32)
+    before = x.copy()
+    prefetch_contiguous_outer(x[1])
     np.testing.assert_array_equal(x, before)

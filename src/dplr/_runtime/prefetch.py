@@ -24,16 +24,17 @@ LINE = 64
 LOCALITY = 3
 
 
-def _prefetch_intrinsic(write: int):
+def _prefetch_intrinsic(write: int, locality: int = 3):
     """An intrinsic ``f(address)``: LLVM's prefetch hint for the cache line holding byte
-    ``address``, to be read (``write`` 0) or written (1), kept in every cache level."""
+    ``address``, to be read (``write`` 0) or written (1), with LLVM's ``locality``
+    (3: into every cache level; 2: all but the first)."""
 
     def prefetch_line(typingctx, address):
         def codegen(context, builder, signature, args):
             byte_ptr, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
             fnty = ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32])
             fn = builder.module.declare_intrinsic("llvm.prefetch", [byte_ptr], fnty)
-            rw, keep_in_all_levels, data = (ir.Constant(i32, x) for x in (write, 3, 1))
+            rw, keep_in_all_levels, data = (ir.Constant(i32, x) for x in (write, locality, 1))
             builder.call(fn, [builder.inttoptr(args[0], byte_ptr), rw, keep_in_all_levels, data])
             return context.get_dummy_value()
 
@@ -44,6 +45,20 @@ def _prefetch_intrinsic(write: int):
 
 _prefetch_line = _prefetch_intrinsic(0)
 _prefetch_line_for_write = _prefetch_intrinsic(1)
+_prefetch_line_outer = _prefetch_intrinsic(0, 2)
+
+
+@jit(nogil=True)
+def prefetch_contiguous_outer(a: np.ndarray) -> None:
+    """Prefetch every cache line of the C-contiguous ``a`` into the caches after the first.
+
+    For a block larger than the first-level cache that the loop reads a chunk later:
+    into every level, it evicted the chunk in work (the backward's 64 KB state: 3%
+    slower; into the second level: 1.5-4% faster).
+    """
+    start = a.ctypes.data
+    for address in range(start, start + a.size * a.itemsize, LINE):
+        _prefetch_line_outer(address)
 
 
 @jit(nogil=True)

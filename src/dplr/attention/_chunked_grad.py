@@ -48,7 +48,7 @@ from .._runtime import backend, tuning
 from .._runtime.blas import single_threaded_blas
 from .._runtime.gemm import gemm, gemm_both, gemm_scratch
 from .._runtime.jit import jit
-from .._runtime.prefetch import prefetch_rows, prefetch_rows_for_write
+from .._runtime.prefetch import prefetch_contiguous_outer, prefetch_rows, prefetch_rows_for_write
 from .._runtime.threads import num_workers, run_all, split
 from .._runtime.workspace import recycled
 from ._channel_grad import _channel_blocks_back, _channel_factors_back
@@ -250,8 +250,7 @@ def backward(q, k, v, beta, g, v_new, states, blocks, do, dsn, chunk: int, scale
 
 @jit(nogil=True)
 def _prefetch_chunk(q, k, v, beta, g, v_new, do, dq, dk, dv, b, hk, h, t0, t1):
-    """Prefetch the rows the backward reads and writes for tokens t0:t1 (the state
-    entering their chunk is contiguous: the CPU's own prefetcher follows it)."""
+    """Prefetch the rows the backward reads and writes for tokens t0:t1."""
     prefetch_inputs(q, k, v, beta, g, b, hk, h, t0, t1)
     for x in (v_new, do):
         prefetch_rows(x[b, t0:t1, h], 0, x.shape[3])
@@ -304,6 +303,8 @@ def _backward_lanes(q, k, v, beta, g, v_new, states, blocks, do, dsn, has_dsn, d
             if j > 0:  # the rows of the chunk before, one page each: ask for them now
                 _prefetch_chunk(q, k, v, beta, g, v_new, do, dq, dk, dv, b, hk, h, t0 - chunk,
                                 t0)  # fmt: skip
+                prefetch_contiguous_outer(states[b, h, j - 1])  # 64 KB at K = V = 128
+                prefetch_contiguous_outer(blocks[b, h, j - 1])
             buf = full if L == chunk else _buffers(L, K, V, E, v.dtype)
             gb = full_grad if L == chunk else _grad_buffers(L, K, V, E, v.dtype)
             _load_chunk(q, k, v, beta, g, b, hk, h, t0, scale, l2norm, floor, budget, buf)

@@ -121,10 +121,10 @@ def delta_rule(
     T = 0 the outputs are empty and the final state is a copy of
     ``initial_state``.  With
     torch, gradients flow to q, k, v, beta and ``initial_state`` through a
-    hand-written backward that stores the inputs, the new values and the
-    state entering each chunk (on the CPU in float32/float64, a compiled
-    loop per head that forms the chunks' blocks again; elsewhere also the
-    chunks' c x c blocks, 2 T c numbers per head).  Grouped value heads
+    hand-written backward that stores the inputs, the new values, the
+    state entering each chunk and the chunks' c x c blocks, 2 T c numbers
+    per head (on the CPU in float32/float64, one compiled loop per head in
+    each direction).  Grouped value heads
     share q and k; the gradients of q and k sum over each group.
 
     Examples
