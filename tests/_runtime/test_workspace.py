@@ -90,9 +90,18 @@ def test_a_forked_child_starts_without_the_parents_buffers_or_kept_arrays():
 # ------------------------------------------------------------ arrays handed out
 @pytest.fixture
 def small_recycled(monkeypatch):
-    """Recycle arrays from 1 KiB on, keep at most 64 KiB."""
+    """Recycle arrays from 1 KiB on, keep at most two of 32 KiB (each with its alignment)."""
     monkeypatch.setattr(workspace, "MIN_RECYCLED_BYTES", 1024)
-    monkeypatch.setattr(workspace, "MAX_RECYCLED_BYTES", 64 * 1024)
+    monkeypatch.setattr(workspace, "MAX_RECYCLED_BYTES", 64 * 1024 + 2 * workspace.ALIGNMENT)
+
+
+def test_recycled_arrays_start_on_a_cache_line(small_recycled):
+    """Whether new or reused, and for every size (streaming stores write whole lines)."""
+    held = [workspace.recycled((n,), np.float32) for n in (300, 301, 1000, 300)]
+    assert all(a.ctypes.data % workspace.ALIGNMENT == 0 for a in held)
+    del held[0]
+    again = workspace.recycled((300,), np.float32)
+    assert again.ctypes.data % workspace.ALIGNMENT == 0
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -137,7 +146,8 @@ def test_small_arrays_are_not_kept_and_the_cap_drops_free_buffers(small_recycled
     assert len(workspace._recycled) == 2 and not any(np.shares_memory(c, x) for x in (a, b))
     del b
     d = workspace.recycled((2048,), np.float64)  # the free 32 KiB buffer makes room
-    assert sorted(x.nbytes for x in workspace._recycled) == [16384, 32768]
+    room = workspace.ALIGNMENT
+    assert sorted(x.nbytes for x in workspace._recycled) == [16384 + room, 32768 + room]
     assert not np.shares_memory(a, d)
     dplr.empty_cache()
     assert not workspace._recycled

@@ -69,6 +69,10 @@ def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.nda
 #: keeps (its threshold for a fresh mapping grows to at most 32 MiB).
 MIN_RECYCLED_BYTES = 32 * 2**20
 
+#: Arrays from :func:`recycled` start at a multiple of this many bytes (a cache
+#: line: streaming stores, :mod:`dplr._runtime.stream`, write whole lines).
+ALIGNMENT = 64
+
 #: At most this many bytes in buffers kept by :func:`recycled`.
 MAX_RECYCLED_BYTES = 2**30
 
@@ -101,24 +105,27 @@ def recycled(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < MIN_RECYCLED_BYTES or not _COUNTS_REFERENCES:
         return np.empty(shape, dtype)
+    nbytes_kept = nbytes + ALIGNMENT  # room to start the array on a line boundary
     with _recycled_lock:
         found = next(
-            (i for i in range(len(_recycled)) if _recycled[i].nbytes == nbytes and _is_free(i)),
+            (i for i in range(len(_recycled))
+             if _recycled[i].nbytes == nbytes_kept and _is_free(i)),
             None,
-        )
+        )  # fmt: skip
         if found is not None:
             buffer = _recycled[found]
         else:
-            buffer = np.empty(nbytes, np.uint8)
+            buffer = np.empty(nbytes_kept, np.uint8)
             kept = sum(x.nbytes for x in _recycled)
             for i in range(len(_recycled) - 1, -1, -1):  # make room: drop free buffers
-                if kept + nbytes <= MAX_RECYCLED_BYTES:
+                if kept + nbytes_kept <= MAX_RECYCLED_BYTES:
                     break
                 if _is_free(i):
                     kept -= _recycled.pop(i).nbytes
-            if kept + nbytes <= MAX_RECYCLED_BYTES:
+            if kept + nbytes_kept <= MAX_RECYCLED_BYTES:
                 _recycled.append(buffer)
-    return buffer.view(dtype).reshape(shape)
+    start = -buffer.ctypes.data % ALIGNMENT
+    return buffer[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def empty_cache() -> None:

@@ -49,6 +49,7 @@ from .._runtime.blas import single_threaded_blas
 from .._runtime.gemm import gemm, gemm_both, gemm_scratch
 from .._runtime.jit import jit
 from .._runtime.prefetch import prefetch_contiguous_outer, prefetch_rows, prefetch_rows_for_write
+from .._runtime.stream import stream_fence, stream_rows
 from .._runtime.threads import num_workers, run_all, split
 from .._runtime.workspace import recycled
 from ._channel_grad import _channel_blocks_back, _channel_factors_back
@@ -201,15 +202,16 @@ def _forward_lanes(q, k, v, beta, g, s0, has_s0, out, v_new, states, blocks, fin
                 _row_blocks(buf, floor)
                 blocks[b, h, j, 0, :L, :L] = buf[5]
                 blocks[b, h, j, 1, :L, :L] = buf[6]
-            states[b, h, j] = s_vnew[:K]
+            # Written once, read by the backward: streaming stores (no read for ownership).
+            stream_rows(states[b, h, j], s_vnew[:K])
             if t0 + L < T:  # the next chunk's rows, one page each
                 t1 = min(t0 + L + chunk, T)
                 prefetch_inputs(q, k, v, beta, g, b, hk, h, t0 + L, t1)
-                for y in (out, v_new):
-                    prefetch_rows_for_write(y[b, t0 + L : t1, h])
+                prefetch_rows_for_write(out[b, t0 + L : t1, h])
             _chunk_step(buf, s_vnew, out, b, h, t0, scratch)
-            v_new[b, t0 : t0 + L, h] = s_vnew[K : K + L]
+            stream_rows(v_new[b, t0 : t0 + L, h], s_vnew[K : K + L])
         final[b, h] = s_vnew[:K]
+    stream_fence()
 
 
 def backward(q, k, v, beta, g, v_new, states, blocks, do, dsn, chunk: int, scale: float = 1.0,
@@ -249,13 +251,12 @@ def backward(q, k, v, beta, g, v_new, states, blocks, do, dsn, chunk: int, scale
 
 
 @jit(nogil=True)
-def _prefetch_chunk(q, k, v, beta, g, v_new, do, dq, dk, dv, b, hk, h, t0, t1):
-    """Prefetch the rows the backward reads and writes for tokens t0:t1."""
+def _prefetch_chunk(q, k, v, beta, g, v_new, do, b, hk, h, t0, t1):
+    """Prefetch the rows the backward reads for tokens t0:t1 (its gradients' rows are
+    written by streaming stores, which read nothing)."""
     prefetch_inputs(q, k, v, beta, g, b, hk, h, t0, t1)
     for x in (v_new, do):
         prefetch_rows(x[b, t0:t1, h], 0, x.shape[3])
-    for y in (dq, dk, dv):
-        prefetch_rows_for_write(y[b, t0:t1, h])
 
 
 @jit(nogil=True)
@@ -301,8 +302,7 @@ def _backward_lanes(q, k, v, beta, g, v_new, states, blocks, do, dsn, has_dsn, d
             t0 = j * chunk
             L = min(chunk, T - t0)
             if j > 0:  # the rows of the chunk before, one page each: ask for them now
-                _prefetch_chunk(q, k, v, beta, g, v_new, do, dq, dk, dv, b, hk, h, t0 - chunk,
-                                t0)  # fmt: skip
+                _prefetch_chunk(q, k, v, beta, g, v_new, do, b, hk, h, t0 - chunk, t0)
                 prefetch_contiguous_outer(states[b, h, j - 1])  # 64 KB at K = V = 128
                 prefetch_contiguous_outer(blocks[b, h, j - 1])
             buf = full if L == chunk else _buffers(L, K, V, E, v.dtype)
@@ -320,6 +320,7 @@ def _backward_lanes(q, k, v, beta, g, v_new, states, blocks, do, dsn, has_dsn, d
             _chunk_gradients(buf, gb, floor, budget, q, k, v, beta, g, dq, dk, dv, dbeta, dg, b,
                              hk, h, t0, scale, l2norm, scratch)  # fmt: skip
         ds0[b, h] = ds
+    stream_fence()
 
 
 @jit(nogil=True, fastmath={"contract", "reassoc"})
@@ -480,13 +481,17 @@ def _rows_back(buf, gb, q, k, v, beta, g, dq, dk, dv, dbeta, dg, b, hk, h, t0, s
             sb += kn[i, p] * dkb[i, p]
             dkn[i, p] += bt * dkb[i, p]
             dqs[i, p] *= scale
-        _unit_rows_back(q[b, t, hk], dqs[i], dq[b, t, h], l2norm)
-        _unit_rows_back(k[b, t, hk], dkn[i], dk[b, t, h], l2norm)
+        _unit_rows_back(q[b, t, hk], dqs[i], dqs[i], l2norm)
+        _unit_rows_back(k[b, t, hk], dkn[i], dkn[i], l2norm)
         vi = v[b, t, h]
         for s in range(V):
             sb += vi[s] * dr[i, s]
-            dv[b, t, h, s] = bt * dr[i, s]
+            dr[i, s] *= bt
         dbeta[b, t, h] = sb
+    # Written once, read after the loop: streaming stores (no read for ownership).
+    stream_rows(dq[b, t0 : t0 + L, h], dqs)
+    stream_rows(dk[b, t0 : t0 + L, h], dkn)
+    stream_rows(dv[b, t0 : t0 + L, h], dr)
     for e in range(g.shape[3]):  # G = cumsum(g) from the chunk start: dg_t = sum_{i >= t} dG_i
         acc = dt(0)
         for i in range(L - 1, -1, -1):
