@@ -43,7 +43,8 @@ from .._runtime.backend import Array
 from .._runtime.blas import single_threaded_blas
 from .._runtime.gemm import gemm, gemm_scratch
 from .._runtime.jit import jit
-from .._runtime.prefetch import prefetch_entries, prefetch_rows, prefetch_rows_for_write
+from .._runtime.prefetch import prefetch_entries, prefetch_rows
+from .._runtime.stream import stream_fence, stream_rows
 from .._runtime.threads import num_workers, run_all, split
 from .._runtime.workspace import recycled
 from ..core._decay import _EXPONENT_BUDGET, _FLUSH_BELOW
@@ -156,10 +157,10 @@ def _chunked_lanes(q, k, v, beta, g, s0, has_s0, state, out, batch, start, stop,
             if t0 + L < stop[n]:  # the next chunk's rows, one page each
                 t1 = min(t0 + L + chunk, stop[n])
                 prefetch_inputs(q, k, v, beta, g, b, hk, h, t0 + L, t1)
-                prefetch_rows_for_write(out[b, t0 + L : t1, h])
             _chunk_step(buf, s_vnew, out, b, h, t0, scratch)
             t0 += L
         state[n, h] = s_vnew[:K]
+    stream_fence()
 
 
 @jit(nogil=True)
@@ -543,7 +544,10 @@ def _chunk_step(buf, s_vnew, out, b, h, t0, scratch):
     s, v_new = s_vnew[:K], s_vnew[K : K + L]
     gemm(kb_in, s, rhs, -1.0, 1.0, False, scratch)  # beta v - (kb ⊙ w_in) S
     _forward_substitute(a_blk, rhs, v_new)
-    gemm(qp, s_vnew[: K + L], out[b, t0 : t0 + L, h], 1.0, 0.0, False, scratch)
+    # The outputs into the right-hand side's rows (free after the substitution), then
+    # to the output's rows by streaming stores (no read for ownership).
+    gemm(qp, s_vnew[: K + L], rhs, 1.0, 0.0, False, scratch)
+    stream_rows(out[b, t0 : t0 + L, h], rhs)
     if gc.shape[1] == 1:  # one decay: S <- a S + (k ⊙ w_out)^T v_new
         gemm(k_out, v_new, s, 1.0, a[0], True, scratch)
     else:  # per channel: row p of S decays by a_p

@@ -48,7 +48,7 @@ from .._runtime import backend, tuning
 from .._runtime.blas import single_threaded_blas
 from .._runtime.gemm import gemm, gemm_both, gemm_scratch
 from .._runtime.jit import jit
-from .._runtime.prefetch import prefetch_contiguous_outer, prefetch_rows, prefetch_rows_for_write
+from .._runtime.prefetch import prefetch_contiguous_outer, prefetch_rows
 from .._runtime.stream import stream_fence, stream_rows
 from .._runtime.threads import num_workers, run_all, split
 from .._runtime.workspace import recycled
@@ -207,7 +207,6 @@ def _forward_lanes(q, k, v, beta, g, s0, has_s0, out, v_new, states, blocks, fin
             if t0 + L < T:  # the next chunk's rows, one page each
                 t1 = min(t0 + L + chunk, T)
                 prefetch_inputs(q, k, v, beta, g, b, hk, h, t0 + L, t1)
-                prefetch_rows_for_write(out[b, t0 + L : t1, h])
             _chunk_step(buf, s_vnew, out, b, h, t0, scratch)
             stream_rows(v_new[b, t0 : t0 + L, h], s_vnew[K : K + L])
         final[b, h] = s_vnew[:K]
