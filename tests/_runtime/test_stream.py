@@ -39,6 +39,18 @@ def test_rows_are_copied_whatever_their_alignment(dtype, shape, offset):
     np.testing.assert_array_equal(buffer[~inside], before[~inside])
 
 
+def test_rows_not_aligned_to_their_entries_take_ordinary_stores():
+    """A float32 view two bytes into a buffer (NumPy allows it): no streaming store
+    may land off a line, so the whole row is copied entry by entry."""
+    raw = np.zeros(4 * 64 * 3 + 8, np.uint8)
+    view = np.frombuffer(raw, np.float32, count=64 * 3, offset=2).reshape(3, 64)
+    assert not view.flags.aligned
+    source = np.arange(3 * 64, dtype=np.float32).reshape(3, 64)
+    _copy(view, source)
+    np.testing.assert_array_equal(view, source)
+    assert not raw[:2].any() and not raw[2 + view.nbytes :].any()
+
+
 def test_lines_streamed_by_one_thread_are_read_by_another():
     """The fence: a reader started after the writer returns sees every value."""
     rows, cols = 64, 4 * LINE // 4

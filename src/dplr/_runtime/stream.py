@@ -76,7 +76,9 @@ def stream_rows(destination: np.ndarray, source: np.ndarray) -> None:
     for r in range(rows):
         dst, src = destination[r], source[r]
         address = dst.ctypes.data
-        head = min(((-address) % LINE) // size, cols)  # entries before the first whole line
+        # Entries before the first whole line (all of them if the row is not even
+        # aligned to its entries, which NumPy allows for views of raw buffers).
+        head = cols if address % size else min(((-address) % LINE) // size, cols)
         lines = (cols - head) * size // LINE
         for c in range(head):
             dst[c] = src[c]

@@ -264,7 +264,7 @@ def _grad_buffers(L, K, V, E, dtype):
     kc = K if E > 1 else 0  # per-channel decay only
     return (
         np.empty((2 * L, V), dtype),  # [-dr; dO]
-        np.empty((L, V), dtype),  # dv_new, then dr
+        np.empty((L, V), dtype),  # dv_new, then dr, then dv = beta dr
         np.empty((2 * L, K), dtype),  # [d(kb ⊙ w_in); d(q ⊙ w_in)]
         np.empty((L, K), dtype),  # d(k ⊙ w_out)
         np.empty((2 * L, L), dtype),  # [dA; dP] (lower parts read)
