@@ -8,14 +8,12 @@ from dplr._runtime.prefetch import (
     prefetch_contiguous_outer,
     prefetch_entries,
     prefetch_rows,
-    prefetch_rows_for_write,
 )
 
 
 @jit(nogil=True)
 def _hint_all(a, col_start, col_stop):
     prefetch_rows(a, col_start, col_stop)
-    prefetch_rows_for_write(a)
     prefetch_entries(a[:, 0])
 
 

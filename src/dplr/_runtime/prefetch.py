@@ -20,22 +20,21 @@ from .jit import jit
 #: Bytes in a cache line of the x86-64 and ARM64 CPUs dplr runs on.
 LINE = 64
 
-#: LLVM's locality 3: into every cache level (2, leaving out the first, measured the same).
-LOCALITY = 3
+#: LLVM's locality: 3 puts the line into every cache level, 2 into all but the first.
+INTO_EVERY_LEVEL, INTO_OUTER_LEVELS = 3, 2
 
 
-def _prefetch_intrinsic(write: int, locality: int = 3):
-    """An intrinsic ``f(address)``: LLVM's prefetch hint for the cache line holding byte
-    ``address``, to be read (``write`` 0) or written (1), with LLVM's ``locality``
-    (3: into every cache level; 2: all but the first)."""
+def _prefetch_intrinsic(locality: int):
+    """An intrinsic ``f(address)``: LLVM's prefetch hint for reading the cache line holding
+    byte ``address``, with LLVM's ``locality``."""
 
     def prefetch_line(typingctx, address):
         def codegen(context, builder, signature, args):
             byte_ptr, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
             fnty = ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32])
             fn = builder.module.declare_intrinsic("llvm.prefetch", [byte_ptr], fnty)
-            rw, keep_in_all_levels, data = (ir.Constant(i32, x) for x in (write, locality, 1))
-            builder.call(fn, [builder.inttoptr(args[0], byte_ptr), rw, keep_in_all_levels, data])
+            read, level, data = (ir.Constant(i32, x) for x in (0, locality, 1))
+            builder.call(fn, [builder.inttoptr(args[0], byte_ptr), read, level, data])
             return context.get_dummy_value()
 
         return types.void(types.intp), codegen
@@ -43,9 +42,8 @@ def _prefetch_intrinsic(write: int, locality: int = 3):
     return intrinsic(prefetch_line)
 
 
-_prefetch_line = _prefetch_intrinsic(0)
-_prefetch_line_for_write = _prefetch_intrinsic(1)
-_prefetch_line_outer = _prefetch_intrinsic(0, 2)
+_prefetch_line = _prefetch_intrinsic(INTO_EVERY_LEVEL)
+_prefetch_line_outer = _prefetch_intrinsic(INTO_OUTER_LEVELS)
 
 
 @jit(nogil=True)
@@ -69,16 +67,6 @@ def prefetch_rows(a: np.ndarray, col_start: int, col_stop: int) -> None:
         start = a.ctypes.data + r * a.strides[0] + col_start * size
         for address in range(start, start + (col_stop - col_start) * size, LINE):
             _prefetch_line(address)
-
-
-@jit(nogil=True)
-def prefetch_rows_for_write(a: np.ndarray) -> None:
-    """Prefetch every cache line of the 2-D ``a`` (rows contiguous) that is about to be written."""
-    size = a.itemsize
-    for r in range(a.shape[0]):
-        start = a.ctypes.data + r * a.strides[0]
-        for address in range(start, start + a.shape[1] * size, LINE):
-            _prefetch_line_for_write(address)
 
 
 @jit(nogil=True)

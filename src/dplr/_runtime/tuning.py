@@ -30,6 +30,13 @@ from __future__ import annotations
 #: 64 17.2 ms, 96 29.8 ms, 128 23.0 ms.
 CHUNK_ROWS = 32
 
+#: Rows per block of the transposed block substitution
+#: (:func:`dplr.core._jit.back_substitute`): the rows below a block enter it
+#: through one gemm.  The delta rules' backward at c = 32, V = 128, float32,
+#: one block in cache: 9.5 us row by row, 7.4 us by blocks of 16, 6.8 us by
+#: blocks of 8 (16 keeps the calls few at c = 64).
+SUBSTITUTION_BLOCK_ROWS = 16
+
 #: Below this many flops a stacked product is not worth splitting over
 #: threads (set with the first thread lanes; no sweep was recorded).
 PARALLEL_MIN_FLOPS = 4e6

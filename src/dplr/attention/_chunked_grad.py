@@ -52,6 +52,7 @@ from .._runtime.prefetch import prefetch_contiguous_outer, prefetch_rows
 from .._runtime.stream import stream_fence, stream_rows
 from .._runtime.threads import num_workers, run_all, split
 from .._runtime.workspace import recycled
+from ..core._jit import back_substitute
 from ._channel_grad import _channel_blocks_back, _channel_factors_back
 from ._chunked import (
     _buffers,
@@ -64,10 +65,6 @@ from ._chunked import (
     prefetch_inputs,
 )
 from ._recurrent import _as_numpy, decay_per_channel
-
-#: Rows per block of the backward's substitution: the rows below a block enter it through
-#: one gemm, so a chunk of 32 does half its substitution as a product.
-SUBSTITUTION_ROWS = 16
 
 #: Whether :func:`applies` may choose this path (tests set it False to run
 #: the separate steps of :mod:`dplr.attention._delta_grad` on the CPU).
@@ -353,21 +350,10 @@ def _chunk_backward(buf, gb, s, ds, vn, do, scratch):
     gemm_both(vn_t, ds, dk_out, 1.0, 0.0, True, True, scratch)  # d(k ⊙ w_out) = v_new dS'^T
     gemm(k_out, ds, dr, 1.0, 0.0, False, scratch)  # dv_new = (k ⊙ w_out) dS' + P^T dO
     gemm(p_blk, rd[L:], dr, 1.0, 1.0, True, scratch)  # P is 0 above its diagonal
-    # dr = (I + A)^-T dv_new: back substitution by blocks of rows, last first; the rows
-    # below a block enter it through one product with A's entries under the block.
-    for i1 in range(L, 0, -SUBSTITUTION_ROWS):
-        i0 = max(i1 - SUBSTITUTION_ROWS, 0)
-        if i1 < L:
-            gemm(a_blk[i1:, i0:i1], dr[i1:], dr[i0:i1], -1.0, 1.0, True, scratch)
-        for i in range(i1 - 1, i0 - 1, -1):
-            row = dr[i]
-            for m in range(i + 1, i1):
-                coef = a_blk[m, i]
-                other = dr[m]
-                for col in range(V):
-                    row[col] -= coef * other[col]
-            for col in range(V):
-                rd[i, col] = -row[col]
+    back_substitute(a_blk, dr, scratch)  # dr = (I + A)^-T dv_new
+    for i in range(L):
+        for col in range(V):
+            rd[i, col] = -dr[i, col]
     gemm_both(rd, s, dkq, 1.0, 0.0, False, True, scratch)  # [d(kb ⊙ w_in); d(q ⊙ w_in)]
     gemm(rd, vn_t, dap, 1.0, 0.0, False, scratch)  # [dA; dP] = [-dr; dO] v_new^T
     # dS = a dS' - (kb ⊙ w_in)^T dr + (q ⊙ w_in)^T dO

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._runtime import tuning
 from .._runtime.gemm import gemm, gemm_scratch
 from .._runtime.jit import jit
 from .._runtime.prefetch import prefetch_rows
@@ -122,27 +123,43 @@ def solve_lower_stack(L: np.ndarray, B: np.ndarray, X: np.ndarray) -> None:
 def solve_lower_transposed_stack(L: np.ndarray, B: np.ndarray, X: np.ndarray) -> None:
     """Write X with ``L[b]^T X[b] = B[b]``; L (nb, c, c) lower triangular, B and X (nb, c, r).
 
-    Back substitution from the last row, reading the lower triangle of L
-    by rows (row t of L^T is column t of L): after row t of X is known its
-    multiples ``L[t, j] X[t]`` leave the rows j < t.  c^2 r flops per block,
-    no transposed or reversed copies.  Releases the GIL.
+    Each block by :func:`back_substitute`.  c^2 r flops per block, no
+    transposed or reversed copies.  Releases the GIL.
     """
-    c, r = B.shape[1], B.shape[2]
-    one = L.dtype.type(1)  # keeps float32 rows in float32
+    scratch = gemm_scratch(L.dtype)
     for b in range(B.shape[0]):
-        Lb, Xb = L[b], X[b]
-        Xb[:] = B[b]
-        for t in range(c - 1, -1, -1):
+        X[b] = B[b]
+        back_substitute(L[b], X[b], scratch)
+
+
+@jit(nogil=True, fastmath={"contract"})
+def back_substitute(Lb: np.ndarray, Xb: np.ndarray, scratch) -> None:
+    """``Xb <- Lb^-T Xb`` in place for one lower-triangular block (its upper triangle unread).
+
+    Lb (c, c), Xb (c, r) with contiguous rows; ``scratch`` is
+    :func:`~dplr._runtime.gemm.gemm_scratch` of the dtype.  Back substitution
+    by blocks of :data:`~dplr._runtime.tuning.SUBSTITUTION_BLOCK_ROWS` rows,
+    last first: the rows below a block enter it through one product with
+    L's entries under the block (transposed), then the block's rows are
+    solved one by one, last first.  c^2 r flops.
+    """
+    c, r = Xb.shape
+    one = Lb.dtype.type(1)  # keeps float32 rows in float32
+    step = tuning.SUBSTITUTION_BLOCK_ROWS
+    for i1 in range(c, 0, -step):
+        i0 = max(i1 - step, 0)
+        if i1 < c:
+            gemm(Lb[i1:, i0:i1], Xb[i1:], Xb[i0:i1], -1.0, 1.0, True, scratch)
+        for t in range(i1 - 1, i0 - 1, -1):
             row = Xb[t]
+            for m in range(t + 1, i1):
+                lmt = Lb[m, t]
+                xm = Xb[m]
+                for col in range(r):
+                    row[col] -= lmt * xm[col]
             inv = one / Lb[t, t]
             for col in range(r):
                 row[col] *= inv
-            lt = Lb[t]
-            for j in range(t):
-                ltj = lt[j]
-                xj = Xb[j]
-                for col in range(r):
-                    xj[col] -= ltj * row[col]
 
 
 @jit(nogil=True, fastmath={"contract"})
